@@ -8,7 +8,7 @@ import torch
 import qpert
 from qpert.models import blip2 as B
 from reference import ReferenceQPert
-from tiny_models import randomize, tiny_blip2
+from qpert.models.tiny import randomize, tiny_blip2
 
 BOXES = [
     [[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0], [70.0, 55.0, 118.0, 99.0]],

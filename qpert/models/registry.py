@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .blip2 import BLIP2
 from .family import ModelFamily
 
@@ -55,7 +56,7 @@ def family_of(model: nn.Module) -> ModelFamily:
     for family in FAMILIES:
         if family.supports(model):
             return family
-    raise TypeError(f"Q-Pert does not support {type(model).__name__}; supported model classes: "
+    raise UnsupportedModelError(f"Q-Pert does not support {type(model).__name__}; supported model classes: "
                     f"{', '.join(SUPPORTED_CLASSES)}")
 
 
@@ -75,7 +76,7 @@ def _local_model_class(path: Path) -> str:
     for name in architectures:
         if name in SUPPORTED_CLASSES:
             return name
-    raise TypeError(f"{path} holds {architectures or 'an unknown architecture'}; Q-Pert supports "
+    raise UnsupportedModelError(f"{path} holds {architectures or 'an unknown architecture'}; Q-Pert supports "
                     f"{', '.join(SUPPORTED_CLASSES)}")
 
 

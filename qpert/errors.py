@@ -1,0 +1,5 @@
+"""Errors that mean "the input is wrong", shown to CLI users as one clear line."""
+
+
+class UnsupportedModelError(TypeError):
+    """The model has no cross-attention family that Q-Pert knows."""
