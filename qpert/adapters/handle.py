@@ -142,8 +142,10 @@ class QPertHandle:
         parts = []
         for s in range(0, max(1, len(batch)), IMAGES_PER_CHUNK):
             sl = slice(s, s + IMAGES_PER_CHUNK)
-            keys = self._keys(image_tokens[sl])
-            parts.append(compute_subspaces(keys, weights[sl], areas[sl], batch.valid[sl], self.config.threshold))
+            covered = (weights[sl].sum((0, 1)) > 0).to(image_tokens.device)  # keys of other tokens are never used
+            keys = self._keys(image_tokens[sl][:, covered])
+            parts.append(compute_subspaces(keys, weights[sl][..., covered.cpu()], areas[sl], batch.valid[sl],
+                                           self.config.threshold))
         return Subspaces.cat(parts)
 
     def _image_tokens_hook(self):

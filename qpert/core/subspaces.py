@@ -73,39 +73,69 @@ class Subspaces:
 
 
 def key_autocorrelation(keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """C_i = K̃_iᵀ K̃_i with K̃_i = diag(m_i) K.
+    """C_i = K̃_iᵀ K̃_i with K̃_i = diag(m_i) K (the d x d form of step 2).
 
     keys: (O, L, H, N, d), the keys of each object's image; weights: (O, N) token weights m_i.
     Returns (O, L, H, d, d).
     """
-    support = weights.sum(0) > 0  # tokens no object of this chunk touches add nothing
-    keys = keys[..., support, :]
-    w2 = (weights[:, support] ** 2)[:, None, None, :, None]
-    return (keys * w2).transpose(-1, -2) @ keys
+    pooled = keys * weights[:, None, None, :, None]
+    return pooled.transpose(-1, -2) @ pooled
 
 
-def projectors(autocorr: torch.Tensor, threshold: Threshold) -> torch.Tensor:
-    """P = U_r U_rᵀ for each (…, d, d) autocorrelation, rank by contribution ratio or fixed k.
+def _rank_mask(evals: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+    """(…, n) bool: which of the descending eigenvalues span the K-subspace.
 
     Directions with numerically zero eigenvalue are never included (a box covering t < d
-    tokens spans at most t directions), and an all-zero matrix gives P = 0, so nothing is NaN.
+    tokens spans at most t directions), so an all-zero input gives an empty subspace.
     """
-    d = autocorr.shape[-1]
-    scale = autocorr.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    finite = torch.isfinite(scale)
-    normalized = torch.where(finite & (scale > 0), autocorr / scale.clamp_min(1e-30), torch.zeros_like(autocorr))
-    evals, evecs = torch.linalg.eigh(normalized)
-    evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
-    numerical_rank = (evals > evals[..., :1] * d * torch.finfo(evals.dtype).eps).sum(-1)
+    n = evals.shape[-1]
+    numerical_rank = (evals > evals[..., :1] * n * torch.finfo(evals.dtype).eps).sum(-1)
     if isinstance(threshold, int):
         rank = torch.full_like(numerical_rank, threshold)
     else:
         ratio = evals.cumsum(-1) / evals.sum(-1, keepdim=True).clamp_min(1e-30)
         rank = (ratio < threshold).sum(-1).clamp_min(1)
     rank = torch.minimum(rank, numerical_rank)
-    keep = torch.arange(d, device=autocorr.device) < rank[..., None]
-    basis = evecs * keep[..., None, :]
+    return torch.arange(n, device=evals.device) < rank[..., None]
+
+
+def _descending_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh of trace-normalized symmetric matrices, largest first; non-finite input -> zeros."""
+    scale = matrix.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    ok = torch.isfinite(scale) & (scale > 0)
+    normalized = torch.where(ok, matrix / scale.clamp_min(1e-30), torch.zeros_like(matrix))
+    evals, evecs = torch.linalg.eigh(normalized)
+    return evals.flip(-1).clamp_min(0), evecs.flip(-1)
+
+
+def projectors(autocorr: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+    """P = U_r U_rᵀ for each (…, d, d) autocorrelation C = U Λ Uᵀ."""
+    evals, evecs = _descending_eigh(autocorr)
+    basis = evecs * _rank_mask(evals, threshold)[..., None, :]
     return basis @ basis.transpose(-1, -2)
+
+
+def pooled_projectors(pooled: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+    """Projectors from pooled keys K̃ (…, T, d), through the cheaper eigen-problem.
+
+    With fewer tokens than dimensions (T < d) the basis comes from the T x T Gram matrix
+    K̃ K̃ᵀ = V Λ Vᵀ as u_j = K̃ᵀ v_j / |K̃ᵀ v_j|: same nonzero spectrum, smaller problem.
+    """
+    t, d = pooled.shape[-2:]
+    if t >= d:
+        return projectors(pooled.transpose(-1, -2) @ pooled, threshold)
+    evals, v = _descending_eigh(pooled @ pooled.transpose(-1, -2))
+    pooled = torch.nan_to_num(pooled, nan=0.0, posinf=0.0, neginf=0.0)
+    basis = pooled.transpose(-1, -2) @ v
+    basis = basis / basis.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+    basis = basis * _rank_mask(evals, threshold)[..., None, :]
+    return basis @ basis.transpose(-1, -2)
+
+
+def _bucket_sizes(covered: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Next power of two >= the number of covered tokens (capped at N): few, reusable shapes."""
+    sizes = torch.pow(2, torch.ceil(torch.log2(covered.clamp_min(1).double()))).long()
+    return sizes.clamp_max(n_tokens)
 
 
 def compute_subspaces(
@@ -121,22 +151,29 @@ def compute_subspaces(
     keys: (B, L, H, N, d) keys of L layers x H heads (any dtype; math in float32);
     weights: (B, M, N) token weights; areas: (B, M) normalized areas; valid: (B, M) bool.
     An object whose weights are all zero (it covers no token) is dropped, as in DESIGN.md §1.
+    Only the tokens an object covers are gathered, and objects are batched by that count
+    (a handful of power-of-two buckets), so small objects cost little.
     """
     b, n_layers, n_heads, n_tokens, d = keys.shape
-    keys = keys.float()
     weights = weights.to(keys.device, torch.float32)
     kept = valid.to(keys.device) & (weights.sum(-1) > 0)
     count = kept.sum(1)
-    s0 = keys.new_zeros(b, n_layers, n_heads, d, d)
-    s1 = keys.new_zeros(b, n_layers, n_heads, d, d)
+    s0 = keys.new_zeros(b, n_layers, n_heads, d, d, dtype=torch.float32)
+    s1 = torch.zeros_like(s0)
     image_of, object_of = kept.nonzero(as_tuple=True)
-    per_object = max(1, chunk_bytes // max(1, n_layers * n_heads * n_tokens * d * 4))
-    coef = 1.0 / count.clamp_min(1).float()
-    area = areas.to(keys.device, torch.float32)
-    for start in range(0, image_of.numel(), per_object):
-        img, obj = image_of[start:start + per_object], object_of[start:start + per_object]
-        p = projectors(key_autocorrelation(keys[img], weights[img, obj]), threshold)
-        c = coef[img][:, None, None, None, None]
-        s0.index_add_(0, img, p * c)
-        s1.index_add_(0, img, p * (c * area[img, obj][:, None, None, None, None]))
+    obj_weights = weights[image_of, object_of]
+    coef = (1.0 / count.clamp_min(1).float())[image_of]
+    obj_area = areas.to(keys.device, torch.float32)[image_of, object_of]
+    sizes = _bucket_sizes((obj_weights > 0).sum(-1), n_tokens)
+    tokens_first = keys.permute(0, 3, 1, 2, 4)  # (B, N, L, H, d), a view
+    for size in sizes.unique().tolist():
+        members = (sizes == size).nonzero(as_tuple=True)[0]
+        per_chunk = max(1, chunk_bytes // (n_layers * n_heads * size * d * 4 * 3))
+        for chunk in members.split(per_chunk):
+            values, index = obj_weights[chunk].topk(size, dim=-1)
+            pooled = tokens_first[image_of[chunk, None], index].float() * values[..., None, None, None]
+            p = pooled_projectors(pooled.permute(0, 2, 3, 1, 4), threshold)
+            c = coef[chunk][:, None, None, None, None]
+            s0.index_add_(0, image_of[chunk], p * c)
+            s1.index_add_(0, image_of[chunk], p * (c * obj_area[chunk][:, None, None, None, None]))
     return Subspaces(s0, s1, count > 0, threshold)
