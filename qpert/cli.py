@@ -137,6 +137,116 @@ def score_command(
     _print_scores(text, results, f"{loaded.name} on {image} ({img.width}x{img.height}), {len(boxes)} box(es):")
 
 
+DEFAULT_CACHE = Path.home() / ".cache" / "qpert"
+
+
+def _eval_options(itm: bool, k: int, batch_size: int, itm_batch_size: int, cache_dir: Path, no_cache: bool):
+    from .eval.pipeline import EvalOptions
+
+    return EvalOptions(itm=itm, k=k, batch_size=batch_size, itm_batch_size=itm_batch_size,
+                       cache_dir=None if no_cache else cache_dir)
+
+
+MODEL = typer.Option("blip2-coco", help="Registered name (`qpert models`), hub id or local folder.")
+DATASET = typer.Option(..., help="flickr30k, coco, flickr30k-fg or coco-fg.")
+DATA_ROOT = typer.Option(..., help="Folder with flickr30k/ and/or coco/ (and fg/) in the documented layout.")
+BOXES = typer.Option("entities", help="entities[:DIR] (Flickr30K Entities), coco-json:FILE (detector results, "
+                                      "COCO format), coco-instances:FILE or coco-entities:FILE.")
+CAPTIONS = typer.Option(None, help="Captions file replacing the default one (e.g. an FG caption JSON).")
+SCORE_THR = typer.Option(0.0, help="With coco-json boxes: keep detections scoring at least this.")
+MAX_BOXES = typer.Option(None, help="With coco-json boxes: keep at most this many per image (best first).")
+ITM = typer.Option(True, "--itm/--no-itm", help="Re-rank each query's top k by ITM + ITC (the paper's protocol).")
+TOP_K = typer.Option(64, "--k", help="Candidates re-ranked by ITM per query.")
+DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
+DTYPE = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's).")
+BATCH = typer.Option(16, help="Images per vision / Q-Former forward.")
+ITM_BATCH = typer.Option(128, help="(image, text) pairs per ITM forward.")
+CACHE_DIR = typer.Option(DEFAULT_CACHE, help="Feature cache; a killed run resumes from it.")
+NO_CACHE = typer.Option(False, "--no-cache", help="Keep features in memory only.")
+
+
+@app.command("eval")
+def eval_command(
+    model: str = MODEL, dataset: str = DATASET, data_root: Path = DATA_ROOT, boxes: str = BOXES,
+    split: str = typer.Option("test", help="test or val (Karpathy split)."), captions: Optional[str] = CAPTIONS,
+    config: list[Path] = typer.Option([], help="Q-Pert config JSON (from `qpert tune`); repeat to compare several. "
+                                               "Overrides --alpha/--weight/--threshold."),
+    alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
+    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
+    itm: bool = ITM, k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
+    device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
+    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE,
+    output: Optional[Path] = typer.Option(None, help="Write all metrics and settings here as JSON."),
+) -> None:
+    """Evaluate baseline and Q-Pert on a retrieval benchmark: R@1/5/10, mR@K, small-object R@K.
+
+    Example: qpert eval --model blip2-coco --dataset flickr30k --data-root ~/data --boxes entities --device cuda
+    """
+    import json
+
+    from .eval.api import evaluate_benchmark, read_config_file
+
+    configs = [read_config_file(c) for c in config] or [_config(alpha, weight, threshold, keep_norm, orthogonal)]
+    result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
+                                device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
+                                options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache))
+    typer.echo(f"{model} on {dataset} {split}: {result.settings['num_images']} images, "
+               f"{result.settings['num_texts']} texts, boxes {result.settings['boxes']}, "
+               f"{'ITC + ITM top-' + str(k) if itm else 'ITC only'}, {result.settings['seconds']} s")
+    typer.echo(result.table())
+    if output:
+        output.write_text(json.dumps(result.to_dict(), indent=2))
+        typer.echo(f"wrote {output}")
+
+
+@app.command()
+def tune(
+    model: str = MODEL, dataset: str = DATASET, data_root: Path = DATA_ROOT, boxes: str = BOXES,
+    split: str = typer.Option("val", help="Tune on the validation split, never on test."),
+    alphas: Optional[str] = typer.Option(None, help="Comma-separated alphas (default: the model's paper grid)."),
+    thresholds: str = typer.Option("0.8,0.85,0.9,0.95,0.99", help="Comma-separated tau values."),
+    weights: Optional[str] = typer.Option(None, help=f"Comma-separated weight functions (default: all five)."),
+    select_by: str = typer.Option("t2i mR@1", help="Selection metric: '<t2i|i2t> <R@1|mR@1|...>'."),
+    itm: bool = typer.Option(False, "--itm/--no-itm", help="Score the grid with ITM re-ranking (slow)."),
+    k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
+    device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
+    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE,
+    output: Path = typer.Option(Path("qpert-best.json"), help="Where the best config goes (for eval --config)."),
+    results: Optional[Path] = typer.Option(None, help="Also write every setting's metrics here as JSON."),
+) -> None:
+    """Grid-search alpha, weight function and tau on the validation split; write the best config."""
+    import json
+
+    from .eval.api import tune as run_tune
+
+    def floats(text: str) -> list[float]:
+        try:
+            return [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}")
+
+    result, best = run_tune(model, dataset, data_root, boxes, split=split,
+                            alphas=floats(alphas) if alphas else None, thresholds=floats(thresholds),
+                            weights=weights.split(",") if weights else None, select_by=select_by,
+                            device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
+                            options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache))
+    direction, _, key = select_by.partition(" ")
+    ranked = sorted(result.metrics, key=lambda n: -(getattr(result.metrics[n], direction)[key] or -1.0))
+    typer.echo(f"{'setting':44s} {'t2i R@1':>8s} {'t2i mR@1':>9s} {'i2t R@1':>8s} {'i2t mR@1':>9s}")
+    for name in ranked:
+        m = result.metrics[name]
+        cells = [m.t2i["R@1"], m.t2i["mR@1"], m.i2t["R@1"], m.i2t["mR@1"]]
+        typer.echo(f"{name:44s} " + " ".join(f"{v:8.2f} " if v is not None else "     n/a " for v in cells))
+    best_config = result.settings["methods"][best]
+    output.write_text(json.dumps({"qpert": best_config, "selected_by": select_by,
+                                  "value": getattr(result.metrics[best], direction)[key],
+                                  "baseline": getattr(result.metrics["baseline"], direction)[key],
+                                  "model": model, "dataset": dataset, "split": split, "boxes": boxes}, indent=2))
+    typer.echo(f"best by {select_by}: {best}; wrote {output} (use: qpert eval --config {output})")
+    if results:
+        results.write_text(json.dumps(result.to_dict(), indent=2))
+
+
 @app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
     if version:

@@ -145,13 +145,16 @@ def retrieval_metrics(
     text_to_image: np.ndarray,
     max_areas: np.ndarray,
     block_rows: int = DEFAULT_BLOCK_ROWS,
+    i2t_scores: Optional[np.ndarray] = None,
 ) -> RetrievalMetrics:
     """All metrics of the protocol from an (images x texts) score matrix, higher = better.
 
     ``max_areas[i]`` is image i's largest normalized object area (NaN: no boxes). Per-bin
     recalls use the queries of the bin (T2I: texts whose image is in it; I2T: its images),
     still ranked against the whole gallery. mR@K is the harmonic mean over non-empty bins;
-    empty bins are listed in ``empty_bins`` and reported with a warning.
+    empty bins are listed in ``empty_bins`` and reported with a warning. With ITM re-ranking
+    each direction has its own matrix (as in BLIP's evaluation): ``scores`` then ranks T2I and
+    ``i2t_scores`` (same shape) ranks I2T.
     """
     scores, text_to_image = _check_inputs(scores, text_to_image, block_rows)
     max_areas = np.asarray(max_areas)
@@ -160,7 +163,8 @@ def retrieval_metrics(
     image_bins = area_bins(max_areas)
     ranks = {
         "t2i": _t2i_ranks(scores, text_to_image, block_rows),
-        "i2t": _i2t_ranks(scores, text_to_image, block_rows),
+        "i2t": _i2t_ranks(scores if i2t_scores is None else _check_inputs(i2t_scores, text_to_image, block_rows)[0],
+                          text_to_image, block_rows),
     }
     query_bins = {"t2i": image_bins[text_to_image], "i2t": image_bins}
     empty_bins = [b for b in range(NUM_BINS) if not np.any(image_bins == b)]

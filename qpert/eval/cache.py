@@ -1,0 +1,66 @@
+"""On-disk feature cache: one safetensors file per (kind, key), written atomically.
+
+A run killed at any point leaves only complete files under their final names (each is
+written to a temporary name, flushed, then renamed), so a resumed run skips what is done and
+never reads a half-written file. Keys are content hashes of everything the value depends on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+def content_key(*parts: Any) -> str:
+    """A stable hash of JSON-able parts (numbers, strings, lists, dicts)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+class FeatureStore:
+    """``root/<kind>/<key>.safetensors``; a missing ``root`` means no caching (memory only)."""
+
+    def __init__(self, root: Optional[Path]):
+        self.root = Path(root) if root is not None else None
+        self._memory: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        if self.root is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*/*.tmp*"):  # left by a killed run: never read, now removed
+                stale.unlink(missing_ok=True)
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.safetensors"
+
+    def has(self, kind: str, key: str) -> bool:
+        if self.root is None:
+            return (kind, key) in self._memory
+        return self._path(kind, key).is_file()
+
+    def load(self, kind: str, key: str) -> dict[str, torch.Tensor]:
+        if self.root is None:
+            return self._memory[(kind, key)]
+        path = self._path(kind, key)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as e:  # damaged outside our control: drop it, recompute
+            path.unlink(missing_ok=True)
+            raise KeyError(f"cache file {path} was unreadable ({e}) and has been removed") from e
+
+    def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        if self.root is None:
+            self._memory[(kind, key)] = tensors
+            return
+        path = self._path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        save_file(tensors, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)

@@ -1,0 +1,324 @@
+"""Benchmark evaluation (DESIGN.md §2): ITC over all pairs, then ITM + ITC re-ranking of the top k.
+
+Work is split into shards of images; every stage's output goes to the feature cache under a
+key of everything it depends on, so several methods share one vision pass, a killed run
+resumes where it stopped, and changing a setting recomputes only what it touches:
+
+1. vision tokens of every image (once per model);     2. text embeddings (once);
+3. per Q-Pert threshold, the subspaces of every image; 4. per method, ITC image embeddings;
+5. per method, ITM logits of the top-k pairs of both directions (union, grouped by image).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..adapters import QPertHandle
+from ..attach import attach
+from ..config import QPertConfig
+from ..core import Subspaces
+from ..data.boxes import BoxSet
+from ..data.datasets import RetrievalDataset
+from ..models import blip2
+from ..models.registry import LoadedModel
+from ..scoring import pixel_values, tokenize
+from .cache import FeatureStore, content_key
+from .metrics import RetrievalMetrics, format_comparison, retrieval_metrics
+
+log = logging.getLogger(__name__)
+
+#: A method is a named Q-Pert setting; None is the unmodified model.
+Methods = dict[str, Optional[QPertConfig]]
+
+
+@dataclass
+class EvalOptions:
+    itm: bool = True
+    k: int = 64
+    batch_size: int = 16          # images per vision / Q-Former forward
+    itm_batch_size: int = 128     # (image, text) pairs per ITM forward
+    shard_size: int = 64          # images per cache file (the unit of resumption)
+    cache_dir: Optional[Path] = None
+    progress: bool = True
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, RetrievalMetrics]
+    settings: dict[str, Any]
+    skipped_images: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: m.to_dict() for name, m in self.metrics.items()}
+        out["settings"] = {**self.settings, "skipped_images": self.skipped_images}
+        return out
+
+    def table(self) -> str:
+        return format_comparison(self.metrics)
+
+
+def method_name(config: QPertConfig) -> str:
+    extra = ("-keepnorm" if config.keep_norm else "") + ("-orthogonal" if config.mode == "orthogonal" else "")
+    return f"qpert-a{config.alpha:g}-{config.weight}-t{config.threshold:g}{extra}"
+
+
+class _Run:
+    """State of one evaluation: model, cache, shards and the inputs every stage needs."""
+
+    def __init__(self, loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, options: EvalOptions):
+        self.loaded, self.dataset, self.options = loaded, dataset, options
+        self.model = loaded.model
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.model_key = content_key(loaded.name, self.model.config.to_dict(), str(self.dtype))
+        root = options.cache_dir / self.model_key[:16] if options.cache_dir else None
+        self.store = FeatureStore(root)
+        self.boxes = [boxes[i].boxes if i in boxes.images else np.zeros((0, 4), np.float32) for i in dataset.image_ids]
+        self.image_keys = [content_key(str(p), *_stat(p)) for p in dataset.image_paths]
+        n = dataset.num_images
+        self.shards = [range(s, min(s + options.shard_size, n)) for s in range(0, n, options.shard_size)]
+        self.handle: QPertHandle = attach(self.model, QPertConfig())
+        self._recent_subspaces: dict[str, Subspaces] = {}
+
+    def bar(self, total: int, desc: str, unit: str):
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.options.progress, dynamic_ncols=True)
+
+    # ---------------------------------------------------------------------------- stage 1
+    def tokens_key(self, shard: range) -> str:
+        return content_key("tokens", self.model_key, [self.image_keys[i] for i in shard])
+
+    def vision_tokens(self) -> None:
+        todo = [s for s in self.shards if not self.store.has("tokens", self.tokens_key(s))]
+        with self.bar(sum(len(s) for s in todo), "vision features", "img") as bar:
+            for shard in todo:
+                tokens, sizes, readable = [], [], []
+                for start in range(shard.start, shard.stop, self.options.batch_size):
+                    idx = range(start, min(start + self.options.batch_size, shard.stop))
+                    images = [_open_image(self.dataset.image_paths[i]) for i in idx]
+                    ok = [im is not None for im in images]
+                    good = [im for im in images if im is not None]
+                    out = blip2.image_tokens(self.model, pixel_values(self.loaded, good)) if good else None
+                    j = 0
+                    for im in images:
+                        if im is None:
+                            tokens.append(None)
+                            sizes.append((1, 1))
+                        else:
+                            tokens.append(out[j])
+                            sizes.append((im.height, im.width))
+                            j += 1
+                    readable += ok
+                    bar.update(len(idx))
+                template = next((t for t in tokens if t is not None), None)
+                if template is None:
+                    raise ValueError(f"no image of shard {shard.start}-{shard.stop - 1} could be read")
+                stacked = torch.stack([t if t is not None else torch.zeros_like(template) for t in tokens])
+                self.store.save("tokens", self.tokens_key(shard), {
+                    "tokens": stacked, "sizes": torch.tensor(sizes), "readable": torch.tensor(readable)})
+
+    def load_tokens(self, shard: range) -> dict[str, torch.Tensor]:
+        data = self.store.load("tokens", self.tokens_key(shard))
+        data["tokens"] = data["tokens"].to(self.device, self.dtype)
+        return data
+
+    # ---------------------------------------------------------------------------- stage 2
+    def text_embeddings(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, mask = tokenize(self.loaded, self.dataset.texts)
+        key = content_key("text", self.model_key, self.dataset.texts)
+        if not self.store.has("text", key):
+            parts = []
+            with self.bar(len(ids), "text features", "text") as bar:
+                for s in range(0, len(ids), 256):
+                    parts.append(blip2.text_embeddings(self.model, ids[s:s + 256], mask[s:s + 256]).float().cpu())
+                    bar.update(len(parts[-1]))
+            self.store.save("text", key, {"emb": torch.cat(parts)})
+        return self.store.load("text", key)["emb"], ids, mask
+
+    # ---------------------------------------------------------------------------- stage 3
+    def subspaces_key(self, shard: range, threshold) -> str:
+        boxes = [self.boxes[i].tolist() for i in shard]
+        return content_key("subspaces", self.tokens_key(shard), boxes, threshold, isinstance(threshold, int))
+
+    def subspaces(self, shard: range, threshold, tokens: dict[str, torch.Tensor]) -> Subspaces:
+        key = self.subspaces_key(shard, threshold)
+        if key in self._recent_subspaces:
+            return self._recent_subspaces[key]
+        if not self.store.has("subspaces", key):
+            self.handle.config = QPertConfig(threshold=threshold)
+            boxes = [b if ok else [] for b, ok in zip((self.boxes[i] for i in shard), tokens["readable"].tolist())]
+            subs = self.handle.compute_subspaces(tokens["tokens"], boxes, tokens["sizes"].tolist())
+            self.store.save("subspaces", key, subs.state_dict())
+        subs = Subspaces.from_state_dict(self.store.load("subspaces", key)).to(self.device)
+        self._recent_subspaces = {key: subs}  # a shard's batches reuse them; one shard in memory at a time
+        return subs
+
+    # ---------------------------------------------------------------------------- stage 4
+    def method_key(self, shard: range, config: Optional[QPertConfig]) -> str:
+        if config is None:
+            return content_key("baseline", self.tokens_key(shard))
+        return content_key(self.subspaces_key(shard, config.threshold), config.to_dict())
+
+    def image_embeddings(self, methods: Methods) -> None:
+        todo = [(s, [c for c in methods.values() if not self.store.has("itc", self.method_key(s, c))])
+                for s in self.shards]
+        todo = [(s, sorted(need, key=_by_threshold)) for s, need in todo if need]  # reuse each tau's subspaces
+        with self.bar(sum(len(s) * len(n) for s, n in todo), "image embeddings", "img") as bar:
+            for shard, need in todo:
+                tokens = self.load_tokens(shard)
+                for config in need:
+                    emb = []
+                    for s in range(0, len(shard), self.options.batch_size):
+                        sl = slice(s, s + self.options.batch_size)
+                        with self._objects(config, shard, tokens, sl):
+                            emb.append(blip2.image_embeddings(self.model, tokens["tokens"][sl]).float())
+                        bar.update(len(emb[-1]))
+                    self.store.save("itc", self.method_key(shard, config), {"emb": torch.cat(emb)})
+
+    def _objects(self, config: Optional[QPertConfig], shard: range, tokens, rows, pairs=None):
+        """Context that applies ``config`` to a batch (rows of the shard, or pair image indices)."""
+        if config is None:
+            return _Nothing()
+        subs = self.subspaces(shard, config.threshold, tokens)
+        self.handle.config = config
+        return self.handle.objects(subspaces=subs.select(pairs if pairs is not None else rows))
+
+    def itc_scores(self, config: Optional[QPertConfig], text_emb: torch.Tensor) -> torch.Tensor:
+        """(I, T) ITC scores; unreadable images score -inf so they are never retrieved."""
+        rows = []
+        for shard in self.shards:
+            emb = self.store.load("itc", self.method_key(shard, config))["emb"]
+            rows.append(blip2.itc_scores(emb.to(self.device), text_emb.to(self.device)).cpu())
+        return torch.cat(rows)
+
+    # ---------------------------------------------------------------------------- stage 5
+    def itm_rerank(self, config: Optional[QPertConfig], itc: torch.Tensor, ids, mask,
+                   desc: str) -> tuple[np.ndarray, np.ndarray]:
+        """Final (I, T) matrices for T2I and I2T: ITM + ITC on each query's top k, -inf elsewhere."""
+        n_img, n_txt = itc.shape
+        k_img, k_txt = min(self.options.k, n_img), min(self.options.k, n_txt)
+        t2i_top = itc.topk(k_img, dim=0).indices                    # (k, T): images per text
+        i2t_top = itc.topk(k_txt, dim=1).indices                    # (I, k): texts per image
+        t2i_pairs = torch.stack([t2i_top.flatten(), torch.arange(n_txt).repeat(k_img)], 1)
+        i2t_pairs = torch.stack([torch.arange(n_img).repeat_interleave(k_txt), i2t_top.flatten()], 1)
+        pairs = torch.unique(torch.cat([t2i_pairs, i2t_pairs]), dim=0)  # sorted by image
+        logits = torch.empty(len(pairs))
+        starts = torch.searchsorted(pairs[:, 0].contiguous(), torch.tensor([s.start for s in self.shards] + [n_img]))
+        with self.bar(len(pairs), desc, "pair") as bar:
+            for shard, lo, hi in zip(self.shards, starts[:-1].tolist(), starts[1:].tolist()):
+                chunk = pairs[lo:hi]
+                key = content_key("itm", self.method_key(shard, config), self.options.k, chunk.tolist())
+                if not self.store.has("itm", key):
+                    self.store.save("itm", key, {"logits": self._itm(config, shard, chunk, ids, mask, bar)})
+                else:
+                    bar.update(len(chunk))
+                logits[lo:hi] = self.store.load("itm", key)["logits"]
+        final = itc.clone()
+        final[pairs[:, 0], pairs[:, 1]] += logits
+        t2i = torch.full_like(itc, -torch.inf)
+        t2i[t2i_pairs[:, 0], t2i_pairs[:, 1]] = final[t2i_pairs[:, 0], t2i_pairs[:, 1]]
+        i2t = torch.full_like(itc, -torch.inf)
+        i2t[i2t_pairs[:, 0], i2t_pairs[:, 1]] = final[i2t_pairs[:, 0], i2t_pairs[:, 1]]
+        return t2i.numpy(), i2t.numpy()
+
+    def _itm(self, config, shard: range, chunk: torch.Tensor, ids, mask, bar) -> torch.Tensor:
+        if len(chunk) == 0:
+            return torch.empty(0)
+        tokens = self.load_tokens(shard)
+        out = []
+        for s in range(0, len(chunk), self.options.itm_batch_size):
+            part = chunk[s:s + self.options.itm_batch_size]
+            local = (part[:, 0] - shard.start).to(self.device)
+            with self._objects(config, shard, tokens, None, pairs=local):
+                out.append(blip2.itm_scores(self.model, tokens["tokens"][local], ids[part[:, 1]],
+                                            mask[part[:, 1]]).cpu())
+            bar.update(len(part))
+        return torch.cat(out)
+
+    def readable(self) -> np.ndarray:
+        return np.concatenate([self.store.load("tokens", self.tokens_key(s))["readable"].numpy() for s in self.shards])
+
+
+class _Nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _by_threshold(config: Optional[QPertConfig]) -> tuple[bool, str]:
+    return config is not None, repr(config.threshold) if config else ""
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = Path(path).stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+def _open_image(path: Path) -> Optional[Image.Image]:
+    """The decoded RGB image, or None (logged) when it is missing or not an image."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        log.warning("skipping unreadable image %s: %s", path, e)
+        return None
+
+
+def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, methods: Methods,
+             options: Optional[EvalOptions] = None) -> EvalResult:
+    """R@K / mR@K of every method on ``dataset``, all from one shared feature cache."""
+    options = options or EvalOptions()
+    started = time.time()
+    run = _Run(loaded, dataset, boxes, options)
+    try:
+        run.vision_tokens()
+        text_emb, ids, mask = run.text_embeddings()
+        run.image_embeddings(methods)
+        readable = run.readable()
+        skipped = [dataset.image_ids[i] for i in np.flatnonzero(~readable)]
+        if skipped:
+            log.warning("%d unreadable image(s) left out of the gallery with their captions: %s",
+                        len(skipped), skipped[:10])
+        keep_txt = readable[dataset.text_to_image]
+        remap = np.cumsum(readable) - 1
+        text_to_image = remap[dataset.text_to_image[keep_txt]]
+        max_areas = boxes.max_areas([i for i, ok in zip(dataset.image_ids, readable) if ok])
+        metrics = {}
+        for name, config in methods.items():
+            itc = run.itc_scores(config, text_emb)
+            itc[torch.from_numpy(~readable)] = -torch.inf
+            if options.itm:
+                t2i, i2t = run.itm_rerank(config, itc, ids, mask, f"ITM re-ranking [{name}]")
+            else:
+                t2i = i2t = itc.numpy()
+            t2i, i2t = t2i[readable][:, keep_txt], i2t[readable][:, keep_txt]
+            metrics[name] = retrieval_metrics(t2i, text_to_image, max_areas, i2t_scores=i2t)
+    finally:
+        run.handle.detach()
+    settings = {
+        "model": loaded.name, "dataset": dataset.name, "split": dataset.split, "boxes": boxes.source,
+        "num_images": int(readable.sum()), "num_texts": int(keep_txt.sum()), "itm": options.itm, "k": options.k,
+        "dtype": str(run.dtype).replace("torch.", ""), "device": str(run.device),
+        "methods": {n: (c.to_dict() if c else None) for n, c in methods.items()},
+        "seconds": round(time.time() - started, 1),
+    }
+    return EvalResult(metrics, settings, skipped)
+
+
+def paper_grid(alphas: Sequence[float], thresholds: Sequence[float] = (0.8, 0.85, 0.9, 0.95, 0.99)) -> list[QPertConfig]:
+    """The paper's search space: alpha x the five weight functions x tau."""
+    from ..config import WEIGHT_COEFFICIENTS
+
+    return [QPertConfig(alpha=a, weight=w, threshold=t) for t in thresholds for w in WEIGHT_COEFFICIENTS for a in alphas]

@@ -1,0 +1,226 @@
+"""The benchmark harness end to end on a fixture dataset in the real on-disk formats."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import qpert
+from qpert.data.boxes import flickr30k_entities_boxes
+from qpert.data.datasets import load_dataset
+from qpert.eval import cache as cache_module
+from qpert.eval.metrics import retrieval_metrics
+from qpert.eval.pipeline import EvalOptions, evaluate
+from qpert.models.tiny import tiny_blip2, tiny_processor
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 210), "green": (30, 190, 40), "yellow": (230, 220, 40)}
+IDS = ["1000092795", "10002456", "1000268201", "1000344755", "1000366164", "1000523639", "1000919630"]
+WORDS = "a an the small big red blue green yellow square box in corner left right photo of with".split()
+
+
+def entities_xml(width, height, boxes):
+    objects = "".join(
+        f"<object><name>{i + 1}</name><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax>"
+        f"<ymax>{y1}</ymax></bndbox></object>" for i, (x0, y0, x1, y1) in enumerate(boxes))
+    scene = "<object><name>99</name><scene>1</scene></object>"
+    return (f"<annotation><filename>x.jpg</filename><size><width>{width}</width><height>{height}</height>"
+            f"<depth>3</depth></size>{objects}{scene}</annotation>")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """7 Flickr-style images with coloured squares, LAVIS captions, Entities XML, detector JSON, tiny model."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    entries, detections = [], []
+    for n, image_id in enumerate(IDS):
+        w, h = int(rng.integers(60, 140)), int(rng.integers(60, 140))
+        pixels = rng.integers(80, 150, size=(h, w, 3), dtype=np.uint8)
+        boxes, caps = [], []
+        for j, colour in enumerate(rng.choice(list(COLOURS), size=2, replace=False)):
+            side = int(rng.integers(6, min(w, h) // (2 - j % 2 + 1)))
+            x0, y0 = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+            pixels[y0:y0 + side, x0:x0 + side] = COLOURS[colour]
+            boxes.append((x0, y0, x0 + side, y0 + side))
+            caps.append(f"a {'small' if side * side < 0.1 * w * h else 'big'} {colour} square")
+        path = root / "flickr30k/images/flickr30k-images" / f"{image_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, quality=95)
+        (root / "flickr30k/Annotations").mkdir(parents=True, exist_ok=True)
+        (root / "flickr30k/Annotations" / f"{image_id}.xml").write_text(entities_xml(w, h, boxes))
+        entries.append({"image": f"flickr30k-images/{image_id}.jpg",
+                        "caption": [caps[0], caps[1], f"{caps[0]} with {caps[1]}", f"a photo of {caps[1]}",
+                                    f"{caps[1]} in the corner"]})
+        detections += [{"image_id": int(image_id), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": 0.9 - 0.1 * j,
+                        "category_id": 1} for j, (x0, y0, x1, y1) in enumerate(boxes)]
+    (root / "flickr30k/annotations").mkdir(parents=True, exist_ok=True)
+    (root / "flickr30k/annotations/flickr30k_test.json").write_text(json.dumps(entries))
+    (root / "detections.json").write_text(json.dumps(detections))
+    model_dir = root / "model"
+    tiny_blip2(seed=11).save_pretrained(model_dir)
+    tiny_processor(WORDS, str(model_dir)).save_pretrained(model_dir)
+    return root, model_dir
+
+
+def reference_scores(model, processor, dataset, boxes, config, k):
+    """ITC of every pair and ITM re-ranking through the plain HF forward, one pair at a time."""
+    images = [Image.open(p).convert("RGB") for p in dataset.image_paths]
+    px = processor.image_processor(images, return_tensors="pt").pixel_values
+    sizes = [(im.height, im.width) for im in images]
+    n_img, n_txt = len(images), len(dataset.texts)
+    itc, itm = torch.zeros(n_img, n_txt), torch.zeros(n_img, n_txt)
+    handle = qpert.attach(model, config) if config else None
+    try:
+        for i in range(n_img):
+            for t, text in enumerate(dataset.texts):
+                tok = processor.tokenizer([text], return_tensors="pt")
+                ctx = handle.objects([boxes[dataset.image_ids[i]].boxes], [sizes[i]]) if handle else _null()
+                with torch.no_grad(), ctx:
+                    itc[i, t] = model(pixel_values=px[i:i + 1], **tok).logits_per_image[0, 0]
+                    itm[i, t] = model(pixel_values=px[i:i + 1], use_image_text_matching_head=True,
+                                      **tok).logits_per_image[0, 1]
+    finally:
+        if handle:
+            handle.detach()
+    t2i = torch.full_like(itc, -torch.inf)
+    for t in range(n_txt):
+        top = itc[:, t].topk(k).indices
+        t2i[top, t] = itm[top, t] + itc[top, t]
+    i2t = torch.full_like(itc, -torch.inf)
+    for i in range(n_img):
+        top = itc[i].topk(k).indices
+        i2t[i, top] = itm[i, top] + itc[i, top]
+    return itc.numpy(), t2i.numpy(), i2t.numpy()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@pytest.mark.parametrize("itm", [False, True], ids=["itc", "itm"])
+def test_pipeline_matches_plain_per_pair_reference(bench, itm):
+    root, model_dir = bench
+    dataset = load_dataset("flickr30k", root, split="test")
+    boxes = flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids)
+    loaded = qpert.load_model(str(model_dir))
+    config = qpert.QPertConfig(alpha=8.0, weight="inv_area", threshold=0.95)
+    options = EvalOptions(itm=itm, k=3, batch_size=3, itm_batch_size=5, shard_size=3, progress=False)
+    result = evaluate(loaded, dataset, boxes, {"baseline": None, "qpert": config}, options)
+    max_areas = boxes.max_areas(dataset.image_ids)
+    for name, cfg in (("baseline", None), ("qpert", config)):
+        itc, t2i, i2t = reference_scores(loaded.model, loaded.processor, dataset, boxes, cfg, 3)
+        expected = retrieval_metrics(t2i if itm else itc, dataset.text_to_image, max_areas,
+                                     i2t_scores=i2t if itm else None)
+        got = result.metrics[name]
+        for d in ("t2i", "i2t"):
+            assert np.array_equal(got.ranks[d], expected.ranks[d]), (name, d)
+            assert got.to_dict()[d] == expected.to_dict()[d]
+    assert not np.array_equal(result.metrics["qpert"].ranks["t2i"], result.metrics["baseline"].ranks["t2i"]) or \
+        itm, "Q-Pert should change some ITC ranking on this fixture"
+
+
+def test_killed_run_resumes_without_recomputing(bench, tmp_path, monkeypatch):
+    root, model_dir = bench
+    dataset = load_dataset("flickr30k", root, split="test")
+    boxes = flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids)
+    loaded = qpert.load_model(str(model_dir))
+    methods = {"baseline": None, "qpert": qpert.QPertConfig(alpha=6.0)}
+    options = EvalOptions(itm=True, k=3, batch_size=2, shard_size=2, cache_dir=tmp_path / "cache", progress=False)
+    clean = evaluate(loaded, dataset, boxes, methods, EvalOptions(**{**options.__dict__, "cache_dir": None}))
+
+    real_save = cache_module.FeatureStore.save
+    saves = []
+
+    def dying_save(self, kind, key, tensors):
+        if len(saves) == 9:  # the process "dies" mid-way, while writing its 10th file
+            path = self._path(kind, key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_name(path.name + ".tmp999").write_bytes(b"half a file")
+            raise KeyboardInterrupt
+        saves.append(kind)
+        real_save(self, kind, key, tensors)
+
+    monkeypatch.setattr(cache_module.FeatureStore, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(loaded, dataset, boxes, methods, options)
+    monkeypatch.setattr(cache_module.FeatureStore, "save", real_save)
+    assert list((tmp_path / "cache").rglob("*.tmp999"))
+
+    from qpert.models import blip2
+    calls = []
+    real_tokens = blip2.image_tokens
+    monkeypatch.setattr(blip2, "image_tokens", lambda m, px: calls.append(len(px)) or real_tokens(m, px))
+    resumed = evaluate(loaded, dataset, boxes, methods, options)
+    assert sum(calls) == 0, "vision features of the finished shards must come from the cache"
+    assert not list((tmp_path / "cache").rglob("*.tmp*"))
+    for name in methods:
+        assert resumed.to_dict()[name] == clean.to_dict()[name]
+    again = evaluate(loaded, dataset, boxes, methods, options)
+    assert again.to_dict()["qpert"] == clean.to_dict()["qpert"]
+
+
+def test_corrupt_image_is_a_counted_logged_skip(bench, tmp_path, caplog):
+    root, model_dir = bench
+    import shutil
+    copy = tmp_path / "data"
+    shutil.copytree(root / "flickr30k", copy / "flickr30k")
+    (copy / "flickr30k/images/flickr30k-images" / f"{IDS[2]}.jpg").write_bytes(b"this is not a jpeg")
+    dataset = load_dataset("flickr30k", copy, split="test")
+    boxes = flickr30k_entities_boxes(copy / "flickr30k/Annotations", dataset.image_ids)
+    result = evaluate(qpert.load_model(str(model_dir)), dataset, boxes, {"baseline": None},
+                      EvalOptions(itm=False, progress=False))
+    assert result.skipped_images == [IDS[2]]
+    assert result.settings["num_images"] == 6 and result.settings["num_texts"] == 30
+    assert "skipping unreadable image" in caplog.text
+
+
+def qpert_cli(*args):
+    return subprocess.run([sys.executable, "-c", "from qpert.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_eval_and_tune_end_to_end(bench, tmp_path):
+    root, model_dir = bench
+    common = ["--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root),
+              "--cache-dir", str(tmp_path / "cache"), "--k", "3"]
+    out = qpert_cli("eval", *common, "--boxes", "entities", "--itm", "--output", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    for method in ("baseline", "qpert"):
+        for d in ("t2i", "i2t"):
+            assert set(data[method][d]) >= {"R@1", "R@5", "R@10", "mR@1", "mR@5", "mR@10", "small_R@1",
+                                            "median_rank"}
+    assert data["settings"]["itm"] is True and data["settings"]["methods"]["qpert"]["alpha"] == 8.0
+    assert "t2i R@1" in out.stdout
+
+    # tuning reads the same layout (here the test split stands in for val)
+    out = qpert_cli("tune", *common, "--split", "test", "--boxes", f"coco-json:{root / 'detections.json'}",
+                    "--alphas", "2,8", "--thresholds", "0.9,0.99", "--weights", "constant,area",
+                    "--output", str(tmp_path / "best.json"))
+    assert out.returncode == 0, out.stderr
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["qpert"]["alpha"] in (2.0, 8.0) and best["selected_by"] == "t2i mR@1"
+    assert sum(line.startswith("qpert-a") for line in out.stdout.splitlines()) == 8
+    out = qpert_cli("eval", *common, "--boxes", "entities", "--no-itm", "--config", str(tmp_path / "best.json"))
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data-root", "{tmp}/nothing", "--boxes", "entities"], "flickr30k"),
+    (["--data-root", "{root}", "--boxes", "yolo:x.json"], "unknown box source"),
+    (["--data-root", "{root}", "--boxes", "coco-json"], "needs a file"),
+])
+def test_cli_eval_bad_layouts_are_clear(bench, tmp_path, args, message):
+    root, model_dir = bench
+    args = [a.format(tmp=tmp_path, root=root) for a in args]
+    out = qpert_cli("eval", "--model", str(model_dir), "--dataset", "flickr30k", *args, "--no-cache")
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
