@@ -1,6 +1,7 @@
 """The ``qpert`` command line. Nothing below this module knows about it."""
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -140,11 +141,12 @@ def score_command(
 DEFAULT_CACHE = Path.home() / ".cache" / "qpert"
 
 
-def _eval_options(itm: bool, k: int, batch_size: int, itm_batch_size: int, cache_dir: Path, no_cache: bool):
+def _eval_options(itm: bool, k: int, batch_size: int, itm_batch_size: int, cache_dir: Path, no_cache: bool,
+                  shard_size: int):
     from .eval.pipeline import EvalOptions
 
     return EvalOptions(itm=itm, k=k, batch_size=batch_size, itm_batch_size=itm_batch_size,
-                       cache_dir=None if no_cache else cache_dir)
+                       cache_dir=None if no_cache else cache_dir, shard_size=shard_size)
 
 
 MODEL = typer.Option("blip2-coco", help="Registered name (`qpert models`), hub id or local folder.")
@@ -163,6 +165,7 @@ BATCH = typer.Option(16, help="Images per vision / Q-Former forward.")
 ITM_BATCH = typer.Option(128, help="(image, text) pairs per ITM forward.")
 CACHE_DIR = typer.Option(DEFAULT_CACHE, help="Feature cache; a killed run resumes from it.")
 NO_CACHE = typer.Option(False, "--no-cache", help="Keep features in memory only.")
+SHARD = typer.Option(64, help="Images per cache file: the unit of work a resumed run skips.")
 
 
 @app.command("eval")
@@ -175,7 +178,7 @@ def eval_command(
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
     itm: bool = ITM, k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
-    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE,
+    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
     output: Optional[Path] = typer.Option(None, help="Write all metrics and settings here as JSON."),
 ) -> None:
     """Evaluate baseline and Q-Pert on a retrieval benchmark: R@1/5/10, mR@K, small-object R@K.
@@ -189,7 +192,7 @@ def eval_command(
     configs = [read_config_file(c) for c in config] or [_config(alpha, weight, threshold, keep_norm, orthogonal)]
     result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
                                 device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
-                                options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache))
+                                options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size))
     typer.echo(f"{model} on {dataset} {split}: {result.settings['num_images']} images, "
                f"{result.settings['num_texts']} texts, boxes {result.settings['boxes']}, "
                f"{'ITC + ITM top-' + str(k) if itm else 'ITC only'}, {result.settings['seconds']} s")
@@ -210,7 +213,7 @@ def tune(
     itm: bool = typer.Option(False, "--itm/--no-itm", help="Score the grid with ITM re-ranking (slow)."),
     k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
-    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE,
+    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
     output: Path = typer.Option(Path("qpert-best.json"), help="Where the best config goes (for eval --config)."),
     results: Optional[Path] = typer.Option(None, help="Also write every setting's metrics here as JSON."),
 ) -> None:
@@ -229,7 +232,7 @@ def tune(
                             alphas=floats(alphas) if alphas else None, thresholds=floats(thresholds),
                             weights=weights.split(",") if weights else None, select_by=select_by,
                             device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
-                            options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache))
+                            options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size))
     direction, _, key = select_by.partition(" ")
     ranked = sorted(result.metrics, key=lambda n: -(getattr(result.metrics[n], direction)[key] or -1.0))
     typer.echo(f"{'setting':44s} {'t2i R@1':>8s} {'t2i mR@1':>9s} {'i2t R@1':>8s} {'i2t mR@1':>9s}")
@@ -254,9 +257,14 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+
 def main() -> None:
     """Entry point: user mistakes end with one clear line, never a stack trace."""
-    warnings.filterwarnings("default", category=UserWarning, module="qpert")
+    warnings.showwarning = _show_warning
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
         app()
     except USER_ERRORS as e:

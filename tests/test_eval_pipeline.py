@@ -224,3 +224,31 @@ def test_cli_eval_bad_layouts_are_clear(bench, tmp_path, args, message):
     args = [a.format(tmp=tmp_path, root=root) for a in args]
     out = qpert_cli("eval", "--model", str(model_dir), "--dataset", "flickr30k", *args, "--no-cache")
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_run_killed_by_sigkill_resumes_identically(bench, tmp_path):
+    """Kill a real `qpert eval` process as soon as its first cache file lands, then run again."""
+    import signal
+    import time
+
+    root, model_dir = bench
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-c", "from qpert.cli import main; main()", "eval", "--model", str(model_dir),
+            "--dataset", "flickr30k", "--data-root", str(root), "--boxes", "entities", "--k", "3",
+            "--shard-size", "1", "--batch-size", "1"]
+    proc = subprocess.Popen(args + ["--cache-dir", str(cache), "--output", str(tmp_path / "killed.json")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(cache.rglob("*.safetensors")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed.json").exists()
+    done = len(list(cache.rglob("*.safetensors")))
+    assert 1 <= done < len(IDS)
+    resumed = qpert_cli(*args[3:], "--cache-dir", str(cache), "--output", str(tmp_path / "resumed.json"))
+    clean = qpert_cli(*args[3:], "--no-cache", "--output", str(tmp_path / "clean.json"))
+    assert resumed.returncode == 0 and clean.returncode == 0, resumed.stderr + clean.stderr
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("resumed.json", "clean.json"))
+    assert a["baseline"] == b["baseline"] and a["qpert"] == b["qpert"]
