@@ -194,7 +194,7 @@ def eval_command(
                                 device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
                                 options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size))
     typer.echo(f"{model} on {dataset} {split}: {result.settings['num_images']} images, "
-               f"{result.settings['num_texts']} texts, boxes {result.settings['boxes']}, "
+               f"{result.settings['num_texts']} texts, boxes {result.settings['boxes_summary']}, "
                f"{'ITC + ITM top-' + str(k) if itm else 'ITC only'}, {result.settings['seconds']} s")
     typer.echo(result.table())
     if output:

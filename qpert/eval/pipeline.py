@@ -309,6 +309,7 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
         run.handle.detach()
     settings = {
         "model": loaded.name, "dataset": dataset.name, "split": dataset.split, "boxes": boxes.source,
+        "boxes_summary": boxes.summary(),
         "num_images": int(readable.sum()), "num_texts": int(keep_txt.sum()), "itm": options.itm, "k": options.k,
         "dtype": str(run.dtype).replace("torch.", ""), "device": str(run.device),
         "methods": {n: (c.to_dict() if c else None) for n, c in methods.items()},
