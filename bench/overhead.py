@@ -132,6 +132,10 @@ def main() -> None:
             print(f"{name:52s} {tb:11.4f}")
         else:
             print(f"{name:52s} {tb:11.4f} {tp:9.4f} {100 * (ratio - 1):+8.2f}%")
+    own = rows["  part: token weights"][0] + rows["  part: keys + subspaces (all layers)"][0]
+    base_encode = rows["image encoding (vision + Q-Former ITC)"][0]
+    print(f"Q-Pert's own work per encoding batch (token weights + keys + subspaces): {own:.4f} s = "
+          f"{100 * own / base_encode:.2f}% of the baseline encoding (the end-to-end ratio above is noisier)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": header, "rows": {k: dict(zip(("baseline_s", "qpert_s", "ratio"), v))
