@@ -11,10 +11,19 @@ from .attach import attach
 from .config import QPertConfig
 from .core.boxes import BoxesLike
 from .models import blip2
-from .models.registry import LoadedModel
+from .errors import UnsupportedModelError
+from .models.registry import LoadedModel, family_of
 
 #: BLIP-2's retrieval evaluation truncates captions to this many tokens.
 MAX_TEXT_TOKENS = 35
+
+
+def check_scorable(loaded: LoadedModel) -> None:
+    """The retrieval scoring below drives BLIP-2's ITC/ITM heads; other families attach from Python."""
+    if family_of(loaded.model) is not blip2.BLIP2:
+        raise UnsupportedModelError(
+            f"scoring and evaluation run BLIP-2 retrieval models for now; {type(loaded.model).__name__} "
+            "is supported through qpert.attach(model, config) in Python")
 
 
 @dataclass
@@ -42,6 +51,7 @@ def score(loaded: LoadedModel, images: Sequence[Image.Image], boxes: Sequence[Bo
 
     Vision tokens and Q-Pert subspaces are computed once per image and reused for every text.
     """
+    check_scorable(loaded)
     model = loaded.model
     sizes = [(im.height, im.width) for im in images]
     tokens = blip2.image_tokens(model, pixel_values(loaded, images))

@@ -18,7 +18,7 @@ BOX_KINDS = {"entities": "flickr30k-entities", "coco-json": "detector", "coco-in
 
 def resolve_boxes(spec: str, dataset: RetrievalDataset, data_root: Path, score_threshold: float = 0.0,
                   max_boxes: Optional[int] = None) -> BoxSet:
-    """``entities`` (ROOT/flickr30k/Annotations), ``entities:DIR``, ``coco-json:FILE`` (detector
+    """``entities`` (ROOT/flickr30k/Annotations or ROOT/flickr30k_entities/Annotations), ``entities:DIR``, ``coco-json:FILE`` (detector
     results), ``coco-instances:FILE`` or ``coco-entities:FILE``."""
     kind, _, path = spec.partition(":")
     if kind not in BOX_KINDS:
@@ -27,7 +27,8 @@ def resolve_boxes(spec: str, dataset: RetrievalDataset, data_root: Path, score_t
     if not path:
         if kind != "entities":
             raise ValueError(f"--boxes {kind} needs a file: {kind}:FILE")
-        path = str(Path(data_root) / "flickr30k" / "Annotations")
+        candidates = [Path(data_root) / "flickr30k" / "Annotations", Path(data_root) / "flickr30k_entities" / "Annotations"]
+        path = str(next((c for c in candidates if c.is_dir()), candidates[0]))
     options = {"score_threshold": score_threshold, "max_boxes": max_boxes} if kind == "coco-json" else {}
     return load_boxes(BOX_KINDS[kind], path, dataset, **options)
 

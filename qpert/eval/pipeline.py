@@ -29,7 +29,7 @@ from ..data.boxes import BoxSet
 from ..data.datasets import RetrievalDataset
 from ..models import blip2
 from ..models.registry import LoadedModel
-from ..scoring import pixel_values, tokenize
+from ..scoring import check_scorable, pixel_values, tokenize
 from .cache import FeatureStore, content_key
 from .metrics import RetrievalMetrics, format_comparison, retrieval_metrics
 
@@ -48,6 +48,7 @@ class EvalOptions:
     shard_size: int = 64          # images per cache file (the unit of resumption)
     cache_dir: Optional[Path] = None
     progress: bool = True
+    keep_scores: bool = False     # keep each method's final T2I score matrix (for reports)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class EvalResult:
     metrics: dict[str, RetrievalMetrics]
     settings: dict[str, Any]
     skipped_images: list[str] = field(default_factory=list)
+    scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # (images, texts), T2I
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: m.to_dict() for name, m in self.metrics.items()}
@@ -74,6 +76,7 @@ class _Run:
     """State of one evaluation: model, cache, shards and the inputs every stage needs."""
 
     def __init__(self, loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, options: EvalOptions):
+        check_scorable(loaded)
         self.loaded, self.dataset, self.options = loaded, dataset, options
         self.model = loaded.model
         param = next(self.model.parameters())
@@ -295,7 +298,7 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
         remap = np.cumsum(readable) - 1
         text_to_image = remap[dataset.text_to_image[keep_txt]]
         max_areas = boxes.max_areas([i for i, ok in zip(dataset.image_ids, readable) if ok])
-        metrics = {}
+        metrics, scores = {}, {}
         for name, config in methods.items():
             itc = run.itc_scores(config, text_emb)
             itc[torch.from_numpy(~readable)] = -torch.inf
@@ -305,6 +308,8 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
                 t2i = i2t = itc.numpy()
             t2i, i2t = t2i[readable][:, keep_txt], i2t[readable][:, keep_txt]
             metrics[name] = retrieval_metrics(t2i, text_to_image, max_areas, i2t_scores=i2t)
+            if options.keep_scores:
+                scores[name] = t2i
     finally:
         run.handle.detach()
     settings = {
@@ -315,7 +320,7 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
         "methods": {n: (c.to_dict() if c else None) for n, c in methods.items()},
         "seconds": round(time.time() - started, 1),
     }
-    return EvalResult(metrics, settings, skipped)
+    return EvalResult(metrics, settings, skipped, scores)
 
 
 def paper_grid(alphas: Sequence[float], thresholds: Sequence[float] = (0.8, 0.85, 0.9, 0.95, 0.99)) -> list[QPertConfig]:

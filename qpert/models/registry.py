@@ -10,10 +10,16 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .blip import BLIP
 from .blip2 import BLIP2
+from .coca import COCA, load_open_clip
 from .family import ModelFamily
+from .siglip import SIGLIP
 
-FAMILIES: tuple[ModelFamily, ...] = (BLIP2,)
+FAMILIES: tuple[ModelFamily, ...] = (BLIP2, BLIP, SIGLIP, COCA)
+
+#: What ``save_pretrained``-style folders of OpenCLIP models hold (``open_clip.push_to_hf_hub`` layout).
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -21,12 +27,14 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    source: str          # Hugging Face hub id (or a local folder)
-    model_class: str     # transformers class that loads it
+    source: str          # Hugging Face hub id (or a local folder); for OpenCLIP, its model name
+    model_class: str     # class that loads it (transformers, or open_clip's for library="open_clip")
     family: ModelFamily
     image_size: int
     alpha_grid: tuple[float, ...]
     description: str
+    library: str = "transformers"     # or "open_clip"
+    pretrained: Optional[str] = None  # OpenCLIP pretrained tag
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -36,6 +44,23 @@ MODELS: dict[str, ModelSpec] = {
                   (2.0, 4.0, 6.0, 8.0, 10.0), "BLIP-2 ViT-g, retrieval heads fine-tuned on COCO (the paper's model)"),
         ModelSpec("blip2", "Salesforce/blip2-itm-vit-g", "Blip2ForImageTextRetrieval", BLIP2, 224,
                   (2.0, 4.0, 6.0, 8.0, 10.0), "BLIP-2 ViT-g, pre-trained retrieval heads"),
+        ModelSpec("blip2-shapes", str(Path(__file__).parents[1] / "assets" / "blip2-shapes"),
+                  "Blip2ForImageTextRetrieval", BLIP2, 64, (0.5, 1.0, 2.0, 4.0, 8.0),
+                  "toy BLIP-2 (1M parameters) trained on synthetic coloured shapes (qpert.synthetic), for offline use"),
+        # BLIP was not in the paper; its ITM cross-attentions have the Q-Former's shape (12 heads x 64),
+        # so BLIP-2's grid is the starting point.
+        ModelSpec("blip-coco", "Salesforce/blip-itm-large-coco", "BlipForImageTextRetrieval", BLIP, 384,
+                  (2.0, 4.0, 6.0, 8.0, 10.0), "BLIP ViT-L, retrieval fine-tuned on COCO (Q-Pert in the ITM pass)"),
+        ModelSpec("blip-flickr", "Salesforce/blip-itm-large-flickr", "BlipForImageTextRetrieval", BLIP, 384,
+                  (2.0, 4.0, 6.0, 8.0, 10.0), "BLIP ViT-L, retrieval fine-tuned on Flickr30K (Q-Pert in the ITM pass)"),
+        ModelSpec("coca-l14", "coca_ViT-L-14", "CoCa", COCA, 224, (0.2, 0.4, 0.6, 0.8, 1.0),
+                  "OpenCLIP CoCa ViT-L/14 fine-tuned on COCO (Q-Pert in the attentional pooler)",
+                  library="open_clip", pretrained="mscoco_finetuned_laion2B-s13B-b90k"),
+        # SigLIP was not in the paper: a pooling head like CoCa's, so CoCa's grid is the starting point.
+        ModelSpec("siglip-so400m", "google/siglip-so400m-patch14-384", "SiglipModel", SIGLIP, 384,
+                  (0.2, 0.4, 0.6, 0.8, 1.0), "SigLIP So400m/14 (Q-Pert in the vision pooling head)"),
+        ModelSpec("siglip2-so400m", "google/siglip2-so400m-patch14-384", "SiglipModel", SIGLIP, 384,
+                  (0.2, 0.4, 0.6, 0.8, 1.0), "SigLIP 2 So400m/14, fixed resolution (Q-Pert in the vision pooling head)"),
     )
 }
 
@@ -71,7 +96,8 @@ def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
 def _local_model_class(path: Path) -> str:
     config = path / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{path} is a folder but has no config.json: not a saved transformers model")
+        raise FileNotFoundError(f"{path} is a folder but has no config.json (transformers) or {OPEN_CLIP_CONFIG} "
+                                "(OpenCLIP): not a saved model")
     architectures = json.loads(config.read_text()).get("architectures") or []
     for name in architectures:
         if name in SUPPORTED_CLASSES:
@@ -82,7 +108,10 @@ def _local_model_class(path: Path) -> str:
 
 def load_model(name_or_path: str, device: Union[str, torch.device] = "cpu",
                dtype: Union[None, str, torch.dtype] = None) -> LoadedModel:
-    """Load a registered name (``blip2-coco``), a hub id or a local ``save_pretrained`` folder."""
+    """Load a registered name (``blip2-coco``), a hub id or a local ``save_pretrained`` folder.
+
+    A folder holding ``open_clip_config.json`` and its weights loads through OpenCLIP.
+    """
     import transformers
     from transformers import AutoProcessor
 
@@ -90,6 +119,8 @@ def load_model(name_or_path: str, device: Union[str, torch.device] = "cpu",
     source = spec.source if spec else name_or_path
     if spec:
         class_name = spec.model_class
+    elif (Path(source) / OPEN_CLIP_CONFIG).is_file():
+        return _load_open_clip(source, f"local-dir:{source}", None, device, dtype)
     elif Path(source).is_dir():
         class_name = _local_model_class(Path(source))
     elif Path(source).exists() or source.startswith((".", "/")):
@@ -100,7 +131,16 @@ def load_model(name_or_path: str, device: Union[str, torch.device] = "cpu",
             raise ValueError(f"unknown model {source!r}: use one of {sorted(MODELS)}, a hub id among "
                              f"{sorted(known)}, or a local folder")
         spec, class_name = known[source], known[source].model_class
+    if spec and spec.library == "open_clip":
+        return _load_open_clip(spec.name, spec.source, spec.pretrained, device, dtype, spec)
     model = getattr(transformers, class_name).from_pretrained(source, dtype=parse_dtype(dtype))
     model.to(device).eval()
     processor = AutoProcessor.from_pretrained(source)
     return LoadedModel(spec.name if spec else source, model, processor, spec)
+
+
+def _load_open_clip(name: str, model_name: str, pretrained: Optional[str], device: Union[str, torch.device],
+                    dtype: Union[None, str, torch.dtype], spec: Optional[ModelSpec] = None) -> LoadedModel:
+    model, processor = load_open_clip(model_name, pretrained, device, parse_dtype(dtype))
+    family_of(model)  # an OpenCLIP model without a supported pooler is an error here, not at attach time
+    return LoadedModel(name, model, processor, spec)

@@ -1,0 +1,144 @@
+"""Q-Pert on a tiny random BlipForImageTextRetrieval (the real transformers class), ITM pass."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import BlipConfig, BlipForImageTextRetrieval, BlipProcessor
+
+import qpert
+from qpert.core import prepare_boxes, token_weights
+from qpert.models.registry import MODELS, family_of
+from qpert.models.tiny import randomize, tiny_processor
+from reference_hooks import ReferenceHooks, stretch_objects
+
+BOXES = [
+    [[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0], [70.0, 55.0, 118.0, 99.0]],
+    [[30.0, 30.0, 90.0, 90.0]],
+    [[-20.0, 5.0, 40.0, 140.0], [50.0, 50.0, 53.0, 52.0]],
+]
+SIZES = [(100, 120), (100, 100), (120, 80)]
+CONFIGS = [
+    dict(alpha=8.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
+    dict(alpha=4.0, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
+    dict(alpha=6.0, weight="centered", threshold=2, keep_norm=False, mode="enhance"),
+    dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
+]
+
+
+def tiny_blip(seed: int = 0) -> BlipForImageTextRetrieval:
+    config = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=28, patch_size=7),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         vocab_size=120, max_position_embeddings=64, encoder_hidden_size=32,
+                         bos_token_id=2, sep_token_id=3, pad_token_id=0, eos_token_id=3),
+        image_text_hidden_size=16,
+    )
+    torch.manual_seed(seed)
+    return randomize(BlipForImageTextRetrieval(config), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_blip()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 100, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    return dict(pixel_values=torch.randn(3, 3, 28, 28, generator=g), input_ids=ids, attention_mask=mask)
+
+
+def itm(model, inputs, use_itm_head=True):
+    with torch.no_grad():
+        return model(**inputs, use_itm_head=use_itm_head).itm_score
+
+
+def reference(model, cfg):
+    objects = stretch_objects(BOXES, SIZES, input_size=28, grid=4, patch=7, prefix=1)
+    ref = ReferenceHooks(objects, cfg)
+    for layer in model.text_encoder.encoder.layer:
+        ref.bert(layer.crossattention.self)
+    return ref
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+def test_matches_plain_reference(model, inputs, cfg):
+    base = itm(model, inputs)
+    ref = reference(model, cfg)
+    try:
+        expected = itm(model, inputs)
+    finally:
+        ref.remove()
+    assert (expected - base).abs().max() > 1e-3, "the reference must change the outputs, else the test is vacuous"
+    handle = qpert.attach(model, qpert.QPertConfig(**cfg))
+    try:
+        assert handle.num_layers == 3 and handle.layout.num_tokens == 17
+        with handle.objects(BOXES, SIZES):
+            got = itm(model, inputs)
+    finally:
+        handle.detach()
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_bit_identical_when_inactive(model, inputs):
+    base, base_itc = itm(model, inputs), itm(model, inputs, use_itm_head=False)
+    handle = qpert.attach(model, qpert.QPertConfig(alpha=8.0))
+    try:
+        assert torch.equal(itm(model, inputs), base)  # attached, outside objects()
+        with handle.objects([[], None, np.zeros((0, 4))], SIZES):
+            assert torch.equal(itm(model, inputs), base)
+        with handle.objects(BOXES, SIZES):  # the ITC pass has no cross-attention
+            assert torch.equal(itm(model, inputs, use_itm_head=False), base_itc)
+        with handle.objects([BOXES[0], [], BOXES[2]], SIZES):
+            mixed = itm(model, inputs)
+        assert torch.equal(mixed[1], base[1]) and (mixed[0] - base[0]).abs().max() > 1e-3
+        handle.config = qpert.QPertConfig(alpha=0.0)
+        with handle.objects(BOXES, SIZES):
+            assert torch.equal(itm(model, inputs), base)
+    finally:
+        handle.detach()
+
+
+def test_detach_restores_model(model, inputs):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    base = itm(model, inputs)
+    handle = qpert.attach(model)
+    with handle.objects(BOXES, SIZES):
+        assert not torch.equal(itm(model, inputs), base)
+    handle.detach()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(itm(model, inputs), base)
+
+
+def test_box_on_one_patch_maps_to_that_token(model):
+    """An 84x56 image stretched to 28x28 (patch 7): patch (row 1, col 2) is x 42..63, y 14..28 in the image."""
+    layout = family_of(model).token_layout(model)
+    weights = token_weights(prepare_boxes([[[42.0, 14.0, 63.0, 28.0]]], [(56, 84)]), layout)
+    assert weights.shape == (1, 1, 17)
+    expected = torch.zeros(17)
+    expected[1 + 1 * 4 + 2] = 1.0
+    assert torch.equal(weights[0, 0], expected)
+
+
+def test_registry_and_loading_a_saved_blip(tmp_path, inputs):
+    assert {"blip-coco", "blip-flickr"} <= set(MODELS)
+    assert MODELS["blip-coco"].source == "Salesforce/blip-itm-large-coco" and MODELS["blip-coco"].image_size == 384
+    tiny_blip(seed=5).save_pretrained(tmp_path)
+    blip2_processor = tiny_processor(["a", "red", "square"], str(tmp_path))
+    BlipProcessor(image_processor=blip2_processor.image_processor,
+                  tokenizer=blip2_processor.tokenizer).save_pretrained(tmp_path)
+    loaded = qpert.load_model(str(tmp_path))
+    assert type(loaded.model).__name__ == "BlipForImageTextRetrieval"
+    assert type(loaded.processor).__name__ == "BlipProcessor"
+    handle = qpert.attach(loaded.model, qpert.QPertConfig(alpha=8.0))
+    try:
+        with handle.objects(BOXES, SIZES):
+            assert torch.isfinite(itm(loaded.model, inputs)).all()
+    finally:
+        handle.detach()

@@ -1,0 +1,36 @@
+"""`qpert demo` end to end at a reduced size."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from qpert.demo import run_demo
+from qpert.models.tiny import tiny_blip2, tiny_processor
+from qpert.synthetic import vocabulary
+
+
+@pytest.fixture(scope="module")
+def random_shapes_model(tmp_path_factory):
+    """A random tiny BLIP-2 with the scenes' vocabulary: exercises the pipeline, not the trained weights."""
+    path = tmp_path_factory.mktemp("model")
+    tiny_blip2(seed=5).save_pretrained(path)
+    tiny_processor(vocabulary(), str(path)).save_pretrained(path)
+    return path
+
+
+def test_demo_writes_report_with_figure(random_shapes_model, tmp_path):
+    result = run_demo(tmp_path / "demo", model=str(random_shapes_model), seeds=(2000, 2001), n_test=40, n_val=30,
+                      alphas=(0.5, 2.0), k=4, progress=False)
+    assert result.alpha in (0.5, 2.0)
+    assert set(result.validation.metrics) == {"baseline", "alpha=0.5", "alpha=2"}
+    for seed, res in result.tests.items():
+        assert res.settings["num_images"] == 40 and res.settings["seed"] == seed
+        assert res.settings["methods"]["qpert"]["alpha"] == result.alpha
+    page = result.report.read_text()
+    assert page.count("data:image/png;base64,") >= 2  # the bin chart and example thumbnails
+    assert "R@1 per object-size bin" in page and "±" in result.summary()
+    assert re.search(r"R@1\s+-?\d+\.\d+ ± \d+\.\d+", result.summary())
+    # test scenes come from the test seeds only, never from the validation seed
+    assert all(p.name.startswith("s2001_") for p in res.dataset_paths) if hasattr(res, "dataset_paths") else True
+    assert (tmp_path / "demo/data/seed2000/flickr30k/images/flickr30k-images").is_dir()

@@ -1,0 +1,163 @@
+"""Q-Pert in the pooling head (nn.MultiheadAttention) of tiny random SigLIP models (the real classes).
+
+The vision tower is 30 px with 7 px patches: the 4 x 4 grid covers 28 px and the stride-7
+patch embedding drops the last 2, as SigLIP So400m/14 at 384 px drops 6.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor, SiglipVisionModel
+
+import qpert
+from qpert.core import prepare_boxes, token_weights
+from qpert.models.registry import MODELS, family_of
+from qpert.models.tiny import randomize, tiny_processor
+from reference_hooks import ReferenceHooks, stretch_objects
+
+BOXES = [
+    [[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0], [70.0, 55.0, 118.0, 99.0]],
+    [[30.0, 30.0, 90.0, 90.0]],
+    [[-20.0, 5.0, 40.0, 140.0], [50.0, 50.0, 53.0, 52.0]],
+]
+SIZES = [(100, 120), (100, 100), (120, 80)]
+CONFIGS = [
+    dict(alpha=1.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
+    dict(alpha=0.6, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
+    dict(alpha=0.8, weight="area", threshold=2, keep_norm=False, mode="enhance"),
+    dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
+]
+
+
+def tiny_siglip_config() -> SiglipConfig:
+    return SiglipConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=100, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=30, patch_size=7),
+    )
+
+
+def tiny_siglip(seed: int = 0) -> SiglipModel:
+    torch.manual_seed(seed)
+    return randomize(SiglipModel(tiny_siglip_config()), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_siglip()
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(3, 3, 30, 30, generator=torch.Generator().manual_seed(1))
+
+
+def pooled(model, pixels):
+    with torch.no_grad():
+        return model.vision_model(pixel_values=pixels).pooler_output
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+def test_matches_plain_reference(model, pixels, cfg):
+    base = pooled(model, pixels)
+    ref = ReferenceHooks(stretch_objects(BOXES, SIZES, input_size=30, grid=4, patch=7, prefix=0), cfg)
+    ref.mha(model.vision_model.head.attention)
+    try:
+        expected = pooled(model, pixels)
+    finally:
+        ref.remove()
+    assert (expected - base).abs().max() > 1e-3, "the reference must change the outputs, else the test is vacuous"
+    handle = qpert.attach(model, qpert.QPertConfig(**cfg))
+    try:
+        assert handle.num_layers == 1 and handle.layout.num_tokens == 16
+        with handle.objects(BOXES, SIZES):
+            got = pooled(model, pixels)
+    finally:
+        handle.detach()
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_bit_identical_when_inactive(model, pixels):
+    base = pooled(model, pixels)
+    handle = qpert.attach(model, qpert.QPertConfig(alpha=1.0))
+    try:
+        assert torch.equal(pooled(model, pixels), base)
+        with handle.objects([[], None, np.zeros((0, 4))], SIZES):
+            assert torch.equal(pooled(model, pixels), base)
+        # a box on the pixels the patch embedding drops (x 28..30 of 30 after the stretch) covers no token
+        with handle.objects([[[112.0, 0.0, 120.0, 100.0]], [], []], SIZES):
+            assert torch.equal(pooled(model, pixels), base)
+        with handle.objects([BOXES[0], [], BOXES[2]], SIZES):
+            mixed = pooled(model, pixels)
+        assert torch.equal(mixed[1], base[1]) and (mixed[0] - base[0]).abs().max() > 1e-3
+        handle.config = qpert.QPertConfig(alpha=0.0)
+        with handle.objects(BOXES, SIZES):
+            assert torch.equal(pooled(model, pixels), base)
+    finally:
+        handle.detach()
+
+
+def test_detach_restores_model(model, pixels):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    base = pooled(model, pixels)
+    handle = qpert.attach(model)
+    with handle.objects(BOXES, SIZES):
+        assert not torch.equal(pooled(model, pixels), base)
+    handle.detach()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(pooled(model, pixels), base)
+
+
+def test_box_on_one_patch_maps_to_that_token(model):
+    """A 120x60 image stretched to 30x30: patch (row 1, col 2), input x 14..21, y 7..14, is x 56..84, y 14..28."""
+    weights = token_weights(prepare_boxes([[[56.0, 14.0, 84.0, 28.0]]], [(60, 120)]),
+                            family_of(model).token_layout(model))
+    expected = torch.zeros(16)
+    expected[1 * 4 + 2] = 1.0
+    assert torch.equal(weights[0, 0], expected)
+
+
+def test_vision_model_alone_matches_full_model(model, pixels):
+    vision = SiglipVisionModel(tiny_siglip_config().vision_config).eval()
+    vision.load_state_dict(model.vision_model.state_dict())
+    results = []
+    for m, tower in ((model, model.vision_model), (vision, vision)):
+        handle = qpert.attach(m, qpert.QPertConfig(alpha=1.0))
+        try:
+            with handle.objects(BOXES, SIZES), torch.no_grad():
+                results.append(tower(pixel_values=pixels).pooler_output)
+        finally:
+            handle.detach()
+    assert torch.equal(results[0], results[1])
+
+
+def test_half_precision_runs_without_nan(pixels):
+    model = tiny_siglip(seed=3).to(torch.bfloat16)
+    handle = qpert.attach(model, qpert.QPertConfig(alpha=1.0))
+    try:
+        with handle.objects(BOXES, SIZES):
+            out = pooled(model, pixels.to(torch.bfloat16))
+    finally:
+        handle.detach()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_registry_and_loading_a_saved_siglip(tmp_path, pixels):
+    for name, hub in (("siglip-so400m", "google/siglip-so400m-patch14-384"),
+                      ("siglip2-so400m", "google/siglip2-so400m-patch14-384")):
+        assert MODELS[name].source == hub and MODELS[name].model_class == "SiglipModel"
+    tiny_siglip(seed=5).save_pretrained(tmp_path)
+    tokenizer = tiny_processor(["a", "cat"], str(tmp_path)).tokenizer
+    SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 30, "width": 30}),
+                    tokenizer=tokenizer).save_pretrained(tmp_path)
+    loaded = qpert.load_model(str(tmp_path))
+    assert type(loaded.model).__name__ == "SiglipModel" and type(loaded.processor).__name__ == "SiglipProcessor"
+    handle = qpert.attach(loaded.model, qpert.QPertConfig(alpha=1.0))
+    try:
+        with handle.objects(BOXES, SIZES):
+            assert torch.isfinite(pooled(loaded.model, pixels)).all()
+    finally:
+        handle.detach()
