@@ -20,13 +20,18 @@ def coverage(box, image_hw, input_hw, grid, patch, prefix=1):
     x0, y0, x1, y1 = np.clip(box[0], 0, w), np.clip(box[1], 0, h), np.clip(box[2], 0, w), np.clip(box[3], 0, h)
     sx, sy = input_hw[1] / w, input_hw[0] / h
     x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
+    return grid_coverage(x0, y0, x1, y1, grid, patch, prefix), (x1 - x0) * (y1 - y0) / (sx * sy) / (h * w)
+
+
+def grid_coverage(x0, y0, x1, y1, grid, patch, prefix):
+    """Fraction of every patch inside a box given in model-input pixels, one patch at a time."""
     out = np.zeros(prefix + grid * grid)
     for r in range(grid):
         for c in range(grid):
             ix = max(0.0, min(x1, (c + 1) * patch) - max(x0, c * patch))
             iy = max(0.0, min(y1, (r + 1) * patch) - max(y0, r * patch))
             out[prefix + r * grid + c] = ix * iy / (patch * patch)
-    return out, (x1 - x0) * (y1 - y0) / (sx * sy) / (h * w)
+    return out
 
 
 def projector(keys: np.ndarray, m: np.ndarray, threshold) -> np.ndarray:

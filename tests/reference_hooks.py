@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from reference import coverage, perturb
+from reference import coverage, grid_coverage, perturb
 
 
 def coverage_shortest_edge(box, image_hw, crop, grid, patch, prefix=1):
@@ -24,13 +24,7 @@ def coverage_shortest_edge(box, image_hw, crop, grid, patch, prefix=1):
     sx, sy = new_w / w, new_h / h
     ox, oy = round((new_w - crop) / 2), round((new_h - crop) / 2)
     x0, x1, y0, y1 = x0 * sx - ox, x1 * sx - ox, y0 * sy - oy, y1 * sy - oy
-    out = np.zeros(prefix + grid * grid)
-    for r in range(grid):
-        for c in range(grid):
-            ix = max(0.0, min(x1, (c + 1) * patch) - max(x0, c * patch))
-            iy = max(0.0, min(y1, (r + 1) * patch) - max(y0, r * patch))
-            out[prefix + r * grid + c] = ix * iy / (patch * patch)
-    return out, area
+    return grid_coverage(x0, y0, x1, y1, grid, patch, prefix), area
 
 
 def stretch_objects(boxes, image_sizes, input_size, grid, patch, prefix):

@@ -11,6 +11,7 @@ open_clip = pytest.importorskip("open_clip")
 from safetensors.torch import save_file  # noqa: E402
 
 import qpert  # noqa: E402
+from contract import assert_detach_restores  # noqa: E402
 from qpert.core import prepare_boxes, token_weights  # noqa: E402
 from qpert.models.registry import MODELS  # noqa: E402
 from qpert.models.tiny import randomize  # noqa: E402
@@ -101,15 +102,7 @@ def test_bit_identical_when_inactive(model, pixels):
 
 
 def test_detach_restores_model(model, pixels):
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    base = encode(model, pixels)
-    handle = qpert.attach(model)
-    with handle.objects(BOXES, SIZES):
-        assert not torch.equal(encode(model, pixels), base)
-    handle.detach()
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert torch.equal(encode(model, pixels), base)
+    assert_detach_restores(model, lambda: encode(model, pixels), BOXES, SIZES)
 
 
 def test_box_on_one_patch_maps_to_that_token(model):

@@ -11,6 +11,7 @@ import torch
 from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor, SiglipVisionModel
 
 import qpert
+from contract import assert_detach_restores
 from qpert.core import prepare_boxes, token_weights
 from qpert.models.registry import MODELS, family_of
 from qpert.models.tiny import randomize, tiny_processor
@@ -100,15 +101,7 @@ def test_bit_identical_when_inactive(model, pixels):
 
 
 def test_detach_restores_model(model, pixels):
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    base = pooled(model, pixels)
-    handle = qpert.attach(model)
-    with handle.objects(BOXES, SIZES):
-        assert not torch.equal(pooled(model, pixels), base)
-    handle.detach()
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert torch.equal(pooled(model, pixels), base)
+    assert_detach_restores(model, lambda: pooled(model, pixels), BOXES, SIZES)
 
 
 def test_box_on_one_patch_maps_to_that_token(model):

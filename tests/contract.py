@@ -1,0 +1,21 @@
+"""Checks every adapter must pass, shared by the per-family test files."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+import qpert
+
+
+def assert_detach_restores(model: torch.nn.Module, forward: Callable[[], torch.Tensor], boxes, sizes) -> None:
+    """Attach, perturb, detach: no hook left, weights untouched, outputs bit-identical."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    base = forward()
+    handle = qpert.attach(model)
+    with handle.objects(boxes, sizes):
+        assert not torch.equal(forward(), base), "Q-Pert must change the outputs, else the check is vacuous"
+    handle.detach()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(forward(), base)
