@@ -58,7 +58,8 @@ def models() -> None:
 
     for spec in MODELS.values():
         grid = ", ".join(f"{a:g}" for a in spec.alpha_grid)
-        typer.echo(f"{spec.name:12s} {spec.source:34s} {spec.image_size}px  alpha grid [{grid}]  {spec.description}")
+        source = "(bundled with qpert)" if Path(spec.source).is_absolute() else spec.source
+        typer.echo(f"{spec.name:15s} {source:34s} {spec.image_size:4d}px  alpha [{grid}]  {spec.description}")
 
 
 def _print_scores(texts: list[str], results: dict, title: str) -> None:
