@@ -144,36 +144,71 @@ def score_command(
     text: list[str] = typer.Option(..., "--text", "-t", help="A caption to score; repeat for several."),
     box: list[str] = typer.Option([], "--box", "-b", help="Object box x0,y0,x1,y1 in image pixels; repeat."),
     model: str = typer.Option("blip2-coco", help="Registered name (see `qpert models`), hub id or local folder."),
-    itm: bool = typer.Option(True, "--itm/--no-itm", help="Also compute ITM + ITC (the re-ranking score)."),
+    itm: Optional[bool] = typer.Option(None, "--itm/--no-itm", show_default=False,
+                                       help="Also compute ITM + ITC (the re-ranking score); default: when the model "
+                                            "has an ITM head (BLIP-2, BLIP; not CoCa or SigLIP)."),
     alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
 ) -> None:
     """Score one image against captions with and without Q-Pert."""
-    from PIL import Image, UnidentifiedImageError
-
     from .models.registry import load_model
     from .scoring import score
 
     config = _config(alpha, weight, threshold, keep_norm, orthogonal)
     boxes = [_parse_box(b) for b in box]
-    try:
-        img = Image.open(image)
-        img.load()
-    except FileNotFoundError:
-        raise typer.BadParameter(f"no such image: {image}")
-    except (UnidentifiedImageError, OSError) as e:
-        raise typer.BadParameter(f"{image} is not a readable image ({e})")
+    img = _read_image(image)
     loaded = load_model(model, device=device, dtype=dtype)
     results = score(loaded, [img], [boxes], text, config, itm=itm)
     _print_scores(text, results, f"{loaded.name} on {image} ({img.width}x{img.height}), {len(boxes)} box(es):")
 
 
+@app.command("caption")
+def caption_command(
+    image: Path = typer.Argument(..., help="Image file (JPEG, PNG, ...)."),
+    box: list[str] = typer.Option([], "--box", "-b", help="Object box x0,y0,x1,y1 in image pixels; repeat."),
+    model: str = typer.Option("blip2-opt-2.7b", help="A BLIP-2 captioner (Blip2ForConditionalGeneration): "
+                                                     "registered name, hub id or local folder."),
+    max_new_tokens: int = typer.Option(30, help="Longest caption, in tokens."),
+    num_beams: int = typer.Option(1, help="Beam width (1: greedy)."),
+    alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
+    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
+) -> None:
+    """Caption one image with and without Q-Pert on the given boxes."""
+    from .captioning import caption
+    from .models.registry import load_model
+
+    config = _config(alpha, weight, threshold, keep_norm, orthogonal)
+    boxes = [_parse_box(b) for b in box]
+    img = _read_image(image)
+    loaded = load_model(model, device=device, dtype=dtype)
+    captions = caption(loaded, img, boxes, config, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    typer.echo(f"{loaded.name} on {image} ({img.width}x{img.height}), {len(boxes)} box(es):")
+    typer.echo(f"  baseline: {captions.baseline}")
+    typer.echo(f"  Q-Pert:   {captions.qpert}")
+
+
+def _read_image(path: Path):
+    """The decoded image, or a one-line error."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError:
+        raise typer.BadParameter(f"no such image: {path}")
+    except (UnidentifiedImageError, OSError) as e:
+        raise typer.BadParameter(f"{path} is not a readable image ({e})")
+    return img
+
+
 DEFAULT_CACHE = Path.home() / ".cache" / "qpert"
 
 
-def _eval_options(itm: bool, k: int, batch_size: int, itm_batch_size: int, cache_dir: Path, no_cache: bool,
+def _eval_options(itm: Optional[bool], k: int, batch_size: int, itm_batch_size: int, cache_dir: Path, no_cache: bool,
                   shard_size: int):
     from .eval.pipeline import EvalOptions
 
@@ -189,7 +224,9 @@ BOXES = typer.Option("entities", help="entities[:DIR] (Flickr30K Entities), coco
 CAPTIONS = typer.Option(None, help="Captions file replacing the default one (e.g. an FG caption JSON).")
 SCORE_THR = typer.Option(0.0, help="With coco-json boxes: keep detections scoring at least this.")
 MAX_BOXES = typer.Option(None, help="With coco-json boxes: keep at most this many per image (best first).")
-ITM = typer.Option(True, "--itm/--no-itm", help="Re-rank each query's top k by ITM + ITC (the paper's protocol).")
+ITM = typer.Option(None, "--itm/--no-itm", show_default=False,
+                   help="Re-rank each query's top k by ITM + ITC (the paper's protocol); default: when the model has "
+                        "an ITM head (BLIP-2, BLIP), ITC only for CoCa and SigLIP.")
 TOP_K = typer.Option(64, "--k", help="Candidates re-ranked by ITM per query.")
 DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
 DTYPE = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's).")
@@ -208,7 +245,7 @@ def eval_command(
                                                "Overrides --alpha/--weight/--threshold."),
     alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
-    itm: bool = ITM, k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
+    itm: Optional[bool] = ITM, k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
     cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
     output: Optional[Path] = typer.Option(None, help="Write all metrics and settings here as JSON."),
@@ -225,9 +262,9 @@ def eval_command(
     result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
                                 device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
                                 options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size))
-    typer.echo(f"{model} on {dataset} {split}: {result.settings['num_images']} images, "
-               f"{result.settings['num_texts']} texts, boxes {result.settings['boxes_summary']}, "
-               f"{'ITC + ITM top-' + str(k) if itm else 'ITC only'}, {result.settings['seconds']} s")
+    s = result.settings
+    typer.echo(f"{model} on {dataset} {split}: {s['num_images']} images, {s['num_texts']} texts, "
+               f"boxes {s['boxes_summary']}, {'ITC + ITM top-' + str(k) if s['itm'] else 'ITC only'}, {s['seconds']} s")
     typer.echo(result.table())
     if output:
         output.write_text(json.dumps(result.to_dict(), indent=2))

@@ -1,5 +1,8 @@
 """Benchmark evaluation (DESIGN.md §2): ITC over all pairs, then ITM + ITC re-ranking of the top k.
 
+Any model family with a retrieval interface (``qpert.models.family.Retriever``) runs here;
+families without an ITM head (CoCa, SigLIP) are evaluated by ITC alone.
+
 Work is split into shards of images; every stage's output goes to the feature cache under a
 key of everything it depends on, so several methods share one vision pass, a killed run
 resumes where it stopped, and changing a setting recomputes only what it touches:
@@ -27,9 +30,8 @@ from ..config import QPertConfig
 from ..core import Subspaces
 from ..data.boxes import BoxSet
 from ..data.datasets import RetrievalDataset
-from ..models import blip2
-from ..models.registry import LoadedModel
-from ..scoring import check_scorable, pixel_values, tokenize
+from ..models.registry import LoadedModel, retriever_of
+from ..scoring import resolve_itm
 from .cache import FeatureStore, content_key
 from .metrics import RetrievalMetrics, format_comparison, retrieval_metrics
 
@@ -41,7 +43,7 @@ Methods = dict[str, Optional[QPertConfig]]
 
 @dataclass
 class EvalOptions:
-    itm: bool = True
+    itm: Optional[bool] = None   # ITM + ITC re-ranking; None: whenever the model has an ITM head
     k: int = 64
     batch_size: int = 16          # images per vision / Q-Former forward
     itm_batch_size: int = 128     # (image, text) pairs per ITM forward
@@ -76,12 +78,13 @@ class _Run:
     """State of one evaluation: model, cache, shards and the inputs every stage needs."""
 
     def __init__(self, loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, options: EvalOptions):
-        check_scorable(loaded)
+        self.retriever = retriever_of(loaded.model)
+        self.itm = resolve_itm(self.retriever, options.itm, loaded.name)
         self.loaded, self.dataset, self.options = loaded, dataset, options
         self.model = loaded.model
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.model_key = content_key(loaded.name, self.model.config.to_dict(), str(self.dtype))
+        self.model_key = content_key(loaded.name, _architecture(self.model), str(self.dtype))
         root = options.cache_dir / self.model_key[:16] if options.cache_dir else None
         self.store = FeatureStore(root)
         self.boxes = [boxes[i].boxes if i in boxes.images else np.zeros((0, 4), np.float32) for i in dataset.image_ids]
@@ -108,7 +111,10 @@ class _Run:
                     images = [_open_image(self.dataset.image_paths[i]) for i in idx]
                     ok = [im is not None for im in images]
                     good = [im for im in images if im is not None]
-                    out = blip2.image_tokens(self.model, pixel_values(self.loaded, good)) if good else None
+                    out = None
+                    if good:
+                        px = self.retriever.preprocess(self.model, self.loaded.processor, good)
+                        out = self.retriever.image_tokens(self.model, px)
                     j = 0
                     for im in images:
                         if im is None:
@@ -134,13 +140,14 @@ class _Run:
 
     # ---------------------------------------------------------------------------- stage 2
     def text_embeddings(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, mask = tokenize(self.loaded, self.dataset.texts)
+        ids, mask = self.retriever.tokenize(self.model, self.loaded.processor, self.dataset.texts)
         key = content_key("text", self.model_key, self.dataset.texts)
         if not self.store.has("text", key):
             parts = []
             with self.bar(len(ids), "text features", "text") as bar:
                 for s in range(0, len(ids), 256):
-                    parts.append(blip2.text_embeddings(self.model, ids[s:s + 256], mask[s:s + 256]).float().cpu())
+                    emb = self.retriever.text_embeddings(self.model, ids[s:s + 256], mask[s:s + 256])
+                    parts.append(emb.float().cpu())
                     bar.update(len(parts[-1]))
             self.store.save("text", key, {"emb": torch.cat(parts)})
         return self.store.load("text", key)["emb"], ids, mask
@@ -157,7 +164,8 @@ class _Run:
         if not self.store.has("subspaces", key):
             self.handle.config = QPertConfig(threshold=threshold)
             boxes = [b if ok else [] for b, ok in zip((self.boxes[i] for i in shard), tokens["readable"].tolist())]
-            subs = self.handle.compute_subspaces(tokens["tokens"], boxes, tokens["sizes"].tolist())
+            subs = self.handle.compute_subspaces(self.retriever.key_tokens(self.model, tokens["tokens"]), boxes,
+                                                 tokens["sizes"].tolist())
             self.store.save("subspaces", key, subs.state_dict())
         subs = Subspaces.from_state_dict(self.store.load("subspaces", key)).to(self.device)
         self._recent_subspaces = {key: subs}  # a shard's batches reuse them; one shard in memory at a time
@@ -181,7 +189,7 @@ class _Run:
                     for s in range(0, len(shard), self.options.batch_size):
                         sl = slice(s, s + self.options.batch_size)
                         with self._objects(config, shard, tokens, sl):
-                            emb.append(blip2.image_embeddings(self.model, tokens["tokens"][sl]).float())
+                            emb.append(self.retriever.image_embeddings(self.model, tokens["tokens"][sl]).float())
                         bar.update(len(emb[-1]))
                     self.store.save("itc", self.method_key(shard, config), {"emb": torch.cat(emb)})
 
@@ -198,7 +206,7 @@ class _Run:
         rows = []
         for shard in self.shards:
             emb = self.store.load("itc", self.method_key(shard, config))["emb"]
-            rows.append(blip2.itc_scores(emb.to(self.device), text_emb.to(self.device)).cpu())
+            rows.append(self.retriever.itc_scores(emb.to(self.device), text_emb.to(self.device)).cpu())
         return torch.cat(rows)
 
     # ---------------------------------------------------------------------------- stage 5
@@ -240,8 +248,8 @@ class _Run:
             part = chunk[s:s + self.options.itm_batch_size]
             local = (part[:, 0] - shard.start).to(self.device)
             with self._objects(config, shard, tokens, None, pairs=local):
-                out.append(blip2.itm_scores(self.model, tokens["tokens"][local], ids[part[:, 1]],
-                                            mask[part[:, 1]]).cpu())
+                out.append(self.retriever.itm_scores(self.model, tokens["tokens"][local], ids[part[:, 1]],
+                                                     mask[part[:, 1]]).cpu())
             bar.update(len(part))
         return torch.cat(out)
 
@@ -259,6 +267,15 @@ class _Nothing:
 
 def _by_threshold(config: Optional[QPertConfig]) -> tuple[bool, str]:
     return config is not None, repr(config.threshold) if config else ""
+
+
+def _architecture(model: torch.nn.Module) -> Any:
+    """What identifies the model's features in the cache besides its name: the transformers config,
+    or (OpenCLIP, which has none) the name and shape of every weight."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return [type(model).__name__] + [[name, list(t.shape)] for name, t in model.state_dict().items()]
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -302,7 +319,7 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
         for name, config in methods.items():
             itc = run.itc_scores(config, text_emb)
             itc[torch.from_numpy(~readable)] = -torch.inf
-            if options.itm:
+            if run.itm:
                 t2i, i2t = run.itm_rerank(config, itc, ids, mask, f"ITM re-ranking [{name}]")
             else:
                 t2i = i2t = itc.numpy()
@@ -315,7 +332,7 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
     settings = {
         "model": loaded.name, "dataset": dataset.name, "split": dataset.split, "boxes": boxes.source,
         "boxes_summary": boxes.summary(),
-        "num_images": int(readable.sum()), "num_texts": int(keep_txt.sum()), "itm": options.itm, "k": options.k,
+        "num_images": int(readable.sum()), "num_texts": int(keep_txt.sum()), "itm": run.itm, "k": options.k,
         "dtype": str(run.dtype).replace("torch.", ""), "device": str(run.device),
         "methods": {n: (c.to_dict() if c else None) for n, c in methods.items()},
         "seconds": round(time.time() - started, 1),

@@ -1,13 +1,53 @@
 """BLIP (Hugging Face ``BlipForImageTextRetrieval``): Q-Pert on the ITM text encoder's cross-attentions.
 
 In BLIP's ITM pass every text token cross-attends to the ViT's tokens, so the text tokens are the
-queries that Q-Pert perturbs; the ITC pass has no cross-attention and is left as it is.
+queries that Q-Pert perturbs; the ITC pass has no cross-attention and is left as it is (Q-Pert
+changes BLIP's retrieval only through ITM re-ranking). The retrieval functions compute what
+``BlipForImageTextRetrieval.forward`` computes with ``use_itm_head=False`` (ITC) and ``True`` (ITM).
 """
 from __future__ import annotations
 
+import torch
+from torch import nn
+from torch.nn import functional as F
+
 from ..adapters import find_bert_cross_attentions
 from .blip2 import blip2_token_layout
-from .family import ModelFamily
+from .family import ModelFamily, Retriever, cosine_scores
+from .processing import bert_tokenize, pixel_values as preprocess
+
+
+@torch.no_grad()
+def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) ViT output: the ITM text encoder cross-attends to it, ITC uses its CLS token."""
+    weight = model.vision_model.embeddings.patch_embedding.weight
+    return model.vision_model(pixel_values=pixel_values.to(weight.device, weight.dtype)).last_hidden_state
+
+
+@torch.no_grad()
+def image_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, D) normalized ITC embeddings of the ViT's CLS token."""
+    return F.normalize(model.vision_proj(tokens[:, 0, :]), dim=-1)
+
+
+@torch.no_grad()
+def text_embeddings(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(T, D) normalized ITC embeddings of the texts' [CLS] token (text encoder without the image)."""
+    device = model.text_proj.weight.device
+    out = model.text_encoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
+    return F.normalize(model.text_proj(out[:, 0, :]), dim=-1)
+
+
+@torch.no_grad()
+def itm_scores(model: nn.Module, tokens: torch.Tensor, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor) -> torch.Tensor:
+    """(P,) ITM positive-class logit of the [CLS] token for P (image, text) pairs (Q-Pert applies here)."""
+    device = model.itm_head.weight.device
+    image_mask = torch.ones(tokens.shape[:-1], dtype=torch.long, device=tokens.device)
+    out = model.text_encoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             encoder_hidden_states=tokens, encoder_attention_mask=image_mask).last_hidden_state
+    return model.itm_head(out[:, 0, :])[:, 1].float()
+
 
 BLIP = ModelFamily(
     name="blip",
@@ -15,4 +55,7 @@ BLIP = ModelFamily(
     sites=lambda model: find_bert_cross_attentions(model.text_encoder),
     # The same ViT (CLS + square grid) and the same stretching BlipImageProcessor as BLIP-2.
     token_layout=blip2_token_layout,
+    retriever=Retriever(class_names=("BlipForImageTextRetrieval",), image_tokens=image_tokens,
+                        image_embeddings=image_embeddings, text_embeddings=text_embeddings, itc_scores=cosine_scores,
+                        itm_scores=itm_scores, tokenize=bert_tokenize, preprocess=preprocess),
 )

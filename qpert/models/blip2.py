@@ -12,7 +12,8 @@ from torch.nn import functional as F
 
 from ..adapters import find_bert_cross_attentions
 from ..core import TokenLayout
-from .family import ModelFamily
+from .family import ModelFamily, Retriever
+from .processing import bert_tokenize, pixel_values as preprocess
 
 
 def blip2_token_layout(model: nn.Module) -> TokenLayout:
@@ -21,14 +22,6 @@ def blip2_token_layout(model: nn.Module) -> TokenLayout:
     grid = vision.image_size // vision.patch_size
     return TokenLayout(grid=(grid, grid), patch=(vision.patch_size, vision.patch_size), num_prefix_tokens=1,
                        resize="stretch")
-
-
-BLIP2 = ModelFamily(
-    name="blip2",
-    class_names=("Blip2ForImageTextRetrieval", "Blip2Model", "Blip2ForConditionalGeneration"),
-    sites=lambda model: find_bert_cross_attentions(model.qformer),
-    token_layout=blip2_token_layout,
-)
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -82,3 +75,14 @@ def itm_scores(model: nn.Module, tokens: torch.Tensor, input_ids: torch.Tensor,
                         return_dict=True).last_hidden_state
     logits = model.itm_head(out[:, : queries.shape[1], :].to(model.itm_head.weight.dtype))
     return logits.mean(dim=1)[:, 1].float()
+
+
+BLIP2 = ModelFamily(
+    name="blip2",
+    class_names=("Blip2ForImageTextRetrieval", "Blip2Model", "Blip2ForConditionalGeneration"),
+    sites=lambda model: find_bert_cross_attentions(model.qformer),
+    token_layout=blip2_token_layout,
+    retriever=Retriever(class_names=("Blip2ForImageTextRetrieval",), image_tokens=image_tokens,
+                        image_embeddings=image_embeddings, text_embeddings=text_embeddings, itc_scores=itc_scores,
+                        itm_scores=itm_scores, tokenize=bert_tokenize, preprocess=preprocess),
+)

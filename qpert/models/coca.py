@@ -2,19 +2,25 @@
 
 The pooler is an ``nn.MultiheadAttention`` (see ``qpert.adapters.mha``); its keys are the ViT's
 CLS + patch tokens after the pooler's own LayerNorm, which is exactly the MHA's key input.
+
+Retrieval splits ``VisionTransformer.forward`` at the pooler, calling the tower's own
+``_embeds``/``transformer`` and ``_pool``: the cache holds the tokens entering the pooler, and
+``key_tokens`` applies the pooler's LayerNorm to them for the subspaces. CoCa has no ITM head.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
+from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 
 from ..adapters import MultiheadAttentionSite, find_multihead_attentions
 from ..core import TokenLayout
 from ..errors import UnsupportedModelError
-from .family import ModelFamily
+from .family import ModelFamily, Retriever, cosine_scores
 
 #: OpenCLIP's image resize modes; "longest" pads, which a patch grid layout does not model.
 _RESIZE = {"shortest": "shortest_edge", "squash": "stretch"}
@@ -45,9 +51,6 @@ def coca_token_layout(model: nn.Module) -> TokenLayout:
                        resize=_RESIZE[mode])
 
 
-COCA = ModelFamily(name="coca", class_names=("CoCa",), sites=coca_sites, token_layout=coca_token_layout)
-
-
 @dataclass
 class OpenClipProcessor:
     """What OpenCLIP gives instead of a transformers processor."""
@@ -66,3 +69,47 @@ def load_open_clip(model_name: str, pretrained: Union[None, str], device: Union[
     model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
     model.to(device=device, dtype=dtype).eval()
     return model, OpenClipProcessor(transform, open_clip.get_tokenizer(model_name))
+
+
+@torch.no_grad()
+def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) ViT tokens (CLS + patches) entering the attentional pooler."""
+    visual = _visual(model)
+    x = pixel_values.to(visual.conv1.weight.device, visual.conv1.weight.dtype)
+    return visual.transformer(visual._embeds(x))
+
+
+@torch.no_grad()
+def image_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, D) normalized contrastive embeddings, as ``encode_image`` (Q-Pert applies in the pooler)."""
+    visual = _visual(model)
+    pooled, _ = visual._pool(tokens)
+    return F.normalize(pooled @ visual.proj if visual.proj is not None else pooled, dim=-1)
+
+
+@torch.no_grad()
+def text_embeddings(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(T, D) normalized ``encode_text``; OpenCLIP masks padding from the ids itself."""
+    return model.encode_text(input_ids.to(_visual(model).conv1.weight.device), normalize=True)
+
+
+def key_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The pooler normalizes the tokens before its key projection."""
+    return _visual(model).attn_pool.ln_k(tokens)
+
+
+def tokenize(model: nn.Module, processor: OpenClipProcessor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = processor.tokenizer(list(texts))
+    return ids, (ids != 0).long()
+
+
+def preprocess(model: nn.Module, processor: OpenClipProcessor, images: Sequence[Image.Image]) -> torch.Tensor:
+    return torch.stack([processor.image_transform(im.convert("RGB")) for im in images])
+
+
+COCA = ModelFamily(
+    name="coca", class_names=("CoCa",), sites=coca_sites, token_layout=coca_token_layout,
+    retriever=Retriever(class_names=("CoCa",), image_tokens=image_tokens, image_embeddings=image_embeddings,
+                        text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
+                        preprocess=preprocess, key_tokens=key_tokens),
+)

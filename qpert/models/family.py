@@ -1,13 +1,63 @@
-"""What the attach step needs to know about a family of models."""
+"""What the attach step, scoring and evaluation need to know about a family of models."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Optional, Sequence
 
+import torch
+from PIL import Image
 from torch import nn
 
 from ..adapters import CrossAttentionSite
 from ..core import TokenLayout
+
+Tensor = torch.Tensor
+
+
+def _same_tokens(model: nn.Module, tokens: Tensor) -> Tensor:
+    return tokens
+
+
+def cosine_scores(image_emb: Tensor, text_emb: Tensor) -> Tensor:
+    """(B, T) ITC of one normalized embedding per image and per text."""
+    return image_emb.float() @ text_emb.float().T
+
+
+@dataclass(frozen=True)
+class Retriever:
+    """How scoring and evaluation drive a family's retrieval heads from cached vision tokens.
+
+    Splitting the image side at the tokens lets an evaluation encode every image once and
+    score it under any number of Q-Pert settings; all functions run under ``torch.no_grad``.
+
+    image_tokens(model, pixel_values) -> (B, N, C): what the feature cache stores and what
+        Q-Pert's cross-attention reads (through ``key_tokens``).
+    image_embeddings(model, tokens) -> normalized ITC image embeddings, (B, D) or (B, Q, D);
+        Q-Pert acts here when the family's cross-attention is in the image path.
+    text_embeddings(model, input_ids, attention_mask) -> (T, D) normalized ITC text embeddings.
+    itc_scores(image_emb, text_emb) -> (B, T) float scores; only their order per query matters.
+    itm_scores(model, tokens, input_ids, attention_mask) -> (P,) matching logits of P pairs,
+        or None when the family has no ITM head (no re-ranking then).
+    tokenize(model, processor, texts) -> (input_ids, attention_mask).
+    preprocess(model, processor, images) -> pixel_values for ``image_tokens``.
+    key_tokens(model, tokens) -> what the cross-attention's key projection reads, for
+        ``QPertHandle.compute_subspaces`` (the tokens themselves unless the family normalizes first).
+    class_names: the family's classes that carry these heads.
+    """
+
+    class_names: tuple[str, ...]
+    image_tokens: Callable[[nn.Module, Tensor], Tensor]
+    image_embeddings: Callable[[nn.Module, Tensor], Tensor]
+    text_embeddings: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    itc_scores: Callable[[Tensor, Tensor], Tensor]
+    tokenize: Callable[[nn.Module, Any, Sequence[str]], tuple[Tensor, Tensor]]
+    preprocess: Callable[[nn.Module, Any, Sequence[Image.Image]], Tensor]
+    itm_scores: Optional[Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]] = None
+    key_tokens: Callable[[nn.Module, Tensor], Tensor] = _same_tokens
+
+    @property
+    def has_itm(self) -> bool:
+        return self.itm_scores is not None
 
 
 @dataclass(frozen=True)
@@ -18,6 +68,7 @@ class ModelFamily:
     class_names: tuple[str, ...]
     sites: Callable[[nn.Module], list[CrossAttentionSite]]
     token_layout: Callable[[nn.Module], TokenLayout]
+    retriever: Optional[Retriever] = None
 
     def supports(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.class_names

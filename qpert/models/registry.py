@@ -13,7 +13,7 @@ from ..errors import UnsupportedModelError
 from .blip import BLIP
 from .blip2 import BLIP2
 from .coca import COCA, load_open_clip
-from .family import ModelFamily
+from .family import ModelFamily, Retriever
 from .siglip import SIGLIP
 
 FAMILIES: tuple[ModelFamily, ...] = (BLIP2, BLIP, SIGLIP, COCA)
@@ -47,6 +47,11 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("blip2-shapes", str(Path(__file__).parents[1] / "assets" / "blip2-shapes"),
                   "Blip2ForImageTextRetrieval", BLIP2, 64, (0.5, 1.0, 2.0, 4.0, 8.0),
                   "toy BLIP-2 (1M parameters) trained on synthetic coloured shapes (qpert.synthetic), for offline use"),
+        # Captioning (``qpert caption``): Q-Pert on the Q-Former pass that feeds the language model.
+        ModelSpec("blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b", "Blip2ForConditionalGeneration", BLIP2, 224,
+                  (2.0, 4.0, 6.0, 8.0, 10.0), "BLIP-2 ViT-g + OPT-2.7b captioner (Q-Pert in the Q-Former)"),
+        ModelSpec("blip2-flant5-xl", "Salesforce/blip2-flan-t5-xl", "Blip2ForConditionalGeneration", BLIP2, 224,
+                  (2.0, 4.0, 6.0, 8.0, 10.0), "BLIP-2 ViT-g + Flan-T5-XL captioner (Q-Pert in the Q-Former)"),
         # BLIP was not in the paper; its ITM cross-attentions have the Q-Former's shape (12 heads x 64),
         # so BLIP-2's grid is the starting point.
         ModelSpec("blip-coco", "Salesforce/blip-itm-large-coco", "BlipForImageTextRetrieval", BLIP, 384,
@@ -65,6 +70,7 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 SUPPORTED_CLASSES = tuple(sorted({c for f in FAMILIES for c in f.class_names}))
+RETRIEVAL_CLASSES = tuple(sorted({c for f in FAMILIES if f.retriever for c in f.retriever.class_names}))
 
 
 @dataclass
@@ -83,6 +89,16 @@ def family_of(model: nn.Module) -> ModelFamily:
             return family
     raise UnsupportedModelError(f"Q-Pert does not support {type(model).__name__}; supported model classes: "
                     f"{', '.join(SUPPORTED_CLASSES)}")
+
+
+def retriever_of(model: nn.Module) -> Retriever:
+    """The retrieval interface of ``model``'s family, for scoring and evaluation."""
+    retriever = family_of(model).retriever
+    if retriever is None or type(model).__name__ not in retriever.class_names:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no image-text retrieval heads for qpert to score; scoring and evaluation "
+            f"take {', '.join(RETRIEVAL_CLASSES)} (attach to other models with qpert.attach(model, config))")
+    return retriever
 
 
 def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:

@@ -4,17 +4,24 @@
 through an ``nn.MultiheadAttention`` (see ``qpert.adapters.mha``). The fixed-resolution SigLIP 2
 checkpoints are ``SiglipModel``s; NaFlex ``Siglip2Model``s give every image its own patch grid,
 which a single token layout cannot describe, so they are not supported.
+
+Retrieval: SigLIP's score is the sigmoid logit ``t * cos(image, text) + b`` with a learned
+t > 0; ranking needs only the cosine, which is what ``itc_scores`` returns. SigLIP has no ITM head.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..adapters import MultiheadAttentionSite, find_multihead_attentions
 from ..core import TokenLayout
 from ..errors import UnsupportedModelError
-from .family import ModelFamily
+from .family import ModelFamily, Retriever, cosine_scores
+from .processing import pixel_values as preprocess
 
 
 @dataclass(frozen=True)
@@ -57,5 +64,38 @@ def siglip_token_layout(model: nn.Module) -> TokenLayout:
                               resized_to=(vision.image_size, vision.image_size))
 
 
-SIGLIP = ModelFamily(name="siglip", class_names=("SiglipModel", "SiglipVisionModel"), sites=siglip_sites,
-                     token_layout=siglip_token_layout)
+@torch.no_grad()
+def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) patch tokens after the ViT's last LayerNorm: what the pooling head attends to."""
+    weight = model.vision_model.embeddings.patch_embedding.weight
+    return model.vision_model(pixel_values=pixel_values.to(weight.device, weight.dtype)).last_hidden_state
+
+
+@torch.no_grad()
+def image_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, D) normalized pooling-head output (Q-Pert applies here)."""
+    return F.normalize(model.vision_model.head(tokens), dim=-1)
+
+
+@torch.no_grad()
+def text_embeddings(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(T, D) normalized text embeddings. SigLIP was trained on max-length padded texts without
+    an attention mask (its tokenizer returns none), so the mask is not passed."""
+    return F.normalize(model.text_model(input_ids=input_ids.to(model.logit_scale.device)).pooler_output, dim=-1)
+
+
+def tokenize(model: nn.Module, processor: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded to the text tower's full length, as SigLIP was trained (it pools the last position)."""
+    length = model.config.text_config.max_position_embeddings
+    tok = processor.tokenizer(list(texts), padding="max_length", truncation=True, max_length=length,
+                              return_tensors="pt")
+    return tok["input_ids"], tok.get("attention_mask", torch.ones_like(tok["input_ids"]))
+
+
+SIGLIP = ModelFamily(
+    name="siglip", class_names=("SiglipModel", "SiglipVisionModel"), sites=siglip_sites,
+    token_layout=siglip_token_layout,
+    retriever=Retriever(class_names=("SiglipModel",), image_tokens=image_tokens, image_embeddings=image_embeddings,
+                        text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
+                        preprocess=preprocess),
+)
