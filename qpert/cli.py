@@ -49,6 +49,8 @@ WEIGHT = typer.Option("constant", help=f"Weight function of the object area: {',
 THRESHOLD = typer.Option("0.99", help="Contribution-ratio threshold tau in (0, 1), or an integer fixed rank.")
 KEEP_NORM = typer.Option(False, "--keep-norm", help="Rescale perturbed queries to their original norm.")
 ORTHOGONAL = typer.Option(False, "--orthogonal", help="OrQ-Pert ablation: remove the object component instead.")
+TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code",
+                                 help="Allow checkpoints that ship their own modeling code (InternVL-G) to run it.")
 
 
 @app.command()
@@ -151,6 +153,7 @@ def score_command(
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Score one image against captions with and without Q-Pert."""
     from .models.registry import load_model
@@ -159,7 +162,7 @@ def score_command(
     config = _config(alpha, weight, threshold, keep_norm, orthogonal)
     boxes = [_parse_box(b) for b in box]
     img = _read_image(image)
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     results = score(loaded, [img], [boxes], text, config, itm=itm)
     _print_scores(text, results, f"{loaded.name} on {image} ({img.width}x{img.height}), {len(boxes)} box(es):")
 
@@ -209,11 +212,12 @@ DEFAULT_CACHE = Path.home() / ".cache" / "qpert"
 
 
 def _eval_options(itm: Optional[bool], k: int, batch_size: int, itm_batch_size: int, cache_dir: Path, no_cache: bool,
-                  shard_size: int):
+                  shard_size: int, object_baseline: bool = False):
     from .eval.pipeline import EvalOptions
 
     return EvalOptions(itm=itm, k=k, batch_size=batch_size, itm_batch_size=itm_batch_size,
-                       cache_dir=None if no_cache else cache_dir, shard_size=shard_size)
+                       cache_dir=None if no_cache else cache_dir, shard_size=shard_size,
+                       object_baseline=object_baseline)
 
 
 MODEL = typer.Option("blip2-coco", help="Registered name (`qpert models`), hub id or local folder.")
@@ -248,6 +252,10 @@ def eval_command(
     itm: Optional[bool] = ITM, k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
     cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    object_baseline: bool = typer.Option(False, "--object-baseline",
+                                         help="Also score the object-embedding baseline (paper's Table F): model score "
+                                              "+ best similarity of the text to an ROI-pooled object embedding."),
     output: Optional[Path] = typer.Option(None, help="Write all metrics and settings here as JSON."),
 ) -> None:
     """Evaluate baseline and Q-Pert on a retrieval benchmark: R@1/5/10, mR@K, small-object R@K.
@@ -261,7 +269,9 @@ def eval_command(
     configs = [read_config_file(c) for c in config] or [_config(alpha, weight, threshold, keep_norm, orthogonal)]
     result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
                                 device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
-                                options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size))
+                                options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
+                                                      object_baseline),
+                                trust_remote_code=trust_remote_code)
     s = result.settings
     typer.echo(f"{model} on {dataset} {split}: {s['num_images']} images, {s['num_texts']} texts, "
                f"boxes {s['boxes_summary']}, {'ITC + ITM top-' + str(k) if s['itm'] else 'ITC only'}, {s['seconds']} s")
@@ -283,6 +293,7 @@ def tune(
     k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
     cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     output: Path = typer.Option(Path("qpert-best.json"), help="Where the best config goes (for eval --config)."),
     results: Optional[Path] = typer.Option(None, help="Also write every setting's metrics here as JSON."),
 ) -> None:
@@ -301,7 +312,8 @@ def tune(
                             alphas=floats(alphas) if alphas else None, thresholds=floats(thresholds),
                             weights=weights.split(",") if weights else None, select_by=select_by,
                             device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
-                            options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size))
+                            options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size),
+                            trust_remote_code=trust_remote_code)
     direction, _, key = select_by.partition(" ")
     ranked = sorted(result.metrics, key=lambda n: -(getattr(result.metrics[n], direction)[key] or -1.0))
     typer.echo(f"{'setting':44s} {'t2i R@1':>8s} {'t2i mR@1':>9s} {'i2t R@1':>8s} {'i2t mR@1':>9s}")

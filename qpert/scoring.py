@@ -14,6 +14,7 @@ from .core.boxes import BoxesLike
 from .errors import UnsupportedModelError
 from .models.family import Retriever
 from .models.registry import LoadedModel, retriever_of
+from .object_baseline import object_masks, object_similarities
 
 
 @dataclass
@@ -37,11 +38,13 @@ def resolve_itm(retriever: Retriever, itm: Optional[bool], model_name: str) -> b
 
 @torch.no_grad()
 def score(loaded: LoadedModel, images: Sequence[Image.Image], boxes: Sequence[BoxesLike], texts: Sequence[str],
-          config: QPertConfig, itm: Optional[bool] = None) -> dict[str, Scores]:
+          config: QPertConfig, itm: Optional[bool] = None, object_baseline: bool = False) -> dict[str, Scores]:
     """{"baseline": Scores, "qpert": Scores} for every image x text pair.
 
     Vision tokens and Q-Pert subspaces are computed once per image and reused for every text.
-    ``itm=None`` adds ITM + ITC when the model has an ITM head.
+    ``itm=None`` adds ITM + ITC when the model has an ITM head. ``object_baseline`` adds
+    "object-embedding": the baseline's scores plus the best object's similarity to the text
+    (the paper's Table F ablation, ``qpert.object_baseline``).
     """
     model, processor = loaded.model, loaded.processor
     retriever = retriever_of(model)
@@ -69,6 +72,11 @@ def score(loaded: LoadedModel, images: Sequence[Image.Image], boxes: Sequence[Bo
                 pert = retriever.itm_scores(*pair).cpu().view(len(images), len(texts))
             results["baseline"].itm = base + results["baseline"].itc
             results["qpert"].itm = pert + results["qpert"].itc
+        if object_baseline:
+            base = results["baseline"]
+            extra = object_similarities(model, retriever, tokens, object_masks(handle.layout, boxes, sizes), text_emb,
+                                        base.itc)
+            results["object-embedding"] = Scores(base.itc + extra, None if base.itm is None else base.itm + extra)
         return results
     finally:
         handle.detach()

@@ -22,6 +22,9 @@ IMAGES_PER_CHUNK = 16
 
 
 class CrossAttentionSite(Protocol):
+    """A hooked cross-attention. A site whose key projection reads transformed image tokens
+    (QLLaMA normalizes them per layer) also has ``key_inputs(tokens) -> tokens``."""
+
     name: str
     num_heads: int
     head_dim: int
@@ -132,7 +135,8 @@ class QPertHandle:
         keys = []
         for site in self.sites:
             weight, bias = site.key_projection()
-            k = F.linear(image_tokens.to(weight.device).float(), weight.float(), None if bias is None else bias.float())
+            inputs = site.key_inputs(image_tokens) if hasattr(site, "key_inputs") else image_tokens
+            k = F.linear(inputs.to(weight.device).float(), weight.float(), None if bias is None else bias.float())
             keys.append(k.view(*k.shape[:2], site.num_heads, site.head_dim).transpose(1, 2))
         return torch.stack(keys, dim=1)
 

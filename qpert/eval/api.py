@@ -42,11 +42,12 @@ def read_config_file(path: Union[str, Path]) -> QPertConfig:
 def evaluate_benchmark(model: str, dataset: str, data_root: Union[str, Path], boxes: str,
                        configs: Sequence[QPertConfig], split: str = "test", captions_file: Optional[str] = None,
                        device: str = "cpu", dtype: Optional[str] = None, score_threshold: float = 0.0,
-                       max_boxes: Optional[int] = None, options: Optional[EvalOptions] = None) -> EvalResult:
+                       max_boxes: Optional[int] = None, options: Optional[EvalOptions] = None,
+                       trust_remote_code: bool = False) -> EvalResult:
     """Baseline and every Q-Pert config on a benchmark split, side by side."""
     data = load_dataset(dataset, Path(data_root), split=split, captions_file=captions_file)
     box_set = resolve_boxes(boxes, data, Path(data_root), score_threshold, max_boxes)
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     methods = {"baseline": None}
     for config in configs:
         methods["qpert" if len(configs) == 1 else method_name(config)] = config

@@ -10,6 +10,11 @@ resumes where it stopped, and changing a setting recomputes only what it touches
 1. vision tokens of every image (once per model);     2. text embeddings (once);
 3. per Q-Pert threshold, the subspaces of every image; 4. per method, ITC image embeddings;
 5. per method, ITM logits of the top-k pairs of both directions (union, grouped by image).
+
+With ``EvalOptions.object_baseline`` the object-embedding baseline (``qpert.object_baseline``) is
+one more method, "object-embedding": the baseline's ITC plus each image's best object similarity
+(cached per shard and text set), re-ranked by the baseline's ITM logits, so it is scored
+ITM + ITC + object similarity.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from ..core import Subspaces
 from ..data.boxes import BoxSet
 from ..data.datasets import RetrievalDataset
 from ..models.registry import LoadedModel, retriever_of
+from ..object_baseline import object_masks, object_similarities
 from ..scoring import resolve_itm
 from .cache import FeatureStore, content_key
 from .metrics import RetrievalMetrics, format_comparison, retrieval_metrics
@@ -51,6 +57,7 @@ class EvalOptions:
     cache_dir: Optional[Path] = None
     progress: bool = True
     keep_scores: bool = False     # keep each method's final T2I score matrix (for reports)
+    object_baseline: bool = False  # add the "object-embedding" method (the paper's Table F ablation)
 
 
 @dataclass
@@ -253,6 +260,24 @@ class _Run:
             bar.update(len(part))
         return torch.cat(out)
 
+    # ---------------------------------------------------------------------------- object-embedding baseline
+    def object_similarities(self, text_emb: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
+        """(I, T) best object similarity per image and text; ``itc`` (the baseline's) where an image has none."""
+        rows = []
+        texts = content_key("text", self.model_key, self.dataset.texts)
+        for shard in self.shards:
+            boxes = [self.boxes[i].tolist() for i in shard]
+            key = content_key("objects", self.tokens_key(shard), boxes, texts)
+            if not self.store.has("objects", key):
+                tokens = self.load_tokens(shard)
+                boxes = [b if ok else [] for b, ok in zip(boxes, tokens["readable"].tolist())]
+                masks = object_masks(self.handle.layout, boxes, tokens["sizes"].tolist())
+                sims = object_similarities(self.model, self.retriever, tokens["tokens"], masks, text_emb,
+                                           itc[shard.start:shard.stop])
+                self.store.save("objects", key, {"sims": sims})
+            rows.append(self.store.load("objects", key)["sims"])
+        return torch.cat(rows)
+
     def readable(self) -> np.ndarray:
         return np.concatenate([self.store.load("tokens", self.tokens_key(s))["readable"].numpy() for s in self.shards])
 
@@ -305,7 +330,7 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
     try:
         run.vision_tokens()
         text_emb, ids, mask = run.text_embeddings()
-        run.image_embeddings(methods)
+        run.image_embeddings({**methods, "baseline": None} if options.object_baseline else methods)
         readable = run.readable()
         skipped = [dataset.image_ids[i] for i in np.flatnonzero(~readable)]
         if skipped:
@@ -316,9 +341,13 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
         text_to_image = remap[dataset.text_to_image[keep_txt]]
         max_areas = boxes.max_areas([i for i, ok in zip(dataset.image_ids, readable) if ok])
         metrics, scores = {}, {}
-        for name, config in methods.items():
+        runs = [(name, config, False) for name, config in methods.items()]
+        runs += [("object-embedding", None, True)] if options.object_baseline else []
+        for name, config, add_objects in runs:
             itc = run.itc_scores(config, text_emb)
             itc[torch.from_numpy(~readable)] = -torch.inf
+            if add_objects:
+                itc = itc + run.object_similarities(text_emb, itc)
             if run.itm:
                 t2i, i2t = run.itm_rerank(config, itc, ids, mask, f"ITM re-ranking [{name}]")
             else:
@@ -335,6 +364,7 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
         "num_images": int(readable.sum()), "num_texts": int(keep_txt.sum()), "itm": run.itm, "k": options.k,
         "dtype": str(run.dtype).replace("torch.", ""), "device": str(run.device),
         "methods": {n: (c.to_dict() if c else None) for n, c in methods.items()},
+        "object_baseline": options.object_baseline,
         "seconds": round(time.time() - started, 1),
     }
     return EvalResult(metrics, settings, skipped, scores)

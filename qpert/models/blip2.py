@@ -39,8 +39,14 @@ def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def image_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """(B, Q, D) normalized ITC embeddings of the learned queries (Q-Pert applies here)."""
+    return roi_embeddings(model, tokens, torch.ones(tokens.shape[:-1], dtype=torch.bool, device=tokens.device))
+
+
+@torch.no_grad()
+def roi_embeddings(model: nn.Module, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, Q, D) ITC embeddings with the Q-Former's cross-attention restricted to the ``keep`` (B, N) tokens."""
     queries = model.query_tokens.expand(tokens.shape[0], -1, -1)
-    mask = torch.ones(tokens.shape[:-1], dtype=torch.long, device=tokens.device)
+    mask = keep.to(device=tokens.device, dtype=torch.long)
     out = model.qformer(query_embeds=queries, encoder_hidden_states=tokens, encoder_attention_mask=mask,
                         return_dict=True).last_hidden_state
     return F.normalize(model.vision_projection(out.to(model.vision_projection.weight.dtype)), dim=-1)
@@ -84,5 +90,6 @@ BLIP2 = ModelFamily(
     token_layout=blip2_token_layout,
     retriever=Retriever(class_names=("Blip2ForImageTextRetrieval",), image_tokens=image_tokens,
                         image_embeddings=image_embeddings, text_embeddings=text_embeddings, itc_scores=itc_scores,
-                        itm_scores=itm_scores, tokenize=bert_tokenize, preprocess=preprocess),
+                        itm_scores=itm_scores, tokenize=bert_tokenize, preprocess=preprocess,
+                        roi_embeddings=roi_embeddings),
 )

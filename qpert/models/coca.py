@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from ..adapters import MultiheadAttentionSite, find_multihead_attentions
 from ..core import TokenLayout
 from ..errors import UnsupportedModelError
-from .family import ModelFamily, Retriever, cosine_scores
+from .family import ModelFamily, Retriever, cosine_scores, keys_restricted
 
 #: OpenCLIP's image resize modes; "longest" pads, which a patch grid layout does not model.
 _RESIZE = {"shortest": "shortest_edge", "squash": "stretch"}
@@ -88,6 +88,13 @@ def image_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def roi_embeddings(model: nn.Module, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, D) contrastive embeddings with the pooler attending to the ``keep`` (B, N) tokens only."""
+    with keys_restricted(_visual(model).attn_pool.attn, keep):
+        return image_embeddings(model, tokens)
+
+
+@torch.no_grad()
 def text_embeddings(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(T, D) normalized ``encode_text``; OpenCLIP masks padding from the ids itself."""
     return model.encode_text(input_ids.to(_visual(model).conv1.weight.device), normalize=True)
@@ -111,5 +118,5 @@ COCA = ModelFamily(
     name="coca", class_names=("CoCa",), sites=coca_sites, token_layout=coca_token_layout,
     retriever=Retriever(class_names=("CoCa",), image_tokens=image_tokens, image_embeddings=image_embeddings,
                         text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
-                        preprocess=preprocess, key_tokens=key_tokens),
+                        preprocess=preprocess, key_tokens=key_tokens, roi_embeddings=roi_embeddings),
 )

@@ -1,8 +1,9 @@
 """What the attach step, scoring and evaluation need to know about a family of models."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -21,6 +22,20 @@ def _same_tokens(model: nn.Module, tokens: Tensor) -> Tensor:
 def cosine_scores(image_emb: Tensor, text_emb: Tensor) -> Tensor:
     """(B, T) ITC of one normalized embedding per image and per text."""
     return image_emb.float() @ text_emb.float().T
+
+
+@contextmanager
+def keys_restricted(attention: nn.MultiheadAttention, keep: Tensor) -> Iterator[None]:
+    """Inside the block, ``attention`` ignores every key where ``keep`` (B, N) is False (its
+    ``key_padding_mask``): a pooler that attends to a region of the image only."""
+    def pre_hook(_module, args, kwargs):
+        return args, {**kwargs, "key_padding_mask": ~keep}
+
+    hook = attention.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,9 @@ class Retriever:
     preprocess(model, processor, images) -> pixel_values for ``image_tokens``.
     key_tokens(model, tokens) -> what the cross-attention's key projection reads, for
         ``QPertHandle.compute_subspaces`` (the tokens themselves unless the family normalizes first).
+    roi_embeddings(model, tokens, keep) -> ``image_embeddings`` with the head's pooling over the image
+        tokens restricted to ``keep`` (B, N) bool: the object embeddings of the object-embedding
+        baseline (``qpert.object_baseline``); None when the ITC embedding pools nothing (BLIP's CLS).
     class_names: the family's classes that carry these heads.
     """
 
@@ -54,6 +72,7 @@ class Retriever:
     preprocess: Callable[[nn.Module, Any, Sequence[Image.Image]], Tensor]
     itm_scores: Optional[Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]] = None
     key_tokens: Callable[[nn.Module, Tensor], Tensor] = _same_tokens
+    roi_embeddings: Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]] = None
 
     @property
     def has_itm(self) -> bool:

@@ -14,9 +14,10 @@ from .blip import BLIP
 from .blip2 import BLIP2
 from .coca import COCA, load_open_clip
 from .family import ModelFamily, Retriever
+from .internvl import INTERNVL
 from .siglip import SIGLIP
 
-FAMILIES: tuple[ModelFamily, ...] = (BLIP2, BLIP, SIGLIP, COCA)
+FAMILIES: tuple[ModelFamily, ...] = (BLIP2, BLIP, SIGLIP, COCA, INTERNVL)
 
 #: What ``save_pretrained``-style folders of OpenCLIP models hold (``open_clip.push_to_hf_hub`` layout).
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -35,6 +36,7 @@ class ModelSpec:
     description: str
     library: str = "transformers"     # or "open_clip"
     pretrained: Optional[str] = None  # OpenCLIP pretrained tag
+    remote_code: bool = False         # the checkpoint's own modeling code (needs trust_remote_code=True)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -66,6 +68,9 @@ MODELS: dict[str, ModelSpec] = {
                   (0.2, 0.4, 0.6, 0.8, 1.0), "SigLIP So400m/14 (Q-Pert in the vision pooling head)"),
         ModelSpec("siglip2-so400m", "google/siglip2-so400m-patch14-384", "SiglipModel", SIGLIP, 384,
                   (0.2, 0.4, 0.6, 0.8, 1.0), "SigLIP 2 So400m/14, fixed resolution (Q-Pert in the vision pooling head)"),
+        ModelSpec("internvl-g", "OpenGVLab/InternVL-14B-224px", "InternVLModel", INTERNVL, 224,
+                  (0.2, 0.4, 0.6, 0.8, 1.0), "InternVL-G: InternViT-6B + QLLaMA (Q-Pert in every QLLaMA "
+                  "cross-attention; remote code, attach only)", remote_code=True),
     )
 }
 
@@ -122,11 +127,18 @@ def _local_model_class(path: Path) -> str:
                     f"{', '.join(SUPPORTED_CLASSES)}")
 
 
+def _has_remote_code(path: Path) -> bool:
+    """A saved folder whose config maps its classes to modeling code shipped with it."""
+    config = path / "config.json"
+    return config.is_file() and "auto_map" in json.loads(config.read_text())
+
+
 def load_model(name_or_path: str, device: Union[str, torch.device] = "cpu",
-               dtype: Union[None, str, torch.dtype] = None) -> LoadedModel:
+               dtype: Union[None, str, torch.dtype] = None, trust_remote_code: bool = False) -> LoadedModel:
     """Load a registered name (``blip2-coco``), a hub id or a local ``save_pretrained`` folder.
 
-    A folder holding ``open_clip_config.json`` and its weights loads through OpenCLIP.
+    A folder holding ``open_clip_config.json`` and its weights loads through OpenCLIP. Checkpoints
+    that ship their own modeling code (InternVL-G) run it only with ``trust_remote_code=True``.
     """
     import transformers
     from transformers import AutoProcessor
@@ -149,9 +161,16 @@ def load_model(name_or_path: str, device: Union[str, torch.device] = "cpu",
         spec, class_name = known[source], known[source].model_class
     if spec and spec.library == "open_clip":
         return _load_open_clip(spec.name, spec.source, spec.pretrained, device, dtype, spec)
-    model = getattr(transformers, class_name).from_pretrained(source, dtype=parse_dtype(dtype))
+    if spec.remote_code if spec else _has_remote_code(Path(source)):
+        if not trust_remote_code:
+            raise ValueError(f"{source} runs modeling code downloaded with the checkpoint; read it, then opt in with "
+                             "trust_remote_code=True (qpert.load_model) or --trust-remote-code (command line)")
+        model = transformers.AutoModel.from_pretrained(source, dtype=parse_dtype(dtype), trust_remote_code=True)
+        family_of(model)  # the remote class must be one Q-Pert supports
+    else:
+        model = getattr(transformers, class_name).from_pretrained(source, dtype=parse_dtype(dtype))
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(source)
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     return LoadedModel(spec.name if spec else source, model, processor, spec)
 
 

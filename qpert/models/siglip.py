@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from ..adapters import MultiheadAttentionSite, find_multihead_attentions
 from ..core import TokenLayout
 from ..errors import UnsupportedModelError
-from .family import ModelFamily, Retriever, cosine_scores
+from .family import ModelFamily, Retriever, cosine_scores, keys_restricted
 from .processing import pixel_values as preprocess
 
 
@@ -78,6 +78,13 @@ def image_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def roi_embeddings(model: nn.Module, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, D) pooling-head embeddings with the probe attending to the ``keep`` (B, N) tokens only."""
+    with keys_restricted(model.vision_model.head.attention, keep):
+        return image_embeddings(model, tokens)
+
+
+@torch.no_grad()
 def text_embeddings(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(T, D) normalized text embeddings. SigLIP was trained on max-length padded texts without
     an attention mask (its tokenizer returns none), so the mask is not passed."""
@@ -97,5 +104,5 @@ SIGLIP = ModelFamily(
     token_layout=siglip_token_layout,
     retriever=Retriever(class_names=("SiglipModel",), image_tokens=image_tokens, image_embeddings=image_embeddings,
                         text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
-                        preprocess=preprocess),
+                        preprocess=preprocess, roi_embeddings=roi_embeddings),
 )
