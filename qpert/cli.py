@@ -117,7 +117,7 @@ def demo(
     n_val: int = typer.Option(300, help="Validation scenes (alpha is chosen there)."),
     model: str = typer.Option("blip2-shapes", help="The shipped toy model, or any BLIP-2 retrieval checkpoint."),
     itm: bool = typer.Option(True, "--itm/--no-itm", help="Re-rank the top k by ITM + ITC."),
-    k: int = typer.Option(16, help="Candidates re-ranked by ITM per query."),
+    k: int = typer.Option(10, help="Candidates re-ranked by ITM per query."),
 ) -> None:
     """Offline benchmark in about a minute: synthetic scenes, a small trained BLIP-2, baseline vs Q-Pert.
 

@@ -64,7 +64,7 @@ def _split(folder: Path, seed: int, count: int, split: str) -> tuple[RetrievalDa
 
 
 def run_demo(out_dir: Path, model: str = DEMO_MODEL, seeds: Sequence[int] = TEST_SEEDS[:1], n_test: int = 500,
-             n_val: int = 300, alphas: Optional[Sequence[float]] = None, itm: bool = True, k: int = 16,
+             n_val: int = 300, alphas: Optional[Sequence[float]] = None, itm: bool = True, k: int = 10,
              progress: bool = True) -> DemoResult:
     """Choose alpha on the validation seed, evaluate baseline and Q-Pert on each test seed, write a report."""
     out_dir = Path(out_dir)

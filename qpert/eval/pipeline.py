@@ -102,7 +102,8 @@ class _Run:
         self._recent_subspaces: dict[str, Subspaces] = {}
 
     def bar(self, total: int, desc: str, unit: str):
-        return tqdm(total=total, desc=desc, unit=unit, disable=not self.options.progress, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.options.progress, dynamic_ncols=True,
+                    mininterval=1.0)
 
     # ---------------------------------------------------------------------------- stage 1
     def tokens_key(self, shard: range) -> str:
