@@ -117,22 +117,13 @@ class _Run:
                 for start in range(shard.start, shard.stop, self.options.batch_size):
                     idx = range(start, min(start + self.options.batch_size, shard.stop))
                     images = [_open_image(self.dataset.image_paths[i]) for i in idx]
-                    ok = [im is not None for im in images]
                     good = [im for im in images if im is not None]
-                    out = None
-                    if good:
-                        px = self.retriever.preprocess(self.model, self.loaded.processor, good)
-                        out = self.retriever.image_tokens(self.model, px)
-                    j = 0
+                    produced = iter(self.retriever.image_tokens(
+                        self.model, self.retriever.preprocess(self.model, self.loaded.processor, good)) if good else ())
                     for im in images:
-                        if im is None:
-                            tokens.append(None)
-                            sizes.append((1, 1))
-                        else:
-                            tokens.append(out[j])
-                            sizes.append((im.height, im.width))
-                            j += 1
-                    readable += ok
+                        tokens.append(None if im is None else next(produced))
+                        sizes.append((1, 1) if im is None else (im.height, im.width))
+                        readable.append(im is not None)
                     bar.update(len(idx))
                 template = next((t for t in tokens if t is not None), None)
                 if template is None:
