@@ -7,6 +7,14 @@ import torch
 
 import qpert
 
+#: Boxes per image of a 3-image batch: several objects, one reaching outside the image, a tiny one.
+BOXES = [
+    [[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0], [70.0, 55.0, 118.0, 99.0]],
+    [[30.0, 30.0, 90.0, 90.0]],
+    [[-20.0, 5.0, 40.0, 140.0], [50.0, 50.0, 53.0, 52.0]],
+]
+SIZES = [(100, 120), (100, 100), (120, 80)]  # (height, width)
+
 
 def assert_detach_restores(model: torch.nn.Module, forward: Callable[[], torch.Tensor], boxes, sizes) -> None:
     """Attach, perturb, detach: no hook left, weights untouched, outputs bit-identical."""

@@ -7,18 +7,12 @@ import torch
 from transformers import BlipConfig, BlipForImageTextRetrieval, BlipProcessor
 
 import qpert
-from contract import assert_detach_restores
+from contract import BOXES, SIZES, assert_detach_restores
 from qpert.core import prepare_boxes, token_weights
 from qpert.models.registry import MODELS, family_of
 from qpert.models.tiny import randomize, tiny_processor
 from reference_hooks import ReferenceHooks, stretch_objects
 
-BOXES = [
-    [[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0], [70.0, 55.0, 118.0, 99.0]],
-    [[30.0, 30.0, 90.0, 90.0]],
-    [[-20.0, 5.0, 40.0, 140.0], [50.0, 50.0, 53.0, 52.0]],
-]
-SIZES = [(100, 120), (100, 100), (120, 80)]
 CONFIGS = [
     dict(alpha=8.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
     dict(alpha=4.0, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),

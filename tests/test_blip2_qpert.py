@@ -6,17 +6,11 @@ import pytest
 import torch
 
 import qpert
-from contract import assert_detach_restores
+from contract import BOXES, SIZES, assert_detach_restores
 from qpert.models import blip2 as B
 from reference import ReferenceQPert
 from qpert.models.tiny import randomize, tiny_blip2
 
-BOXES = [
-    [[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0], [70.0, 55.0, 118.0, 99.0]],
-    [[30.0, 30.0, 90.0, 90.0]],
-    [[-20.0, 5.0, 40.0, 140.0], [50.0, 50.0, 53.0, 52.0]],  # reaches outside; a tiny one
-]
-SIZES = [(100, 120), (100, 100), (120, 80)]
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from torch.nn import functional as F
 from ..adapters import find_bert_cross_attentions
 from .blip2 import blip2_token_layout
 from .family import ModelFamily, Retriever, cosine_scores
-from .processing import bert_tokenize, pixel_values as preprocess
-
-
-@torch.no_grad()
-def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) ViT output: the ITM text encoder cross-attends to it, ITC uses its CLS token."""
-    weight = model.vision_model.embeddings.patch_embedding.weight
-    return model.vision_model(pixel_values=pixel_values.to(weight.device, weight.dtype)).last_hidden_state
+from .processing import bert_tokenize, pixel_values as preprocess, vision_tokens
 
 
 @torch.no_grad()
@@ -55,7 +48,7 @@ BLIP = ModelFamily(
     sites=lambda model: find_bert_cross_attentions(model.text_encoder),
     # The same ViT (CLS + square grid) and the same stretching BlipImageProcessor as BLIP-2.
     token_layout=blip2_token_layout,
-    retriever=Retriever(class_names=("BlipForImageTextRetrieval",), image_tokens=image_tokens,
+    retriever=Retriever(class_names=("BlipForImageTextRetrieval",), image_tokens=vision_tokens,
                         image_embeddings=image_embeddings, text_embeddings=text_embeddings, itc_scores=cosine_scores,
                         itm_scores=itm_scores, tokenize=bert_tokenize, preprocess=preprocess),
 )

@@ -14,6 +14,7 @@ from ..adapters import find_bert_cross_attentions
 from ..core import TokenLayout
 from .family import ModelFamily, Retriever
 from .processing import bert_tokenize, pixel_values as preprocess
+from .processing import vision_tokens as image_tokens  # (B, N, C): what the Q-Former cross-attends to
 
 
 def blip2_token_layout(model: nn.Module) -> TokenLayout:
@@ -22,18 +23,6 @@ def blip2_token_layout(model: nn.Module) -> TokenLayout:
     grid = vision.image_size // vision.patch_size
     return TokenLayout(grid=(grid, grid), patch=(vision.patch_size, vision.patch_size), num_prefix_tokens=1,
                        resize="stretch")
-
-
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = model.vision_model.embeddings.patch_embedding.weight
-    return p.device, p.dtype
-
-
-@torch.no_grad()
-def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) vision-encoder output: what the Q-Former cross-attends to (cache this)."""
-    device, dtype = _device_dtype(model)
-    return model.vision_model(pixel_values=pixel_values.to(device, dtype)).last_hidden_state
 
 
 @torch.no_grad()

@@ -21,3 +21,10 @@ def bert_tokenize(model: nn.Module, processor: Any, texts: Sequence[str]) -> tup
 def pixel_values(model: nn.Module, processor: Any, images: Sequence[Image.Image]) -> torch.Tensor:
     """The processor's own resize and normalization (the token layout assumes exactly this)."""
     return processor.image_processor([im.convert("RGB") for im in images], return_tensors="pt").pixel_values
+
+
+@torch.no_grad()
+def vision_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) output of ``model.vision_model`` (BLIP, BLIP-2, SigLIP): what Q-Pert's attention reads."""
+    weight = model.vision_model.embeddings.patch_embedding.weight
+    return model.vision_model(pixel_values=pixel_values.to(weight.device, weight.dtype)).last_hidden_state

@@ -21,7 +21,7 @@ from ..adapters import MultiheadAttentionSite, find_multihead_attentions
 from ..core import TokenLayout
 from ..errors import UnsupportedModelError
 from .family import ModelFamily, Retriever, cosine_scores, keys_restricted
-from .processing import pixel_values as preprocess
+from .processing import pixel_values as preprocess, vision_tokens
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,6 @@ def siglip_token_layout(model: nn.Module) -> TokenLayout:
 
 
 @torch.no_grad()
-def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) patch tokens after the ViT's last LayerNorm: what the pooling head attends to."""
-    weight = model.vision_model.embeddings.patch_embedding.weight
-    return model.vision_model(pixel_values=pixel_values.to(weight.device, weight.dtype)).last_hidden_state
-
-
-@torch.no_grad()
 def image_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """(B, D) normalized pooling-head output (Q-Pert applies here)."""
     return F.normalize(model.vision_model.head(tokens), dim=-1)
@@ -102,7 +95,7 @@ def tokenize(model: nn.Module, processor: Any, texts: Sequence[str]) -> tuple[to
 SIGLIP = ModelFamily(
     name="siglip", class_names=("SiglipModel", "SiglipVisionModel"), sites=siglip_sites,
     token_layout=siglip_token_layout,
-    retriever=Retriever(class_names=("SiglipModel",), image_tokens=image_tokens, image_embeddings=image_embeddings,
+    retriever=Retriever(class_names=("SiglipModel",), image_tokens=vision_tokens, image_embeddings=image_embeddings,
                         text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
                         preprocess=preprocess, roi_embeddings=roi_embeddings),
 )
