@@ -160,11 +160,14 @@ def evaluate(model: Blip2ForImageTextRetrieval, processor: Blip2Processor, seed:
 
 
 def table(results: dict[str, RetrievalMetrics]) -> str:
-    rows = ["| run | T2I R@1 | T2I R@5 | small T2I R@1 | small T2I R@5 | I2T R@1 |", "|---|---|---|---|---|---|"]
+    rows = ["| run | T2I R@1 | T2I R@5 | small T2I R@1 | small T2I R@5 | large T2I R@1 | I2T R@1 | T2I mR@1 |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, m in results.items():
         t = m.t2i
+        counts, r1 = m.bin_counts["t2i"], m.bin_recall["t2i"]["R@1"]
+        large = sum(c * r for c, r in zip(counts[1:], r1[1:]) if c) / max(1, sum(counts[1:]))
         rows.append(f"| {name} | {t['R@1']:.1f} | {t['R@5']:.1f} | {t['small_R@1']:.1f} | {t['small_R@5']:.1f} "
-                    f"| {m.i2t['R@1']:.1f} |")
+                    f"| {large:.1f} | {m.i2t['R@1']:.1f} | {t['mR@1']:.1f} |")
     return "\n".join(rows)
 
 
