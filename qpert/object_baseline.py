@@ -51,5 +51,6 @@ def object_similarities(model: nn.Module, retriever: Retriever, tokens: torch.Te
     for s in range(0, len(images), OBJECTS_PER_BATCH):
         b, m = images[s:s + OBJECTS_PER_BATCH], objects[s:s + OBJECTS_PER_BATCH]
         emb = retriever.roi_embeddings(model, tokens[b.to(tokens.device)], masks[b, m].to(tokens.device))
-        best.index_reduce_(0, b, retriever.itc_scores(emb, text_emb).float().cpu(), "amax")
+        scores = retriever.itc_scores(emb, text_emb).float().cpu()
+        best.scatter_reduce_(0, b[:, None].expand_as(scores), scores, "amax")
     return torch.where(masks.any(-1).any(-1)[:, None], best, image_scores.float().cpu())
