@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 import qpert
@@ -27,3 +28,27 @@ def assert_detach_restores(model: torch.nn.Module, forward: Callable[[], torch.T
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert torch.equal(forward(), base)
+
+
+def assert_inactive_is_bit_identical(model: torch.nn.Module, forward: Callable[[], torch.Tensor], alpha: float,
+                                     boxes_on_no_token=None) -> None:
+    """Outside objects(), with no boxes, for the box-less image of a batch, with boxes that cover no
+    token (``boxes_on_no_token``, where a model crops or drops pixels) and with alpha = 0, outputs
+    are bit-identical to the unmodified model; the other images of a mixed batch do change."""
+    base = forward()
+    handle = qpert.attach(model, qpert.QPertConfig(alpha=alpha))
+    try:
+        assert torch.equal(forward(), base)
+        with handle.objects([[], None, np.zeros((0, 4))], SIZES):
+            assert torch.equal(forward(), base)
+        if boxes_on_no_token is not None:
+            with handle.objects(boxes_on_no_token, SIZES):
+                assert torch.equal(forward(), base)
+        with handle.objects([BOXES[0], [], BOXES[2]], SIZES):
+            mixed = forward()
+        assert torch.equal(mixed[1], base[1]) and (mixed[0] - base[0]).abs().max() > 1e-3
+        handle.config = qpert.QPertConfig(alpha=0.0)
+        with handle.objects(BOXES, SIZES):
+            assert torch.equal(forward(), base)
+    finally:
+        handle.detach()

@@ -1,12 +1,11 @@
 """Q-Pert on a tiny random Blip2ForImageTextRetrieval (the real transformers class)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import qpert
-from contract import BOXES, SIZES, assert_detach_restores
+from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical
 from qpert.models import blip2 as B
 from reference import ReferenceQPert
 from qpert.models.tiny import randomize, tiny_blip2
@@ -65,21 +64,7 @@ def test_matches_plain_reference(model, inputs, cfg, itm):
 
 @pytest.mark.parametrize("itm", [False, True], ids=["itc", "itm"])
 def test_bit_identical_when_inactive(model, inputs, itm):
-    base = run(model, inputs, itm)
-    handle = qpert.attach(model, qpert.QPertConfig(alpha=8.0))
-    try:
-        assert torch.equal(run(model, inputs, itm), base)  # attached, outside objects()
-        with handle.objects([[], None, np.zeros((0, 4))], SIZES):  # no image has boxes
-            assert torch.equal(run(model, inputs, itm), base)
-        with handle.objects([BOXES[0], [], BOXES[2]], SIZES):  # image 1 alone has no boxes
-            mixed = run(model, inputs, itm)
-        assert torch.equal(mixed[1], base[1])
-        assert (mixed[0] - base[0]).abs().max() > 1e-3
-        handle.config = qpert.QPertConfig(alpha=0.0)
-        with handle.objects(BOXES, SIZES):
-            assert torch.equal(run(model, inputs, itm), base)
-    finally:
-        handle.detach()
+    assert_inactive_is_bit_identical(model, lambda: run(model, inputs, itm), alpha=8.0)
 
 
 def test_detach_restores_model(model, inputs):
