@@ -10,8 +10,11 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .config import WEIGHT_COEFFICIENTS, QPertConfig
+from .cli_options import (ALPHA, DEVICE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE, WEIGHT,
+                          parse_box, qpert_config)
+from .config import QPertConfig
 from .errors import UnsupportedModelError
+from .search.commands import register as register_search_commands
 
 app = typer.Typer(
     add_completion=False,
@@ -22,35 +25,6 @@ app = typer.Typer(
 )
 
 USER_ERRORS = (ValueError, OSError, UnsupportedModelError)
-
-
-def _config(alpha: float, weight: str, threshold: str, keep_norm: bool, orthogonal: bool) -> QPertConfig:
-    t: float | int
-    try:
-        t = int(threshold) if threshold.isdigit() else float(threshold)
-    except ValueError:
-        raise typer.BadParameter(f"--threshold takes a ratio in (0, 1) or an integer rank, got {threshold!r}")
-    return QPertConfig(alpha=alpha, weight=weight, threshold=t, keep_norm=keep_norm,
-                       mode="orthogonal" if orthogonal else "enhance")
-
-
-def _parse_box(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.replace(" ", "").split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 4:
-        raise typer.BadParameter(f"a box is x0,y0,x1,y1 in pixels of the original image, got {text!r}")
-    return values
-
-
-ALPHA = typer.Option(8.0, help="Scale alpha of the weight function (paper: 2-10 for BLIP-2). 0 turns Q-Pert off.")
-WEIGHT = typer.Option("constant", help=f"Weight function of the object area: {', '.join(WEIGHT_COEFFICIENTS)}.")
-THRESHOLD = typer.Option("0.99", help="Contribution-ratio threshold tau in (0, 1), or an integer fixed rank.")
-KEEP_NORM = typer.Option(False, "--keep-norm", help="Rescale perturbed queries to their original norm.")
-ORTHOGONAL = typer.Option(False, "--orthogonal", help="OrQ-Pert ablation: remove the object component instead.")
-TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code",
-                                 help="Allow checkpoints that ship their own modeling code (InternVL-G) to run it.")
 
 
 @app.command()
@@ -159,8 +133,8 @@ def score_command(
     from .models.registry import load_model
     from .scoring import score
 
-    config = _config(alpha, weight, threshold, keep_norm, orthogonal)
-    boxes = [_parse_box(b) for b in box]
+    config = qpert_config(alpha, weight, threshold, keep_norm, orthogonal)
+    boxes = [parse_box(b) for b in box]
     img = _read_image(image)
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     results = score(loaded, [img], [boxes], text, config, itm=itm)
@@ -184,8 +158,8 @@ def caption_command(
     from .captioning import caption
     from .models.registry import load_model
 
-    config = _config(alpha, weight, threshold, keep_norm, orthogonal)
-    boxes = [_parse_box(b) for b in box]
+    config = qpert_config(alpha, weight, threshold, keep_norm, orthogonal)
+    boxes = [parse_box(b) for b in box]
     img = _read_image(image)
     loaded = load_model(model, device=device, dtype=dtype)
     captions = caption(loaded, img, boxes, config, max_new_tokens=max_new_tokens, num_beams=num_beams)
@@ -220,7 +194,6 @@ def _eval_options(itm: Optional[bool], k: int, batch_size: int, itm_batch_size: 
                        object_baseline=object_baseline)
 
 
-MODEL = typer.Option("blip2-coco", help="Registered name (`qpert models`), hub id or local folder.")
 DATASET = typer.Option(..., help="flickr30k, coco, flickr30k-fg or coco-fg.")
 DATA_ROOT = typer.Option(..., help="Folder with flickr30k/ and/or coco/ (and fg/) in the documented layout.")
 BOXES = typer.Option("entities", help="entities[:DIR] (Flickr30K Entities), coco-json:FILE (detector results, "
@@ -232,8 +205,6 @@ ITM = typer.Option(None, "--itm/--no-itm", show_default=False,
                    help="Re-rank each query's top k by ITM + ITC (the paper's protocol); default: when the model has "
                         "an ITM head (BLIP-2, BLIP), ITC only for CoCa and SigLIP.")
 TOP_K = typer.Option(64, "--k", help="Candidates re-ranked by ITM per query.")
-DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
-DTYPE = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's).")
 BATCH = typer.Option(16, help="Images per vision / Q-Former forward.")
 ITM_BATCH = typer.Option(128, help="(image, text) pairs per ITM forward.")
 CACHE_DIR = typer.Option(DEFAULT_CACHE, help="Feature cache; a killed run resumes from it.")
@@ -266,7 +237,7 @@ def eval_command(
 
     from .eval.api import evaluate_benchmark, read_config_file
 
-    configs = [read_config_file(c) for c in config] or [_config(alpha, weight, threshold, keep_norm, orthogonal)]
+    configs = [read_config_file(c) for c in config] or [qpert_config(alpha, weight, threshold, keep_norm, orthogonal)]
     result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
                                 device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
                                 options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
@@ -287,7 +258,7 @@ def tune(
     split: str = typer.Option("val", help="Tune on the validation split, never on test."),
     alphas: Optional[str] = typer.Option(None, help="Comma-separated alphas (default: the model's paper grid)."),
     thresholds: str = typer.Option("0.8,0.85,0.9,0.95,0.99", help="Comma-separated tau values."),
-    weights: Optional[str] = typer.Option(None, help=f"Comma-separated weight functions (default: all five)."),
+    weights: Optional[str] = typer.Option(None, help="Comma-separated weight functions (default: all five)."),
     select_by: str = typer.Option("t2i mR@1", help="Selection metric: '<t2i|i2t> <R@1|mR@1|...>'."),
     itm: bool = typer.Option(False, "--itm/--no-itm", help="Score the grid with ITM re-ranking (slow)."),
     k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
@@ -331,6 +302,9 @@ def tune(
         results.write_text(json.dumps(result.to_dict(), indent=2))
 
 
+register_search_commands(app)
+
+
 @app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
     if version:
@@ -351,3 +325,7 @@ def main() -> None:
     except USER_ERRORS as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,3 +3,7 @@
 
 class UnsupportedModelError(TypeError):
     """The model has no cross-attention family that Q-Pert knows."""
+
+
+class IndexBusyError(OSError):
+    """Another process is updating the same photo index."""

@@ -17,6 +17,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
+def model_fingerprint(model: torch.nn.Module) -> Any:
+    """What identifies a model's features in a cache besides its name: the transformers config,
+    or (OpenCLIP, which has none) the name and shape of every weight."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return [type(model).__name__] + [[name, list(t.shape)] for name, t in model.state_dict().items()]
+
+
 def content_key(*parts: Any) -> str:
     """A stable hash of JSON-able parts (numbers, strings, lists, dicts)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
@@ -26,10 +35,11 @@ def content_key(*parts: Any) -> str:
 class FeatureStore:
     """``root/<kind>/<key>.safetensors``; a missing ``root`` means no caching (memory only)."""
 
-    def __init__(self, root: Optional[Path]):
+    def __init__(self, root: Optional[Path], writer: bool = True):
+        """``writer=False`` for readers beside a running writer: they must not remove its temporary files."""
         self.root = Path(root) if root is not None else None
         self._memory: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-        if self.root is not None:
+        if self.root is not None and writer:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob("*/*.tmp*"):  # left by a killed run: never read, now removed
                 stale.unlink(missing_ok=True)

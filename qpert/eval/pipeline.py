@@ -38,7 +38,7 @@ from ..data.datasets import RetrievalDataset
 from ..models.registry import LoadedModel, retriever_of
 from ..object_baseline import object_masks, object_similarities
 from ..scoring import resolve_itm
-from .cache import FeatureStore, content_key
+from .cache import FeatureStore, content_key, model_fingerprint
 from .metrics import RetrievalMetrics, format_comparison, retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class _Run:
         self.model = loaded.model
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.model_key = content_key(loaded.name, _architecture(self.model), str(self.dtype))
+        self.model_key = content_key(loaded.name, model_fingerprint(self.model), str(self.dtype))
         root = options.cache_dir / self.model_key[:16] if options.cache_dir else None
         self.store = FeatureStore(root)
         self.boxes = [boxes[i].boxes if i in boxes.images else np.zeros((0, 4), np.float32) for i in dataset.image_ids]
@@ -284,15 +284,6 @@ class _Nothing:
 
 def _by_threshold(config: Optional[QPertConfig]) -> tuple[bool, str]:
     return config is not None, repr(config.threshold) if config else ""
-
-
-def _architecture(model: torch.nn.Module) -> Any:
-    """What identifies the model's features in the cache besides its name: the transformers config,
-    or (OpenCLIP, which has none) the name and shape of every weight."""
-    config = getattr(model, "config", None)
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    return [type(model).__name__] + [[name, list(t.shape)] for name, t in model.state_dict().items()]
 
 
 def _stat(path: Path) -> tuple[int, int]:

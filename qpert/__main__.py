@@ -1,0 +1,4 @@
+"""``python -m qpert`` (and ``torchrun -m qpert index ...``): the command line."""
+from .cli import main
+
+main()

@@ -1,0 +1,38 @@
+"""Options and parsers shared by the ``qpert`` commands (core, evaluation and photo search)."""
+from __future__ import annotations
+
+import typer
+
+from .config import WEIGHT_COEFFICIENTS, QPertConfig
+
+
+def qpert_config(alpha: float, weight: str, threshold: str, keep_norm: bool, orthogonal: bool) -> QPertConfig:
+    t: float | int
+    try:
+        t = int(threshold) if threshold.isdigit() else float(threshold)
+    except ValueError:
+        raise typer.BadParameter(f"--threshold takes a ratio in (0, 1) or an integer rank, got {threshold!r}")
+    return QPertConfig(alpha=alpha, weight=weight, threshold=t, keep_norm=keep_norm,
+                       mode="orthogonal" if orthogonal else "enhance")
+
+
+def parse_box(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise typer.BadParameter(f"a box is x0,y0,x1,y1 in pixels of the original image, got {text!r}")
+    return values
+
+
+ALPHA = typer.Option(8.0, help="Scale alpha of the weight function (paper: 2-10 for BLIP-2). 0 turns Q-Pert off.")
+WEIGHT = typer.Option("constant", help=f"Weight function of the object area: {', '.join(WEIGHT_COEFFICIENTS)}.")
+THRESHOLD = typer.Option("0.99", help="Contribution-ratio threshold tau in (0, 1), or an integer fixed rank.")
+KEEP_NORM = typer.Option(False, "--keep-norm", help="Rescale perturbed queries to their original norm.")
+ORTHOGONAL = typer.Option(False, "--orthogonal", help="OrQ-Pert ablation: remove the object component instead.")
+TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code",
+                                 help="Allow checkpoints that ship their own modeling code (InternVL-G) to run it.")
+MODEL = typer.Option("blip2-coco", help="Registered name (`qpert models`), hub id or local folder.")
+DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
+DTYPE = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's).")

@@ -1,0 +1,1 @@
+"""Object-aware search over your own photos: detector boxes, a persistent index, search and a web page."""

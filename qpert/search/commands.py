@@ -1,0 +1,108 @@
+"""``qpert index``, ``qpert search`` and ``qpert serve``: photo search on the command line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..cli_options import ALPHA, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE, WEIGHT, qpert_config
+
+INDEX_DEVICE = typer.Option("auto", help="auto (a GPU when there is one, per rank under torchrun), cpu, cuda, cuda:1.")
+DETECTOR = typer.Option(
+    "torchvision:fasterrcnn_resnet50_fpn_v2",
+    help="Where boxes come from: torchvision:<model> (COCO weights), hf:<hub id or folder> (DETR, RT-DETR, YOLOS, ...), "
+         "a folder with detector.json (torchvision architecture + your weights), or 'none'.")
+
+
+def index(
+    photos: Path = typer.Argument(..., metavar="PHOTOS", help="Folder of photos (JPEG, PNG, WebP; subfolders included, hidden ones not)."),
+    index_dir: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: PHOTOS/.qpert-index)."),
+    model: str = MODEL, detector: str = DETECTOR,
+    detector_threshold: float = typer.Option(0.5, help="Keep detections scoring at least this."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated detector labels to keep (default: all)."),
+    max_boxes: int = typer.Option(10, help="Keep at most this many boxes per photo, best first."),
+    alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
+    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
+    faiss: str = typer.Option("flat", help="flat (exact), hnsw or ivf (approximate, for large collections)."),
+    itm_features: bool = typer.Option(True, "--itm-features/--no-itm-features",
+                                      help="Keep each photo's vision tokens (fp16) for `search --itm` and for "
+                                           "re-indexing with other Q-Pert settings without re-encoding."),
+    device: str = INDEX_DEVICE, dtype: Optional[str] = DTYPE,
+    batch_size: int = typer.Option(8, help="Photos per detector / vision forward."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+) -> None:
+    """Index a photo folder: detect objects, store baseline and Q-Pert embeddings in FAISS + SQLite.
+
+    Re-running updates the index: new and changed photos are added, deleted ones removed, the rest skipped.
+
+    New Q-Pert settings (--alpha, --weight, --threshold) re-embed from the stored boxes and tokens.
+
+    A crash or Ctrl-C leaves the previous index usable; the next run resumes.
+
+    Several GPUs or nodes: torchrun --nproc_per_node 4 -m qpert index PHOTOS ...
+    """
+    from .detectors import DetectorOptions
+    from .indexer import IndexSettings, build_index
+
+    settings = IndexSettings(
+        model=model, detector=detector,
+        detector_options=DetectorOptions(detector_threshold, max_boxes,
+                                         tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else ()),
+        qpert=qpert_config(alpha, weight, threshold, keep_norm, orthogonal), faiss=faiss, itm_features=itm_features,
+        dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        report = build_index(photos, index_dir, settings, device=device, batch_size=batch_size)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: the previous index is intact; run the same command again to resume", err=True)
+        raise typer.Exit(130)
+    if report.photos or report.removed or report.skipped:  # only rank 0 of a torchrun reports
+        typer.echo(report.summary())
+        typer.echo(f"index: {Path(index_dir) if index_dir else photos / '.qpert-index'}")
+
+
+def search(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="Index folder built by `qpert index`."),
+    query: str = typer.Argument(..., help="What to look for, e.g. \"a man with rollerblades\"."),
+    k: int = typer.Option(10, "-k", "--k", help="How many photos to return."),
+    itm: bool = typer.Option(False, "--itm", help="Re-rank the best candidates by ITM + ITC (with Q-Pert)."),
+    candidates: int = typer.Option(32, help="With --itm: how many ITC candidates are re-ranked."),
+    no_qpert: bool = typer.Option(False, "--no-qpert", help="Rank with the baseline model (no Q-Pert)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    device: str = INDEX_DEVICE,
+) -> None:
+    """Search an index with a text query; ranked photos with their scores."""
+    from .searcher import PhotoIndex
+
+    index = PhotoIndex(index_dir, device=device)
+    try:
+        hits = index.search(query, k=k, qpert=not no_qpert, itm=itm, candidates=candidates)
+    finally:
+        index.close()
+    if as_json:
+        typer.echo(json.dumps({"query": query, "qpert": not no_qpert, "itm": itm,
+                               "results": [h.to_json() for h in hits]}, indent=1))
+        return
+    typer.echo(f"{len(hits)} of {len(index)} photos, {'Q-Pert' if not no_qpert else 'baseline'}"
+               f"{', ITM + ITC' if itm else ', ITC'}:")
+    for h in hits:
+        labels = ", ".join(sorted({b["label"] for b in h.boxes}))
+        typer.echo(f"{h.rank:3d}. {h.score:8.4f}  {index.photos_dir / h.path}" + (f"   [{labels}]" if labels else ""))
+
+
+def serve(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="Index folder built by `qpert index`."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (localhost only by default)."),
+    port: int = typer.Option(8765, help="Port."),
+    device: str = INDEX_DEVICE,
+) -> None:
+    """A search page for an index on http://HOST:PORT: results with boxes, baseline vs Q-Pert side by side."""
+    from .server import serve as run_server
+
+    run_server(index_dir, host=host, port=port, device=device)
+
+
+def register(app: typer.Typer) -> None:
+    for command in (index, search, serve):
+        app.command(command.__name__)(command)

@@ -1,0 +1,53 @@
+"""Shared material of the photo-search tests: a tiny BLIP-2, a tiny DETR, and a folder of photos."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig
+
+from qpert.models.tiny import tiny_blip2, tiny_processor
+
+WORDS = "a red green blue square circle dog cat on the left right of small large photo".split()
+
+
+def save_tiny_blip2(path: Path) -> Path:
+    tiny_blip2(seed=3).save_pretrained(path)
+    tiny_processor(WORDS, str(path)).save_pretrained(path)
+    return path
+
+
+def save_tiny_detr(path: Path, seed: int = 0) -> Path:
+    """A randomly initialized transformers DETR (ResNet backbone, no timm): real post-processing."""
+    import torch
+
+    torch.manual_seed(seed)
+    config = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False,
+                        backbone_config=ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+                                                     out_features=["stage4"]),
+                        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=8,
+                        num_labels=3, id2label={0: "dog", 1: "cat", 2: "ball"}, label2id={"dog": 0, "cat": 1, "ball": 2})
+    DetrForObjectDetection(config).save_pretrained(path)
+    DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(path)
+    return path
+
+
+def write_photo(path: Path, seed: int, size: tuple[int, int] = (48, 64), fmt: str | None = None) -> Path:
+    """A noisy photo with one coloured square; ``size`` is (height, width)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(80, 160, size=(*size, 3), dtype=np.uint8)
+    y, x = rng.integers(0, size[0] - 12), rng.integers(0, size[1] - 12)
+    pixels[y:y + 12, x:x + 12] = rng.integers(0, 255, size=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def photo_folder(root: Path, count: int = 6) -> Path:
+    """JPEG, PNG and WebP photos in nested folders."""
+    suffixes = [".jpg", ".png", ".webp"]
+    for i in range(count):
+        write_photo(root / f"album{i % 2}" / f"photo{i}{suffixes[i % 3]}", seed=i)
+    return root

@@ -1,0 +1,308 @@
+"""Photo search: index a folder with a tiny BLIP-2 and a tiny DETR, search it, update it, break it."""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import qpert
+from qpert.scoring import score
+from qpert.search import indexer as indexer_module
+from qpert.search.catalog import Catalog, CatalogUpdate
+from qpert.search.detectors import DetectorOptions, TransformersDetector, load_detector
+from qpert.search.indexer import IndexSettings, build_index
+from qpert.search.searcher import PhotoIndex
+from qpert.search.vectors import VectorIndex
+from search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
+
+CONFIG = qpert.QPertConfig(alpha=4.0)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search-models")
+    return save_tiny_blip2(root / "blip2"), save_tiny_detr(root / "detr")
+
+
+def settings_for(models, **overrides) -> IndexSettings:
+    model, detr = models
+    return IndexSettings(**{"model": str(model), "detector": str(detr), "qpert": CONFIG,
+                            "detector_options": DetectorOptions(score_threshold=0.0, max_boxes=3), **overrides})
+
+
+def index_cli(*args, check=True):
+    out = subprocess.run([sys.executable, "-m", "qpert", *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def catalog_state(index_dir):
+    catalog = Catalog(index_dir / "catalog.sqlite")
+    try:
+        rows = {p: (r.sha256, r.settings, r.detections.to_json()) for p, r in catalog.photos().items()}
+        return rows, catalog.vectors("baseline")[1].copy(), catalog.vectors("qpert")[1].copy(), catalog.generation
+    finally:
+        catalog.close()
+
+
+def test_search_matches_scoring_every_photo_directly(models, tmp_path):
+    photos = photo_folder(tmp_path / "photos", count=6)
+    report = build_index(photos, tmp_path / "index", settings_for(models), device="cpu", batch_size=4,
+                         progress=False)
+    assert (report.added, report.photos, report.skipped) == (6, 6, [])
+    index = PhotoIndex(tmp_path / "index", device="cpu")
+    detector = load_detector(str(models[1]), DetectorOptions(score_threshold=0.0, max_boxes=3))
+    paths = sorted(index.photos_dir / r.path for r in index.rows.values())
+    images = [Image.open(p).convert("RGB") for p in paths]
+    detections = detector.detect(images)
+    assert all(len(d.boxes) == 3 for d in detections)
+    query = "a red square on the left"
+    reference = score(qpert.load_model(str(models[0])), images, [d.boxes for d in detections], [query], CONFIG,
+                      itm=True)
+    by_path = {index.photos_dir / r.path: r for r in index.rows.values()}
+    for i, p in enumerate(paths):
+        np.testing.assert_allclose(by_path[p].detections.boxes, detections[i].boxes, atol=0.01)
+
+    for qp, name in ((True, "qpert"), (False, "baseline")):
+        expected = reference[name].itc[:, 0].numpy()
+        hits = index.search(query, k=6, qpert=qp)
+        assert [paths.index(index.photos_dir / h.path) for h in hits] == list(np.argsort(-expected, kind="stable"))
+        np.testing.assert_allclose([h.itc for h in hits], np.sort(expected)[::-1], atol=1e-5)
+        reranked = index.search(query, k=6, qpert=qp, itm=True, candidates=6)
+        expected_itm = reference[name].itm[:, 0].numpy()   # ITM + ITC from fp32 tokens; the index keeps fp16
+        np.testing.assert_allclose([h.score for h in reranked],
+                                   [expected_itm[paths.index(index.photos_dir / h.path)] for h in reranked], atol=2e-3)
+        assert [h.score for h in reranked] == sorted((h.score for h in reranked), reverse=True)
+    assert not np.allclose(reference["qpert"].itc, reference["baseline"].itc), "Q-Pert must change the scores"
+    top3 = index.search(query, k=3)
+    assert [h.rank for h in top3] == [1, 2, 3] and len(top3) == 3
+    assert index.photo_path(top3[0].id) == index.photos_dir / top3[0].path
+    with pytest.raises(ValueError, match="empty"):
+        index.search("  ")
+    index.close()
+
+
+def test_incremental_update_adds_modifies_removes_and_skips_the_rest(models, tmp_path, monkeypatch):
+    photos = photo_folder(tmp_path / "photos", count=5)
+    settings = settings_for(models)
+    build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    before, *_ = catalog_state(tmp_path / "index")
+
+    calls = []
+    real_detect = TransformersDetector.detect
+    monkeypatch.setattr(TransformersDetector, "detect", lambda self, ims: calls.append(len(ims)) or real_detect(self, ims))
+    write_photo(photos / "new" / "added.png", seed=50)
+    write_photo(photos / "album0" / "photo0.jpg", seed=51)            # modified content
+    (photos / "album1" / "photo1.png").unlink()                       # deleted
+    old = photos / "album0" / "photo2.webp"
+    stat = old.stat()
+    import os
+    os.utime(old, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))    # touched, same bytes
+    report = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    assert (report.added, report.updated, report.removed, report.photos) == (1, 1, 1, 5)
+    assert report.unchanged == 3 and sum(calls) == 2, "only the new and the modified photo are detected again"
+    after, *_ = catalog_state(tmp_path / "index")
+    assert set(after) == set(before) - {"album1/photo1.png"} | {"new/added.png"}
+    assert after["album0/photo0.jpg"][0] != before["album0/photo0.jpg"][0]
+    assert after["album0/photo2.webp"] == before["album0/photo2.webp"]
+    tokens = list((tmp_path / "index" / "features" / "tokens").glob("*.safetensors"))
+    assert len(tokens) == 5, "vision tokens of removed or replaced photos are collected"
+    assert not (tmp_path / "index" / "staging").exists()
+
+    calls.clear()  # new Q-Pert settings: re-embedded from stored boxes and tokens, nothing detected again
+    report = build_index(photos, tmp_path / "index", settings_for(models, qpert=qpert.QPertConfig(alpha=1.0)),
+                         device="cpu", progress=False)
+    assert report.updated == 5 and calls == []
+    hits = PhotoIndex(tmp_path / "index", device="cpu").search("a green circle", k=10)
+    assert sorted(h.path for h in hits) == sorted(after)
+
+
+def test_corrupt_photos_are_reported_and_skipped_until_they_change(models, tmp_path):
+    photos = photo_folder(tmp_path / "photos", count=3)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (photos / "empty.png").write_bytes(b"")
+    (photos / "notes.txt").write_text("not a photo, ignored")
+    report = build_index(photos, tmp_path / "index", settings_for(models), device="cpu", progress=False)
+    assert report.photos == 3 and sorted(p for p, _ in report.skipped) == ["broken.jpg", "empty.png"]
+    assert all("not a readable image" in why for _, why in report.skipped)
+    again = build_index(photos, tmp_path / "index", settings_for(models), device="cpu", progress=False)
+    assert again.added == 0 and len(again.skipped) == 2
+    write_photo(photos / "broken.jpg", seed=9, fmt="JPEG")
+    fixed = build_index(photos, tmp_path / "index", settings_for(models), device="cpu", progress=False)
+    assert fixed.added == 1 and fixed.photos == 4 and [p for p, _ in fixed.skipped] == ["empty.png"]
+
+
+def test_exif_orientation_is_respected(models, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, size=(40, 80, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display upright
+    Image.fromarray(pixels).save(photos / "portrait.jpg", exif=exif)
+    build_index(photos, tmp_path / "index", settings_for(models), device="cpu", progress=False)
+    (row,) = PhotoIndex(tmp_path / "index", device="cpu").rows.values()
+    assert (row.width, row.height) == (40, 80)
+    assert (row.detections.boxes[:, [2]] <= 40 + 1e-3).all() and (row.detections.boxes[:, [3]] <= 80 + 1e-3).all()
+
+
+def test_without_detector_qpert_vectors_equal_the_baseline(models, tmp_path):
+    photos = photo_folder(tmp_path / "photos", count=3)
+    build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu", progress=False)
+    rows, baseline, qp, _ = catalog_state(tmp_path / "index")
+    assert all(r[2] == [] for r in rows.values())
+    np.testing.assert_array_equal(baseline, qp)
+
+
+def test_failed_merge_leaves_the_previous_index_whole(models, tmp_path, monkeypatch):
+    photos = photo_folder(tmp_path / "photos", count=3)
+    settings = settings_for(models)
+    build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    before = catalog_state(tmp_path / "index")
+    for i in range(3, 6):
+        write_photo(photos / f"more{i}.png", seed=i + 10)
+    real_put, puts = CatalogUpdate.put, []
+
+    def failing_put(self, photo):
+        puts.append(photo.path)
+        if len(puts) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the transaction
+        real_put(self, photo)
+
+    monkeypatch.setattr(CatalogUpdate, "put", failing_put)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    after = catalog_state(tmp_path / "index")
+    assert after[0] == before[0] and after[3] == before[3]
+    np.testing.assert_array_equal(after[1], before[1])
+    assert len(PhotoIndex(tmp_path / "index", device="cpu").search("a red square", k=10)) == 3
+    monkeypatch.setattr(CatalogUpdate, "put", real_put)
+    report = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    assert report.added == 3 and report.photos == 6
+
+
+def test_killed_indexing_keeps_the_old_index_and_resumes(models, tmp_path):
+    photos = photo_folder(tmp_path / "photos", count=2)
+    index_dir = tmp_path / "index"
+    common = ["--index", str(index_dir), "--model", str(models[0]), "--detector", str(models[1]),
+              "--detector-threshold", "0", "--max-boxes", "3", "--alpha", "4", "--device", "cpu", "--batch-size", "1"]
+    index_cli("index", str(photos), *common)
+    before = catalog_state(index_dir)
+    for i in range(2, 14):
+        write_photo(photos / f"batch/p{i:02d}.png", seed=100 + i)
+    proc = subprocess.Popen([sys.executable, "-m", "qpert", "index", str(photos), *common],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(index_dir.glob("staging/photo/*.safetensors")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    after = catalog_state(index_dir)
+    assert after[0] == before[0] and after[3] == before[3], "the catalog is untouched until the merge"
+    out = index_cli("search", str(index_dir), "a red square", "--device", "cpu", "--json")
+    assert out.stdout.count('"path"') == 2, "the previous index still answers"
+    staged = len(list(index_dir.glob("staging/photo/*.safetensors")))
+    assert 1 <= staged < 12
+    out = index_cli("index", str(photos), *common)
+    assert "12 added" in out.stdout and "14 photos indexed" in out.stdout
+    resumed = catalog_state(index_dir)
+    shutil.rmtree(index_dir)
+    index_cli("index", str(photos), *common)
+    clean = catalog_state(index_dir)
+    assert resumed[0] == clean[0]
+    np.testing.assert_allclose(resumed[2], clean[2], atol=1e-6)
+
+
+def test_torchrun_with_two_gloo_processes_builds_the_same_index(models, tmp_path):
+    photos = photo_folder(tmp_path / "photos", count=7)
+    (photos / "broken.png").write_bytes(b"nope")
+    common = ["--model", str(models[0]), "--detector", str(models[1]), "--detector-threshold", "0",
+              "--max-boxes", "3", "--alpha", "4", "--device", "cpu", "--batch-size", "2"]
+    index_cli("index", str(photos), "--index", str(tmp_path / "single"), *common)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "qpert", "index", str(photos), "--index", str(tmp_path / "multi"), *common],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("7 photos indexed") == 1, "rank 0 alone reports"
+    single, multi = catalog_state(tmp_path / "single"), catalog_state(tmp_path / "multi")
+    assert multi[0] == single[0] and len(multi[0]) == 7
+    for variant in (1, 2):
+        np.testing.assert_allclose(multi[variant], single[variant], atol=1e-5)
+    query = ["search", "a red square", "--device", "cpu", "--json"]
+    assert index_cli(query[0], str(tmp_path / "multi"), *query[1:]).stdout.replace("multi", "X") == \
+        index_cli(query[0], str(tmp_path / "single"), *query[1:]).stdout.replace("single", "X")
+
+
+def test_index_and_search_errors_are_one_line(models, tmp_path):
+    out = index_cli("index", str(tmp_path / "nowhere"), "--model", str(models[0]), "--detector", "none", check=False)
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+    out = index_cli("search", str(tmp_path), "a cat", check=False)
+    assert out.returncode == 2 and "not a qpert index" in out.stderr
+    photos = photo_folder(tmp_path / "photos", count=2)
+    index_cli("index", str(photos), "--model", str(models[0]), "--detector", "none", "--device", "cpu")
+    out = index_cli("index", str(photos), "--model", "blip2-coco", "--detector", "none", check=False)
+    assert out.returncode == 2 and "was built with model" in out.stderr
+    out = index_cli("index", str(photos), "--model", str(models[0]), "--detector", "torchvision:nonsense",
+                    check=False)
+    assert out.returncode == 2 and "not a torchvision detection model" in out.stderr
+    out = index_cli("search", str(photos / ".qpert-index"), "a red square", "-k", "1", "--device", "cpu")
+    assert out.stdout.count("photo") >= 1 and " 1. " in out.stdout
+
+
+def test_flat_vector_search_is_exact_max_over_query_tokens():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(300, 4, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
+    ids = np.arange(1000, 1300)
+    query = rng.normal(size=(3, 16)).astype(np.float32)
+    truth = np.einsum("nqd,td->tnq", vectors, query).max(-1)
+    flat = VectorIndex.build(ids, vectors, "flat")
+    got_ids, got_scores = flat.search(query, 10)
+    for t in range(3):
+        order = np.argsort(-truth[t], kind="stable")[:10]
+        np.testing.assert_array_equal(got_ids[t], ids[order])
+        np.testing.assert_allclose(got_scores[t], truth[t][order], rtol=1e-5)
+    for kind in ("hnsw", "ivf"):
+        approx_ids, _ = VectorIndex.build(ids, vectors, kind).search(query, 10)
+        recall = np.mean([len(set(approx_ids[t]) & set(got_ids[t])) / 10 for t in range(3)])
+        assert recall >= 0.7, f"{kind} recall {recall}"
+
+
+def test_stale_or_damaged_faiss_files_are_rebuilt(models, tmp_path):
+    photos = photo_folder(tmp_path / "photos", count=3)
+    build_index(photos, tmp_path / "index", settings_for(models), device="cpu", progress=False)
+    expected = [h.path for h in PhotoIndex(tmp_path / "index", device="cpu").search("a blue square", k=3)]
+    (tmp_path / "index" / "qpert.faiss").write_bytes(b"garbage")
+    assert VectorIndex.load(tmp_path / "index", "qpert", 1) is None
+    assert [h.path for h in PhotoIndex(tmp_path / "index", device="cpu").search("a blue square", k=3)] == expected
+
+
+def test_torchvision_detector_from_a_saved_folder(tmp_path):
+    from torchvision.models import get_model
+
+    from qpert.search.detectors import save_torchvision_detector
+
+    torch.manual_seed(0)
+    model = get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None, weights_backbone=None, num_classes=3,
+                      box_score_thresh=0.0)
+    save_torchvision_detector(model, "fasterrcnn_mobilenet_v3_large_320_fpn", ["__background__", "dog", "cat"],
+                              tmp_path / "det", box_score_thresh=0.0)
+    detector = load_detector(str(tmp_path / "det"), DetectorOptions(score_threshold=0.0, max_boxes=4, classes=("dog",)))
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, size=(90, 120, 3), dtype=np.uint8))
+    (found,) = detector.detect([image])
+    model.eval()
+    with torch.no_grad():
+        (raw,) = model([torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255])
+    dogs = raw["labels"] == 1
+    assert len(found.boxes) == min(4, int(dogs.sum())) and set(found.labels) <= {"dog"}
+    np.testing.assert_allclose(found.boxes, raw["boxes"][dogs][:4].numpy(), atol=1e-4)
+    assert (found.boxes[:, 2] <= 120).all() and (found.boxes[:, 3] <= 90).all()
+    assert list(found.scores) == sorted(found.scores, reverse=True)

@@ -1,0 +1,322 @@
+"""``qpert serve``: the JSON API and photo route over HTTP, Ctrl-C, and the page in headless Chromium."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.error import HTTPError
+from urllib.parse import urlencode, urlsplit
+from urllib.request import urlopen
+
+import pytest
+from PIL import Image
+from search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
+
+from qpert import QPertConfig
+from qpert.search.detectors import DetectorOptions
+from qpert.search.indexer import IndexSettings, build_index
+from qpert.search.searcher import PhotoIndex
+from qpert.search.server import make_server
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,1000")
+QUERY = "a red square"
+PHOTOS = 8
+EXIF_ORIENTATION = 0x0112
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory) -> Path:
+    """Six photos, a phone photo turned by its EXIF tag, and a symlink in the folder pointing outside it."""
+    root = tmp_path_factory.mktemp("serve")
+    photos = photo_folder(root / "photos")
+    rotated = Image.open(write_photo(photos / "album1" / "rotated.jpg", seed=7))  # stored 64 wide, 48 high
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # shown turned 90 degrees clockwise: 48 wide, 64 high
+    rotated.save(photos / "album1" / "rotated.jpg", exif=exif)
+    (photos / "album0" / "link.jpg").symlink_to(write_photo(root / "outside" / "secret.jpg", seed=99))
+    settings = IndexSettings(model=str(save_tiny_blip2(root / "model")), detector=str(save_tiny_detr(root / "detr")),
+                             detector_options=DetectorOptions(score_threshold=0.0, max_boxes=3),
+                             qpert=QPertConfig(alpha=4))
+    build_index(photos, root / "index", settings, device="cpu", batch_size=4, progress=False)
+    return root / "index"
+
+
+@pytest.fixture(scope="module")
+def served(index_dir):
+    index = PhotoIndex(index_dir, device="cpu")
+    server = make_server(index)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    ids = {r.path: r.id for r in index.rows.values()}
+    yield SimpleNamespace(url=server.url, index=index, link_id=ids["album0/link.jpg"],
+                          rotated=index.rows[ids["album1/rotated.jpg"]])
+    server.shutdown()
+    server.server_close()
+    index.close()
+
+
+def get(url: str) -> tuple[int, dict, bytes]:
+    try:
+        with urlopen(url, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def raw_get(base: str, path: str, host: str | None = None) -> tuple[int, dict, bytes]:
+    """A GET of ``path`` exactly as written (urllib would not send some of these)."""
+    url = urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        connection.putrequest("GET", path, skip_host=host is not None)
+        if host is not None:
+            connection.putheader("Host", host)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, dict(response.headers), response.read()
+    finally:
+        connection.close()
+
+
+def search(served, **params) -> tuple[int, dict]:
+    status, headers, body = get(served.url + "api/search?" + urlencode(params))
+    assert headers["Content-Type"] == "application/json"
+    return status, json.loads(body)
+
+
+def test_info(served):
+    status, headers, body = get(served.url + "api/info")
+    info = json.loads(body)
+    assert status == 200 and headers["X-Content-Type-Options"] == "nosniff"
+    assert info["photos"] == len(served.index) == PHOTOS
+    assert info["model"] == served.index.settings.model and info["detector"] == served.index.settings.detector
+    assert info["itm"] is True and info["qpert"]["alpha"] == 4
+
+
+def test_search_json_matches_the_index(served):
+    status, data = search(served, q=QUERY, k=4)
+    assert status == 200 and data["query"] == QUERY and "baseline" not in data
+    expected = [h.to_json() for h in served.index.search(QUERY, k=4)]
+    assert data["qpert"] == expected
+    assert [h["rank"] for h in data["qpert"]] == [1, 2, 3, 4]
+    for hit in data["qpert"]:
+        assert hit["boxes"] and not Path(hit["path"]).is_absolute()
+        for b in hit["boxes"]:
+            x0, y0, x1, y1 = b["box"]
+            assert 0 <= x0 < x1 <= hit["width"] and 0 <= y0 < y1 <= hit["height"] and b["label"]
+
+
+@pytest.mark.parametrize("itm", ["0", "1"])
+def test_compare_returns_both_rankings(served, itm):
+    status, data = search(served, q=QUERY, k=5, compare=1, itm=itm)
+    assert status == 200 and data["itm"] == (itm == "1")
+    assert data["baseline"] == [h.to_json() for h in served.index.search(QUERY, k=5, qpert=False, itm=itm == "1")]
+    assert len(data["qpert"]) == 5 and all((h["itm"] is not None) == (itm == "1") for h in data["qpert"])
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"q": ""}, "empty"), ({"q": "   "}, "empty"), ({}, "empty"), ({"q": "x" * 501}, "too long"),
+    ({"q": QUERY, "k": "0"}, "k must be"), ({"q": QUERY, "k": "abc"}, "k must be"),
+    ({"q": QUERY, "k": "101"}, "k must be"), ({"q": QUERY, "k": "-3"}, "k must be"),
+    ({"q": QUERY, "itm": "yes"}, "itm must be 0 or 1"), ({"q": QUERY, "compare": "2"}, "compare must be 0 or 1"),
+])
+def test_bad_search_requests_are_400_json(served, params, message):
+    status, data = search(served, **params)
+    assert status == 400 and message in data["error"]
+
+
+def test_concurrent_searches_are_serialized_and_agree(served):
+    expected = search(served, q=QUERY, k=3, itm=1)[1]["qpert"]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: search(served, q=QUERY, k=3, itm=1), range(8)))
+    assert all(status == 200 and data["qpert"] == expected for status, data in answers)
+
+
+def test_photos_are_served_by_id_with_their_type(served):
+    types = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+    for row in served.index.rows.values():
+        if row.id == served.link_id:
+            continue
+        status, headers, body = get(f"{served.url}photo/{row.id}")
+        assert status == 200 and headers["Content-Type"] == types[Path(row.path).suffix]
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert body == (served.index.photos_dir / row.path).read_bytes()
+
+
+@pytest.mark.parametrize("path", [
+    "/photo/../../etc/passwd", "/photo/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/photo/..%2F..%2Fetc%2Fpasswd",
+    "/photo/999999", "/photo/abc", "/photo/-1", "/photo/1.5", "/photo/", "/photo/1/", "/photo/1%00",
+    "/photo/album0/photo0.jpg", "//etc/passwd", "/../etc/passwd", "/static/../server.py", "/static/index.html",
+    "/static/%2e%2e/server.py", "/index.html", "/api/searchx",
+])
+def test_anything_but_a_catalog_id_is_404(served, path):
+    status, headers, body = raw_get(served.url, path)
+    assert status == 404 and headers["X-Content-Type-Options"] == "nosniff"
+    assert b"root:" not in body and b"import" not in body
+
+
+def test_symlink_out_of_the_photo_folder_is_refused(served):
+    with pytest.raises(KeyError):
+        served.index.photo_path(served.link_id)
+    status, _, body = get(f"{served.url}photo/{served.link_id}")
+    assert status == 404 and json.loads(body) == {"error": "no such photo"}
+
+
+def test_other_methods_are_refused(served):
+    connection = http.client.HTTPConnection(urlsplit(served.url).hostname, urlsplit(served.url).port, timeout=60)
+    connection.request("POST", "/api/search?q=x", body=b"{}")
+    response = connection.getresponse()
+    assert response.status == 501 and response.getheader("X-Content-Type-Options") == "nosniff"
+    connection.close()
+
+
+def test_a_taken_port_is_a_clear_error(served):
+    with pytest.raises(OSError, match="choose another --port"):
+        make_server(served.index, port=urlsplit(served.url).port)
+
+
+def test_foreign_host_header_is_refused(served):
+    """DNS rebinding: a page on another site must not read a localhost server's photos."""
+    assert raw_get(served.url, "/api/info", host="evil.example:80")[0] == 403
+    assert raw_get(served.url, "/api/info", host=f"localhost:{urlsplit(served.url).port}")[0] == 200
+
+
+def test_page_and_its_files_are_served(served):
+    status, headers, body = get(served.url)
+    assert status == 200 and headers["Content-Type"].startswith("text/html") and b'id="query"' in body
+    assert "default-src 'self'" in headers["Content-Security-Policy"]
+    for name, ctype in [("app.js", "text/javascript"), ("style.css", "text/css")]:
+        status, headers, _ = get(f"{served.url}static/{name}")
+        assert status == 200 and headers["Content-Type"].startswith(ctype)
+
+
+def test_serve_stops_cleanly_on_ctrl_c(index_dir):
+    code = "import sys; from qpert.search.server import serve; serve(sys.argv[1], port=0, device='cpu')"
+    process = subprocess.Popen([sys.executable, "-c", code, str(index_dir)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = process.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        assert url, line
+        assert json.loads(get(url.group(0) + "api/info")[2])["photos"] == PHOTOS
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "stopped" in out and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip(f"the page test needs {CHROMIUM} and {CHROMEDRIVER}: install Debian's chromium and chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the page test needs selenium (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)  # with Service's path: Selenium Manager never downloads anything
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_page_end_to_end(served, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(served.url)
+    wait.until(lambda d: f"{PHOTOS} photos" in d.find_element(By.ID, "info").text)
+    assert browser.find_element(By.ID, "itm-option").is_displayed()
+
+    browser.find_element(By.ID, "search").click()  # empty query: a message, no request
+    assert "Type what to look for" in browser.find_element(By.ID, "status").text
+
+    k = browser.find_element(By.ID, "k")
+    k.clear()
+    k.send_keys("4")
+    browser.find_element(By.ID, "query").send_keys(QUERY + Keys.ENTER)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results-qpert .result")) == 4)
+    expected = served.index.search(QUERY, k=4)
+    results = browser.find_elements(By.CSS_SELECTOR, "#results-qpert .result")
+    assert [int(r.get_attribute("data-id")) for r in results] == [h.id for h in expected]
+    assert not browser.find_element(By.ID, "results-baseline").is_displayed()
+    assert "q=a+red+square" in browser.current_url
+    for result, hit in zip(results, expected):
+        boxes = result.find_elements(By.CSS_SELECTOR, ".frame .box")
+        assert len(boxes) == len(hit.boxes) and boxes[0].find_element(By.CLASS_NAME, "box-label").text.startswith(
+            hit.boxes[0]["label"])
+        assert_box_placed(result.find_element(By.CLASS_NAME, "frame"), boxes[0], hit)
+    loaded = [h for h in expected if h.id != served.link_id][0]
+    wait.until(lambda d: image_width(d, f"#results-qpert .result[data-id='{loaded.id}'] img") == loaded.width)
+
+    browser.find_element(By.ID, "compare").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results-baseline .result")) == 4)
+    assert browser.find_element(By.ID, "results-baseline").is_displayed()
+    assert_changed_marks_agree(browser)
+
+    browser.find_element(By.CSS_SELECTOR, f"#results-qpert .result[data-id='{loaded.id}']").click()
+    lightbox = browser.find_element(By.ID, "lightbox")
+    wait.until(lambda d: lightbox.is_displayed())
+    wait.until(lambda d: image_width(d, "#lightbox img") == loaded.width)
+    frame = lightbox.find_element(By.CLASS_NAME, "frame")
+    assert frame.size["width"] > 300 and len(frame.find_elements(By.CLASS_NAME, "box")) == len(loaded.boxes)
+    assert loaded.path in browser.find_element(By.ID, "lightbox-caption").text
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    wait.until(lambda d: not lightbox.is_displayed())
+
+    # boxes are in upright pixels: the browser must show an EXIF-turned photo upright too, or they miss
+    k.clear()
+    k.send_keys(str(PHOTOS) + Keys.ENTER)  # every photo, the symlink that is not served among them
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#results-qpert .result[data-id='{served.link_id}'] "
+                                                          ".frame.missing"))
+    rotated = served.rotated
+    assert natural_size(browser, f"/photo/{rotated.id}") == [rotated.width, rotated.height] == [48, 64]
+
+
+def image_width(driver, selector: str) -> int:
+    """The loaded image's natural width (0 until it has loaded)."""
+    return driver.execute_script("const i = document.querySelector(arguments[0]); return i && i.complete ? "
+                                 "i.naturalWidth : 0;", selector)
+
+
+def natural_size(driver, url: str) -> list[int] | None:
+    return driver.execute_async_script("const done = arguments[1], image = new Image(); "
+                                       "image.onload = () => done([image.naturalWidth, image.naturalHeight]); "
+                                       "image.onerror = () => done(null); image.src = arguments[0];", url)
+
+
+def assert_box_placed(frame, box, hit) -> None:
+    """The overlay sits where the box is in photo pixels, scaled to the displayed frame."""
+    scale = frame.size["width"] / hit.width
+    x0, y0, x1, _ = hit.boxes[0]["box"]
+    assert abs(box.location["x"] - frame.location["x"] - x0 * scale) <= 1.5
+    assert abs(box.location["y"] - frame.location["y"] - y0 * scale) <= 1.5
+    assert abs(box.size["width"] - (x1 - x0) * scale) <= 1.5
+
+
+def assert_changed_marks_agree(driver) -> None:
+    """A photo is highlighted exactly when its rank differs between the columns (or it is in one only)."""
+    from selenium.webdriver.common.by import By
+
+    columns = [{int(r.get_attribute("data-id")): (int(r.get_attribute("data-rank")),
+                                                  "changed" in r.get_attribute("class").split())
+                for r in driver.find_elements(By.CSS_SELECTOR, f"#results-{name} .result")}
+               for name in ("qpert", "baseline")]
+    for this, other in (columns, columns[::-1]):
+        for photo_id, (rank, changed) in this.items():
+            assert changed == (other.get(photo_id, (None,))[0] != rank)
