@@ -140,6 +140,18 @@ def test_corrupt_photos_are_reported_and_skipped_until_they_change(models, tmp_p
     assert fixed.added == 1 and fixed.photos == 4 and [p for p, _ in fixed.skipped] == ["empty.png"]
 
 
+def test_links_out_of_the_photo_folder_are_not_indexed(models, tmp_path, caplog):
+    photos = photo_folder(tmp_path / "photos", count=2)
+    (photos / "inside.jpg").symlink_to(photos / "album0" / "photo0.jpg")
+    (photos / "outside.jpg").symlink_to(write_photo(tmp_path / "elsewhere" / "secret.jpg", seed=3))
+    (photos / "loop").symlink_to(photos, target_is_directory=True)   # folder links are not followed at all
+    report = build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu",
+                         progress=False)
+    rows, *_ = catalog_state(tmp_path / "index")
+    assert report.photos == 3 and sorted(rows) == ["album0/photo0.jpg", "album1/photo1.png", "inside.jpg"]
+    assert "outside the photo folder" in caplog.text
+
+
 def test_exif_orientation_is_respected(models, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -37,18 +37,21 @@ EXIF_ORIENTATION = 0x0112
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory) -> Path:
-    """Six photos, a phone photo turned by its EXIF tag, and a symlink in the folder pointing outside it."""
+    """Six photos, a phone photo turned by its EXIF tag, and an indexed photo later replaced by a symlink
+    pointing outside the folder (the indexer itself never follows such links)."""
     root = tmp_path_factory.mktemp("serve")
     photos = photo_folder(root / "photos")
     rotated = Image.open(write_photo(photos / "album1" / "rotated.jpg", seed=7))  # stored 64 wide, 48 high
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = 6  # shown turned 90 degrees clockwise: 48 wide, 64 high
     rotated.save(photos / "album1" / "rotated.jpg", exif=exif)
-    (photos / "album0" / "link.jpg").symlink_to(write_photo(root / "outside" / "secret.jpg", seed=99))
+    link = write_photo(photos / "album0" / "link.jpg", seed=99)
     settings = IndexSettings(model=str(save_tiny_blip2(root / "model")), detector=str(save_tiny_detr(root / "detr")),
                              detector_options=DetectorOptions(score_threshold=0.0, max_boxes=3),
                              qpert=QPertConfig(alpha=4))
     build_index(photos, root / "index", settings, device="cpu", batch_size=4, progress=False)
+    link.unlink()
+    link.symlink_to(write_photo(root / "outside" / "secret.jpg", seed=99))
     return root / "index"
 
 
@@ -279,13 +282,34 @@ def test_page_end_to_end(served, browser):
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
     wait.until(lambda d: not lightbox.is_displayed())
 
+    assert_no_script_errors(browser)
+
+
+def test_page_from_a_link_with_itm(served, browser):
+    """A shared URL runs its search; a photo that is not served says so; ITM re-ranks; EXIF turns are honoured."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(served.url + "?" + urlencode({"q": QUERY, "k": PHOTOS}))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results-qpert .result")) == PHOTOS)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f".result[data-id='{served.link_id}'] .frame.missing"))
+
+    browser.find_element(By.ID, "itm").click()  # re-runs the search, re-ranked
+    wait.until(lambda d: "re-ranked by ITM" in d.find_element(By.ID, "status").text)
+    shown = [int(r.get_attribute("data-id")) for r in browser.find_elements(By.CSS_SELECTOR, "#results-qpert .result")]
+    assert shown == [h.id for h in served.index.search(QUERY, k=PHOTOS, itm=True)]
+    assert "itm=1" in browser.current_url
+
     # boxes are in upright pixels: the browser must show an EXIF-turned photo upright too, or they miss
-    k.clear()
-    k.send_keys(str(PHOTOS) + Keys.ENTER)  # every photo, the symlink that is not served among them
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#results-qpert .result[data-id='{served.link_id}'] "
-                                                          ".frame.missing"))
     rotated = served.rotated
     assert natural_size(browser, f"/photo/{rotated.id}") == [rotated.width, rotated.height] == [48, 64]
+    assert_no_script_errors(browser)
+
+
+def assert_no_script_errors(driver) -> None:
+    """No script error and no Content-Security-Policy violation in the browser's console."""
+    assert not [e["message"] for e in driver.get_log("browser") if e["source"] in ("javascript", "security")]
 
 
 def image_width(driver, selector: str) -> int:

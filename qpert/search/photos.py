@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 #: What ``qpert index`` picks up (case-insensitive).
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -27,13 +30,17 @@ class PhotoFile:
 
 
 def scan_photos(root: Path, exclude: Path | None = None) -> list[PhotoFile]:
-    """Every photo under ``root``, sorted by path; hidden folders and ``exclude`` (the index) are skipped."""
+    """Every photo under ``root``, sorted by path; hidden folders and ``exclude`` (the index) are skipped,
+    and so are links to files outside ``root`` (the search page serves nothing from outside it)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"photo folder {root} does not exist or is not a folder")
     skip = exclude.resolve() if exclude is not None else None
     found = []
     for path in _walk(root, skip):
+        if not path.resolve().is_relative_to(root.resolve()):
+            log.warning("skipping %s: a link to %s, outside the photo folder", path, path.resolve())
+            continue
         stat = path.stat()
         found.append(PhotoFile(path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
     return sorted(found, key=lambda p: p.path)
