@@ -16,12 +16,12 @@ object. BLIP is not supported: its ITC embeds the ViT's CLS token and pools noth
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .core import TokenLayout, prepare_boxes, token_weights
+from .core import Layout, prepare_boxes, token_weights
 from .core.boxes import BoxesLike
 from .errors import UnsupportedModelError
 from .models.family import Retriever
@@ -30,9 +30,11 @@ from .models.family import Retriever
 OBJECTS_PER_BATCH = 64
 
 
-def object_masks(layout: TokenLayout, boxes: Sequence[BoxesLike], image_sizes: Sequence[Sequence[float]]) -> torch.Tensor:
-    """(B, M, N) bool: the vision tokens each object's box covers (any fraction of the patch)."""
-    return token_weights(prepare_boxes(boxes, image_sizes), layout) > 0
+def object_masks(layout: Layout, boxes: Sequence[BoxesLike], image_sizes: Sequence[Sequence[float]],
+                 num_tokens: Optional[int] = None) -> torch.Tensor:
+    """(B, M, N) bool: the vision tokens each object's box covers (any fraction of the patch);
+    ``num_tokens`` (the token sequence's length) is needed for per-image layouts."""
+    return token_weights(prepare_boxes(boxes, image_sizes), layout, num_tokens=num_tokens) > 0
 
 
 @torch.no_grad()

@@ -74,8 +74,8 @@ def score(loaded: LoadedModel, images: Sequence[Image.Image], boxes: Sequence[Bo
             results["qpert"].itm = pert + results["qpert"].itc
         if object_baseline:
             base = results["baseline"]
-            extra = object_similarities(model, retriever, tokens, object_masks(handle.layout, boxes, sizes), text_emb,
-                                        base.itc)
+            masks = object_masks(handle.layout, boxes, sizes, tokens.shape[1])
+            extra = object_similarities(model, retriever, tokens, masks, text_emb, base.itc)
             results["object-embedding"] = Scores(base.itc + extra, None if base.itm is None else base.itm + extra)
         return results
     finally:

@@ -67,7 +67,8 @@ class ReferenceHooks:
         return self
 
     def mha(self, mha) -> "ReferenceHooks":
-        """A batch-first ``nn.MultiheadAttention`` called as (query, key, value)."""
+        """A batch-first ``nn.MultiheadAttention`` called as (query, key, value) and, optionally, a float
+        (B*H, L, S) ``attn_mask`` added to the scores (SigLIP 2 NaFlex masks its padding so)."""
         heads, d, e = mha.num_heads, mha.head_dim, mha.embed_dim
 
         def post(_m, args, kwargs, _out):
@@ -82,7 +83,10 @@ class ReferenceHooks:
             k = F.linear(key, wk, bk).view(b, -1, heads, d)
             v = F.linear(value, wv, bv).view(b, -1, heads, d).double()
             q = _perturb_batch(q, k, self.objects, self.cfg)
-            att = torch.softmax(torch.einsum("blhd,bnhd->bhln", q, k.double()) / d ** 0.5, dim=-1)
+            scores = torch.einsum("blhd,bnhd->bhln", q, k.double()) / d ** 0.5
+            if kwargs.get("attn_mask") is not None:
+                scores = scores + kwargs["attn_mask"].double().view(b, heads, *scores.shape[-2:])
+            att = torch.softmax(scores, dim=-1)
             ctx = torch.einsum("bhln,bnhd->blhd", att, v).reshape(b, -1, e)
             return F.linear(ctx.to(query.dtype), mha.out_proj.weight, mha.out_proj.bias), None
 

@@ -2,9 +2,11 @@
 
 InternVL-G is remote code (``trust_remote_code``) that cannot be imported here, so this file holds
 a tiny stand-in with the module structure, attribute names and forward signatures of
-``modeling_qllama.py`` (OpenGVLab/InternVL, ``LlamaCrossAttention`` / ``LlamaDecoderLayer``) and of
-``InternVLModel`` as far as Q-Pert reads them; the cross-attention forward is the real one, minus
-the KV cache and attention mask that its retrieval pass never uses.
+``modeling_qllama.py`` (OpenGVLab/InternVL, ``LlamaCrossAttention`` / ``LlamaDecoderLayer`` /
+``LlamaModel.forward_train``) and of ``InternVLModel`` (``get_image_features``, ``get_text_features``,
+``encode_image``, ``encode_text``) as far as Q-Pert reads them. The cross-attention forward and the
+encode methods are the real ones' logic; self-attention, MLP and the attention-pooling projectors
+are simplified (a causal mean, a linear, mean + linear), which the retrieval interface never looks into.
 """
 from __future__ import annotations
 
@@ -15,18 +17,26 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from transformers import LlamaTokenizer
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 
 import qpert
 from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical
 from qpert.errors import UnsupportedModelError
-from qpert.models.registry import MODELS, family_of
+from qpert.models import internvl
+from qpert.models.registry import MODELS, LoadedModel, family_of, retriever_of
 from qpert.models.tiny import randomize
+from qpert.scoring import score
 from reference_hooks import _perturb_batch, stretch_objects
 
-HIDDEN, VISION, HEADS, LAYERS, QUERIES, IMAGE, PATCH = 32, 24, 4, 4, 6, 28, 7
+HIDDEN, VISION, HEADS, LAYERS, QUERIES, IMAGE, PATCH, EMBED = 32, 24, 4, 4, 6, 28, 7, 16
+#: A character-level LLaMA tokenizer: unk (also the pad id 0), bos, eos, then one token per character.
+CHARACTERS = "▁abcdefghijklmnopqrstuvwxyz:"
+VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(CHARACTERS)}}
 CONFIGS = [
     dict(alpha=1.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
     dict(alpha=0.6, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
@@ -77,7 +87,8 @@ class LlamaCrossAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Self-attention replaced by a linear; the cross-attention call is the real one."""
+    """Self-attention replaced by a linear of the causal mean (right padding is then masked by itself);
+    the cross-attention call is the real one."""
 
     def __init__(self, use_cross_attn: bool):
         super().__init__()
@@ -87,7 +98,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, hidden_states, vision_hidden_states, attention_mask=None, position_ids=None,
                 past_key_value=None, output_attentions=False, use_cache=False, repeat_time=1):
-        hidden_states = hidden_states + self.self_attn(hidden_states)
+        steps = torch.arange(1, hidden_states.shape[1] + 1, dtype=hidden_states.dtype)[:, None]
+        hidden_states = hidden_states + self.self_attn(hidden_states.cumsum(1) / steps)
         if self.cross_attn is not None and hidden_states.size(1) >= self.num_query_token \
                 and vision_hidden_states is not None:
             query_feats = hidden_states[:, :self.num_query_token, :]
@@ -101,6 +113,25 @@ class LlamaDecoderLayer(nn.Module):
         return (hidden_states,)
 
 
+class LlamaModel(nn.Module):
+    """QLLaMA's decoder: ``forward_train`` is the pass ``get_image_features``/``get_text_features`` run."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(len(VOCAB), HIDDEN)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(i % 2 == 0) for i in range(LAYERS)])
+        self.norm = LlamaRMSNorm(HIDDEN)
+
+    def forward_train(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                      inputs_embeds=None, vision_hidden_states=None, repeat_time=1, use_cache=None,
+                      output_attentions=None, output_hidden_states=None, return_dict=None):
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, vision_hidden_states, attention_mask=attention_mask,
+                                  position_ids=position_ids, repeat_time=repeat_time)[0]
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states))
+
+
 class InternVisionModel(nn.Module):
     """CLS + patch tokens, as InternViT's ``last_hidden_state``."""
 
@@ -109,37 +140,86 @@ class InternVisionModel(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, VISION))
         self.patch_embedding = nn.Conv2d(3, VISION, kernel_size=PATCH, stride=PATCH)
 
-    def forward(self, pixel_values):
+    def forward(self, pixel_values=None, output_hidden_states=None, return_dict=None, pixel_embeds=None):
         patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        return torch.cat([self.class_embedding.expand(len(patches), 1, -1), patches], dim=1)
+        tokens = torch.cat([self.class_embedding.expand(len(patches), 1, -1), patches], dim=1)
+        return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=tokens[:, 0])
+
+
+class AttentionPoolingBlock(nn.Module):
+    """(B, N, C) -> (B, out): a mean and a linear stand in for the attention pooling."""
+
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, out_dim)
+
+    def forward(self, x):
+        return self.proj(x.mean(1))
 
 
 class InternVLModel(nn.Module):
-    """What Q-Pert reads of InternVL's ``InternVLModel``: config, vision_model, qllama.model.layers."""
+    """What Q-Pert and its retriever read of InternVL's ``InternVLModel``."""
 
     def __init__(self):
         super().__init__()
         self.config = SimpleNamespace(vision_config=SimpleNamespace(image_size=IMAGE, patch_size=PATCH),
                                       force_image_size=None)
         self.vision_model = InternVisionModel()
-        self.qllama = nn.Module()
-        self.qllama.model = nn.Module()
-        self.qllama.model.layers = nn.ModuleList([LlamaDecoderLayer(i % 2 == 0) for i in range(LAYERS)])
+        self.qllama = nn.Module()  # LlamaForCausalLM
+        self.qllama.model = LlamaModel()
         self.query_tokens = nn.Parameter(torch.zeros(1, QUERIES, HIDDEN))
+        self.text_projection = nn.Parameter(torch.empty(HIDDEN, EMBED))
+        self.clip_projector = AttentionPoolingBlock(VISION, EMBED)
+        self.clip_projector2 = AttentionPoolingBlock(HIDDEN, EMBED)
 
     def forward(self, pixel_values, repeat_time=1):
         """The query features of ``get_image_features`` (with the queries tiled ``repeat_time`` times)."""
-        image_embeds = self.vision_model(pixel_values)
+        image_embeds = self.vision_model(pixel_values=pixel_values)[0]
         hidden = self.query_tokens.repeat(repeat_time * len(pixel_values), 1, 1)
-        for layer in self.qllama.model.layers:
-            hidden = layer(hidden, image_embeds, repeat_time=repeat_time)[0]
-        return hidden
+        return self.qllama.model.forward_train(inputs_embeds=hidden, vision_hidden_states=image_embeds,
+                                               repeat_time=repeat_time).last_hidden_state
+
+    def get_image_features(self, pixel_values, output_attentions=None, output_hidden_states=None, return_dict=None):
+        backbone_embeds = self.vision_model(pixel_values=pixel_values, return_dict=True)[0]
+        input_embeds = self.query_tokens.repeat(backbone_embeds.shape[0], 1, 1)
+        attention_mask = torch.zeros(len(input_embeds), 1, QUERIES, QUERIES)  # _expand_mask of all ones
+        outputs = self.qllama.model.forward_train(inputs_embeds=input_embeds, vision_hidden_states=backbone_embeds,
+                                                  attention_mask=attention_mask, return_dict=True).last_hidden_state
+        return backbone_embeds, outputs
+
+    def get_text_features(self, input_ids, attention_mask, output_attentions=None, output_hidden_states=None,
+                          return_dict=None):
+        input_embeds = self.qllama.model.embed_tokens(input_ids)
+        return self.qllama.model.forward_train(inputs_embeds=input_embeds, vision_hidden_states=None,
+                                               attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+    def encode_image(self, image, mode):
+        assert mode == "InternVL-G"
+        backbone_embeds, image_embeds = self.get_image_features(pixel_values=image, return_dict=True)
+        backbone_embeds = self.clip_projector(backbone_embeds)
+        image_embeds = self.clip_projector2(image_embeds)
+        backbone_embeds = backbone_embeds / backbone_embeds.norm(dim=1, keepdim=True)
+        image_embeds = image_embeds / image_embeds.norm(dim=1, keepdim=True)
+        return image_embeds + backbone_embeds
+
+    def encode_text(self, text):
+        attention_mask = text > 0
+        text_embeds = self.get_text_features(input_ids=text, attention_mask=attention_mask, return_dict=True)
+        text_embeds = text_embeds[torch.arange(text_embeds.shape[0]), attention_mask.sum(1) - 1]
+        return text_embeds @ self.text_projection
 
 
 @pytest.fixture(scope="module")
 def model():
+    return tiny_internvl()
+
+
+def tiny_internvl() -> InternVLModel:
     torch.manual_seed(0)
-    return randomize(InternVLModel(), 3).eval()
+    model = randomize(InternVLModel(), 3).eval()
+    with torch.no_grad():
+        model.qllama.model.norm.weight.fill_(1.0)  # a final RMSNorm of random ~0 weights would hide every change
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +278,7 @@ def test_matches_plain_reference(model, pixels, cfg, repeat_time):
         assert handle.num_layers == LAYERS // 2 and handle.layout.num_tokens == 1 + (IMAGE // PATCH) ** 2
         with handle.objects(BOXES, SIZES):
             got = run(model, pixels, repeat_time)
-        subspaces = handle.compute_subspaces(model.vision_model(pixels), BOXES, SIZES)  # raw tokens, as cached
+        subspaces = handle.compute_subspaces(model.vision_model(pixel_values=pixels)[0], BOXES, SIZES)  # as cached
         with handle.objects(subspaces=subspaces):
             reused = run(model, pixels, repeat_time)
     finally:
@@ -235,6 +315,7 @@ def test_registry_entry():
     spec = MODELS["internvl-g"]
     assert spec.source == "OpenGVLab/InternVL-14B-224px" and spec.remote_code and spec.image_size == 224
     assert spec.alpha_grid == (0.2, 0.4, 0.6, 0.8, 1.0)
+    assert spec.family.retriever.load_processor is internvl.load_processor and not spec.family.retriever.has_itm
 
 
 def test_remote_code_is_an_explicit_opt_in(tmp_path):
@@ -249,3 +330,68 @@ def test_remote_code_is_an_explicit_opt_in(tmp_path):
     out = subprocess.run([sys.executable, "-c", "from qpert.cli import main; main()", "score", str(image),
                           "-t", "x", "--model", "internvl-g"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "--trust-remote-code" in out.stderr and "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------------- retrieval (qpert score / eval)
+TEXTS = ["a small red square", "the green box", "a big blue square in the corner"]
+
+
+def tiny_tokenizer_dir(path) -> str:
+    """A folder holding a character-level LLaMA tokenizer without EOS: ``load_processor`` must add it."""
+    LlamaTokenizer(vocab=VOCAB, merges=[]).save_pretrained(path)
+    return str(path)
+
+
+def tiny_loaded(path) -> LoadedModel:
+    return LoadedModel("tiny-internvl-g", tiny_internvl(), internvl.load_processor(tiny_tokenizer_dir(path)), None)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return tiny_loaded(tmp_path_factory.mktemp("internvl"))
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
+
+
+def own_itc(model, pixels, ids):
+    """ITC of clip_benchmark's evaluation: normalized encode_image(mode="InternVL-G") x normalized encode_text."""
+    with torch.no_grad():
+        image = nn.functional.normalize(model.encode_image(pixels, mode="InternVL-G"), dim=-1)
+        text = nn.functional.normalize(model.encode_text(ids), dim=-1)
+    return image @ text.T
+
+
+def test_tokenize_as_clip_benchmark(loaded):
+    ids, mask = retriever_of(loaded.model).tokenize(loaded.model, loaded.processor, TEXTS)
+    lengths = mask.sum(1)
+    assert ids.shape == (3, 80) and torch.equal(mask, (ids > 0).long())
+    assert torch.equal(mask, (torch.arange(80) < lengths[:, None]).long())  # padded on the right
+    assert (ids[torch.arange(3), lengths - 1] == loaded.processor.tokenizer.eos_token_id).all()
+    assert loaded.processor.tokenizer.decode(ids[2], skip_special_tokens=True) == "summarize:" + TEXTS[2]
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[3]], ids=lambda c: f"{c['weight']}-{c['mode']}")
+def test_scores_match_own_encoders_and_the_reference(loaded, images, cfg):
+    """Baseline: the model's own encoders; Q-Pert: the same with the plain reference in every cross-attention."""
+    model, retriever = loaded.model, retriever_of(loaded.model)
+    pixels = retriever.preprocess(model, loaded.processor, images)
+    ids, _ = retriever.tokenize(model, loaded.processor, TEXTS)
+    got = score(loaded, images, BOXES, TEXTS, qpert.QPertConfig(**cfg))
+    baseline = own_itc(model, pixels, ids)
+    ref = Reference(model, cfg)
+    try:
+        expected = own_itc(model, pixels, ids)
+    finally:
+        ref.remove()
+    assert (expected - baseline).abs().max() > 1e-4, "the reference must change the scores, else the test is vacuous"
+    assert got["baseline"].itm is None and (got["baseline"].itc - baseline).abs().max() <= 1e-5
+    assert (got["qpert"].itc - expected).abs().max() <= 1e-5
+
+
+def test_preprocess_stretches_to_the_input_size(loaded, images):
+    pixels = retriever_of(loaded.model).preprocess(loaded.model, loaded.processor, images)
+    assert pixels.shape == (3, 3, IMAGE, IMAGE)

@@ -1,4 +1,5 @@
-"""Scoring and the benchmark pipeline for BLIP, CoCa and SigLIP through their retrieval interface.
+"""Scoring and the benchmark pipeline for BLIP, CoCa, SigLIP, SigLIP 2 NaFlex and InternVL-G (a stand-in)
+through their retrieval interface.
 
 ``qpert.scoring.score`` is checked against each model's own forward (with Q-Pert's plain
 hooks on the pixels' forward pass); the pipeline is then checked against ``score`` on the
@@ -20,12 +21,14 @@ from qpert.data.datasets import load_dataset
 from qpert.errors import UnsupportedModelError
 from qpert.eval.metrics import retrieval_metrics
 from qpert.eval.pipeline import EvalOptions, evaluate
-from qpert.models.registry import LoadedModel
+from qpert.models.registry import LoadedModel, retriever_of
 from qpert.models.tiny import randomize, tiny_processor
 from qpert.scoring import score
 from test_blip import tiny_blip
 from test_eval_pipeline import WORDS, bench, qpert_cli  # noqa: F401  (bench is a fixture)
 from test_siglip import tiny_siglip, tiny_siglip_config
+from test_internvl import own_itc, tiny_loaded as tiny_internvl_loaded
+from test_siglip2 import TEXT_LENGTH, tiny_siglip2, tiny_siglip2_processor
 
 TEXTS = ["a small red square", "a big blue square in the corner", "the green box", "a photo of a yellow square"]
 BOXES = [[[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0]], [[30.0, 30.0, 90.0, 90.0]], [[50.0, 5.0, 70.0, 30.0]]]
@@ -47,11 +50,15 @@ def tiny_coca_dir(path):
     return path
 
 
-@pytest.fixture(scope="module", params=["blip", "siglip", "coca"])
+@pytest.fixture(scope="module", params=["blip", "siglip", "coca", "siglip2", "internvl"])
 def loaded(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     if request.param == "coca":
         return qpert.load_model(str(tiny_coca_dir(path)))
+    if request.param == "siglip2":
+        return LoadedModel("tiny-siglip2", tiny_siglip2(seed=0), tiny_siglip2_processor(str(path)), None)
+    if request.param == "internvl":
+        return tiny_internvl_loaded(path)
     tokenizer = tiny_processor(WORDS, str(path)).tokenizer
     if request.param == "blip":
         processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 28, "width": 28}),
@@ -75,6 +82,14 @@ def forward_itc(model, processor, image, texts) -> torch.Tensor:
     if name == "CoCa":
         image_emb = model.encode_image(processor.image_transform(image)[None])[0]
         return model.encode_text(processor.tokenizer(texts)) @ image_emb
+    if name == "InternVLModel":
+        ids = processor.tokenizer(["summarize:" + t for t in texts], padding="max_length", max_length=80,
+                                  padding_side="right", return_tensors="pt").input_ids
+        return own_itc(model, retriever_of(model).preprocess(model, processor, [image]), ids)[0]
+    if name == "Siglip2Model":
+        ids = processor.tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, return_tensors="pt").input_ids
+        logits = model(input_ids=ids, **processor.image_processor([image], return_tensors="pt")).logits_per_image[0]
+        return (logits - model.logit_bias) / model.logit_scale.exp()
     px = processor.image_processor([image], return_tensors="pt").pixel_values
     if name == "SiglipModel":
         ids = processor.tokenizer(texts, padding="max_length", max_length=16, return_tensors="pt").input_ids

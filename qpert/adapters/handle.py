@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 from ..config import QPertConfig
-from ..core import BoxBatch, Subspaces, TokenLayout, compute_subspaces, perturb_queries, perturbation_matrix
+from ..core import BoxBatch, Layout, Subspaces, TokenLayout, compute_subspaces, perturb_queries, perturbation_matrix
 from ..core.boxes import BoxesLike, prepare_boxes, token_weights
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, QPertHandle]" = weakref.WeakKeyDictionary()
@@ -47,7 +47,7 @@ class _Objects:
 class QPertHandle:
     """Q-Pert attached to one model. Inactive (bit-identical model) outside ``objects(...)``."""
 
-    def __init__(self, model: nn.Module, config: QPertConfig, sites: Sequence[CrossAttentionSite], layout: TokenLayout):
+    def __init__(self, model: nn.Module, config: QPertConfig, sites: Sequence[CrossAttentionSite], layout: Layout):
         if len({(s.num_heads, s.head_dim) for s in sites}) != 1:
             raise ValueError("all attached cross-attention layers must share the number of heads and head size")
         self.model = model
@@ -125,7 +125,7 @@ class QPertHandle:
         if image_tokens.shape[0] != batch_size:
             raise ValueError(f"Q-Pert got objects for {batch_size} images but the model's batch has "
                              f"{image_tokens.shape[0]}: give one box list per image in the batch")
-        if image_tokens.shape[1] != self.layout.num_tokens:
+        if isinstance(self.layout, TokenLayout) and image_tokens.shape[1] != self.layout.num_tokens:
             raise ValueError(f"the cross-attention sees {image_tokens.shape[1]} image tokens, the token layout "
                              f"expects {self.layout.num_tokens} (grid {self.layout.grid}); were the images "
                              "preprocessed to the model's own input size?")
@@ -141,7 +141,7 @@ class QPertHandle:
         return torch.stack(keys, dim=1)
 
     def _subspaces(self, image_tokens: torch.Tensor, batch: BoxBatch) -> Subspaces:
-        weights = token_weights(batch, self.layout)
+        weights = token_weights(batch, self.layout, num_tokens=image_tokens.shape[1])
         areas = batch.areas
         parts = []
         for s in range(0, max(1, len(batch)), IMAGES_PER_CHUNK):
@@ -179,7 +179,7 @@ class QPertHandle:
 
 
 def attach_sites(model: nn.Module, config: QPertConfig, sites: Sequence[CrossAttentionSite],
-                 layout: TokenLayout) -> QPertHandle:
+                 layout: Layout) -> QPertHandle:
     """Hook ``sites`` of ``model``; one handle per model at a time."""
     if model in _ATTACHED:
         raise RuntimeError("Q-Pert is already attached to this model; call detach() on the existing handle first")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -72,6 +72,17 @@ class TokenLayout:
         out = torch.stack([x0, y0, x1, y1], dim=-1)
         limits = torch.tensor([in_w, in_h, in_w, in_h], dtype=out.dtype, device=out.device)
         return torch.minimum(out.clamp_min(0), limits)
+
+
+class PerImageLayout(Protocol):
+    """A token layout that depends on the image: SigLIP 2 NaFlex gives every image its own patch
+    grid (chosen from its size) inside a sequence padded to a fixed length. ``for_image`` returns
+    the fixed layout of one image of ``height`` x ``width`` pixels in a sequence of ``num_tokens``."""
+
+    def for_image(self, height: int, width: int, num_tokens: int) -> TokenLayout: ...
+
+
+Layout = Union[TokenLayout, PerImageLayout]
 
 
 @dataclass
@@ -169,14 +180,34 @@ def _overlap_1d(lo: torch.Tensor, hi: torch.Tensor, cells: int, cell: float) -> 
     return (torch.minimum(hi[..., None], edges[1:]) - torch.maximum(lo[..., None], edges[:-1])).clamp_min(0)
 
 
-def token_weights(batch: BoxBatch, layout: TokenLayout, device: Optional[torch.device] = None) -> torch.Tensor:
-    """(B, M, N) fraction of each token's patch covered by each box; prefix/suffix tokens get 0."""
-    boxes = layout.to_input_coords(batch.boxes.double(), batch.image_sizes.double())
+def _grid_weights(boxes: torch.Tensor, valid: torch.Tensor, image_sizes: torch.Tensor,
+                  layout: TokenLayout) -> torch.Tensor:
+    """(B, M, N) coverage of boxes of images that share one fixed layout."""
+    boxes = layout.to_input_coords(boxes.double(), image_sizes.double())
     (rows, cols), (ph, pw) = layout.grid, layout.patch
     ox = _overlap_1d(boxes[..., 0], boxes[..., 2], cols, pw) / pw
     oy = _overlap_1d(boxes[..., 1], boxes[..., 3], rows, ph) / ph
-    cover = (oy[..., :, None] * ox[..., None, :]).flatten(-2) * batch.valid[..., None]
+    cover = (oy[..., :, None] * ox[..., None, :]).flatten(-2) * valid[..., None]
     b, m = cover.shape[:2]
     out = torch.zeros(b, m, layout.num_tokens, dtype=torch.float32)
     out[..., layout.num_prefix_tokens : layout.num_prefix_tokens + rows * cols] = cover.float()
+    return out
+
+
+def token_weights(batch: BoxBatch, layout: Layout, device: Optional[torch.device] = None, *,
+                  num_tokens: Optional[int] = None) -> torch.Tensor:
+    """(B, M, N) fraction of each token's patch covered by each box; prefix/suffix tokens get 0.
+
+    A :class:`PerImageLayout` needs ``num_tokens``, the sequence length the images were padded to.
+    """
+    if isinstance(layout, TokenLayout):
+        out = _grid_weights(batch.boxes, batch.valid, batch.image_sizes, layout)
+    elif num_tokens is None:
+        raise ValueError("a per-image token layout needs num_tokens, the length of the image-token sequence")
+    else:
+        out = torch.zeros(len(batch), batch.boxes.shape[1], num_tokens)
+        for i, (h, w) in enumerate(batch.image_sizes.round().int().tolist()):
+            sl = slice(i, i + 1)
+            out[sl] = _grid_weights(batch.boxes[sl], batch.valid[sl], batch.image_sizes[sl],
+                                    layout.for_image(h, w, num_tokens))
     return out if device is None else out.to(device)

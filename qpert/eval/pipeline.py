@@ -263,7 +263,7 @@ class _Run:
             if not self.store.has("objects", key):
                 tokens = self.load_tokens(shard)
                 boxes = [b if ok else [] for b, ok in zip(boxes, tokens["readable"].tolist())]
-                masks = object_masks(self.handle.layout, boxes, tokens["sizes"].tolist())
+                masks = object_masks(self.handle.layout, boxes, tokens["sizes"].tolist(), tokens["tokens"].shape[1])
                 sims = object_similarities(self.model, self.retriever, tokens["tokens"], masks, text_emb,
                                            itc[shard.start:shard.stop])
                 self.store.save("objects", key, {"sims": sims})

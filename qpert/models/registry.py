@@ -16,8 +16,9 @@ from .coca import COCA, load_open_clip
 from .family import ModelFamily, Retriever
 from .internvl import INTERNVL
 from .siglip import SIGLIP
+from .siglip2 import SIGLIP2_NAFLEX
 
-FAMILIES: tuple[ModelFamily, ...] = (BLIP2, BLIP, SIGLIP, COCA, INTERNVL)
+FAMILIES: tuple[ModelFamily, ...] = (BLIP2, BLIP, SIGLIP, SIGLIP2_NAFLEX, COCA, INTERNVL)
 
 #: What ``save_pretrained``-style folders of OpenCLIP models hold (``open_clip.push_to_hf_hub`` layout).
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -68,9 +69,13 @@ MODELS: dict[str, ModelSpec] = {
                   (0.2, 0.4, 0.6, 0.8, 1.0), "SigLIP So400m/14 (Q-Pert in the vision pooling head)"),
         ModelSpec("siglip2-so400m", "google/siglip2-so400m-patch14-384", "SiglipModel", SIGLIP, 384,
                   (0.2, 0.4, 0.6, 0.8, 1.0), "SigLIP 2 So400m/14, fixed resolution (Q-Pert in the vision pooling head)"),
+        # NaFlex: up to 256 patches of 16 px per image (a 256 x 256 square), the grid following the aspect ratio.
+        ModelSpec("siglip2-so400m-naflex", "google/siglip2-so400m-patch16-naflex", "Siglip2Model", SIGLIP2_NAFLEX,
+                  256, (0.2, 0.4, 0.6, 0.8, 1.0), "SigLIP 2 So400m/16 NaFlex, a patch grid per aspect ratio (Q-Pert "
+                  "in the vision pooling head)"),
         ModelSpec("internvl-g", "OpenGVLab/InternVL-14B-224px", "InternVLModel", INTERNVL, 224,
                   (0.2, 0.4, 0.6, 0.8, 1.0), "InternVL-G: InternViT-6B + QLLaMA (Q-Pert in every QLLaMA "
-                  "cross-attention; remote code, attach only)", remote_code=True),
+                  "cross-attention; remote code)", remote_code=True),
     )
 }
 
@@ -170,7 +175,11 @@ def load_model(name_or_path: str, device: Union[str, torch.device] = "cpu",
     else:
         model = getattr(transformers, class_name).from_pretrained(source, dtype=parse_dtype(dtype))
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    retriever = family_of(model).retriever
+    if retriever is not None and retriever.load_processor is not None:
+        processor = retriever.load_processor(source)
+    else:
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     return LoadedModel(spec.name if spec else source, model, processor, spec)
 
 

@@ -2,8 +2,8 @@
 
 ``SiglipMultiheadAttentionPoolingHead`` lets one learned probe attend to the ViT's patch tokens
 through an ``nn.MultiheadAttention`` (see ``qpert.adapters.mha``). The fixed-resolution SigLIP 2
-checkpoints are ``SiglipModel``s; NaFlex ``Siglip2Model``s give every image its own patch grid,
-which a single token layout cannot describe, so they are not supported.
+checkpoints are ``SiglipModel``s; NaFlex ``Siglip2Model``s, with a patch grid per image, are in
+``qpert.models.siglip2``.
 
 Retrieval: SigLIP's score is the sigmoid logit ``t * cos(image, text) + b`` with a learned
 t > 0; ranking needs only the cosine, which is what ``itc_scores`` returns. SigLIP has no ITM head.
