@@ -318,3 +318,18 @@ def test_torchvision_detector_from_a_saved_folder(tmp_path):
     np.testing.assert_allclose(found.boxes, raw["boxes"][dogs][:4].numpy(), atol=1e-4)
     assert (found.boxes[:, 2] <= 120).all() and (found.boxes[:, 3] <= 90).all()
     assert list(found.scores) == sorted(found.scores, reverse=True)
+
+
+def test_detections_are_clipped_filtered_and_capped():
+    from qpert.search.detectors import keep
+
+    boxes = torch.tensor([[-5.0, 2, 20, 30], [10, 10, 12, 12], [50, 5, 70, 9], [1, 1, 4, 4], [3, 3, 3, 9]])
+    scores = torch.tensor([0.9, 0.3, 0.8, 0.95, 0.99])
+    labels = ["dog", "dog", "cat", "dog", "dog"]
+    found = keep(boxes, scores, labels, DetectorOptions(score_threshold=0.5, max_boxes=2, classes=("dog",)), (24, 40))
+    # [3,3,3,9] has no width; [10,10,12,12] scores too low; the cat is filtered; two best dogs remain
+    assert found.labels == ["dog", "dog"]
+    np.testing.assert_allclose(found.boxes, [[1, 1, 4, 4], [0, 2, 20, 24]])
+    np.testing.assert_allclose(found.scores, [0.95, 0.9])
+    outside = keep(torch.tensor([[50.0, 5, 70, 9]]), torch.tensor([0.9]), ["cat"], DetectorOptions(), (24, 40))
+    assert len(outside.boxes) == 0, "a box entirely outside the image is dropped"

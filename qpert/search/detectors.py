@@ -63,9 +63,13 @@ class Detector(Protocol):
     def detect(self, images: Sequence[Image.Image]) -> list[Detections]: ...
 
 
-def keep(boxes: torch.Tensor, scores: torch.Tensor, labels: Sequence[str], options: DetectorOptions) -> Detections:
-    """Threshold, class filter, best ``max_boxes`` first; degenerate boxes never leave the detector."""
+def keep(boxes: torch.Tensor, scores: torch.Tensor, labels: Sequence[str], options: DetectorOptions,
+         size: tuple[int, int]) -> Detections:
+    """Clip to the image (``size`` = height, width), threshold, filter classes, keep the best
+    ``max_boxes``; boxes with no area inside the image never leave the detector."""
     boxes, scores = boxes.detach().float().cpu(), scores.detach().float().cpu()
+    boxes = torch.stack([boxes[:, 0].clamp(0, size[1]), boxes[:, 1].clamp(0, size[0]),
+                         boxes[:, 2].clamp(0, size[1]), boxes[:, 3].clamp(0, size[0])], dim=1)
     wanted = set(options.classes)
     ok = [i for i in range(len(scores)) if scores[i] >= options.score_threshold
           and (not wanted or labels[i] in wanted) and bool((boxes[i, 2:] > boxes[i, :2]).all())]
@@ -87,8 +91,8 @@ class TorchvisionDetector:
 
         batch = [pil_to_tensor(im.convert("RGB")).to(self.device, torch.float32) / 255 for im in images]
         outputs = self.model(batch)
-        return [keep(o["boxes"], o["scores"], [self._label(int(i)) for i in o["labels"]], self.options)
-                for o in outputs]
+        return [keep(o["boxes"], o["scores"], [self._label(int(i)) for i in o["labels"]], self.options,
+                     (im.height, im.width)) for o, im in zip(outputs, images)]
 
     def _label(self, index: int) -> str:
         return self.categories[index] if 0 <= index < len(self.categories) else str(index)
@@ -111,8 +115,8 @@ class TransformersDetector:
         # threshold 0 here: ``keep`` applies the score threshold, the class filter and the cap in one place
         results = self.processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
         names = self.model.config.id2label
-        return [keep(r["boxes"], r["scores"], [names.get(int(i), str(int(i))) for i in r["labels"]], self.options)
-                for r in results]
+        return [keep(r["boxes"], r["scores"], [names.get(int(i), str(int(i))) for i in r["labels"]], self.options, size)
+                for r, size in zip(results, sizes)]
 
 
 def load_detector(spec: str, options: Optional[DetectorOptions] = None, device: str | torch.device = "cpu") -> Detector:
