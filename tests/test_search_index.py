@@ -333,3 +333,38 @@ def test_detections_are_clipped_filtered_and_capped():
     np.testing.assert_allclose(found.scores, [0.95, 0.9])
     outside = keep(torch.tensor([[50.0, 5, 70, 9]]), torch.tensor([0.9]), ["cat"], DetectorOptions(), (24, 40))
     assert len(outside.boxes) == 0, "a box entirely outside the image is dropped"
+
+
+@pytest.mark.parametrize("family", ["coca", "siglip"])
+def test_other_families_index_and_search_by_itc(family, models, tmp_path):
+    """One vector per photo (CoCa, SigLIP) instead of BLIP-2's 32; no ITM head, so --itm is refused."""
+    from transformers import SiglipImageProcessor, SiglipProcessor
+
+    from qpert.errors import UnsupportedModelError
+    from qpert.models.tiny import tiny_processor
+    from search_fixtures import WORDS
+    from test_retrieval_families import tiny_coca_dir
+    from test_siglip import tiny_siglip
+
+    model_dir = tmp_path / family
+    model_dir.mkdir()
+    if family == "coca":
+        tiny_coca_dir(model_dir)
+    else:
+        tiny_siglip(seed=0).save_pretrained(model_dir)
+        SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 30, "width": 30}),
+                        tokenizer=tiny_processor(WORDS, str(model_dir)).tokenizer).save_pretrained(model_dir)
+    photos = photo_folder(tmp_path / "photos", count=4)
+    build_index(photos, tmp_path / "index", settings_for((model_dir, models[1])), device="cpu", progress=False)
+    index = PhotoIndex(tmp_path / "index", device="cpu")
+    rows = sorted(index.rows.values(), key=lambda r: r.path)
+    images = [Image.open(index.photos_dir / r.path).convert("RGB") for r in rows]
+    query = "a red square"
+    reference = score(qpert.load_model(str(model_dir)), images, [r.detections.boxes for r in rows], [query], CONFIG)
+    for qp, name in ((True, "qpert"), (False, "baseline")):
+        expected = reference[name].itc[:, 0].numpy()
+        hits = index.search(query, k=4, qpert=qp)
+        assert [h.path for h in hits] == [rows[i].path for i in np.argsort(-expected, kind="stable")]
+    assert not np.allclose(reference["qpert"].itc, reference["baseline"].itc)
+    with pytest.raises(UnsupportedModelError, match="no ITM head"):
+        index.search(query, itm=True)
