@@ -14,6 +14,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -50,6 +51,62 @@ def synthetic_gallery(folder: Path, n_images: int, seed: int) -> tuple[Retrieval
     return dataset, BoxSet("random", boxes, [])
 
 
+def measure_projection(image_size: int, n_images: int, k: int, batch_size: int, itm_batch_size: int, device: str,
+                       dtype: torch.dtype, model: Optional[torch.nn.Module] = None) -> dict:
+    """Per-item costs of the real pipeline's stages on a small gallery, and the benchmarks' projected time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset, boxes = synthetic_gallery(Path(tmp), n_images, seed=0)
+        processor = tiny_processor(WORDS, tmp, image_size=image_size)
+        model = model if model is not None else full_size_blip2(image_size, device, dtype)
+        loaded = LoadedModel("blip2-full-size-random", model, processor, None)
+        methods = {"baseline": None, "qpert": qpert.QPertConfig(alpha=8.0)}
+        options = EvalOptions(itm=True, k=k, batch_size=batch_size, itm_batch_size=itm_batch_size,
+                              shard_size=64, progress=False)
+        run = _Run(loaded, dataset, boxes, options)
+        times = {}
+
+        def stage(name, fn):
+            start = time.perf_counter()
+            out = fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name] = time.perf_counter() - start
+            return out
+
+        stage("vision tokens", run.vision_tokens)
+        text_emb, ids, mask = stage("text features", run.text_embeddings)
+        stage("image embeddings", lambda: run.image_embeddings(methods))
+        per_pair = {}
+        for name, config in methods.items():
+            itc = run.itc_scores(config, text_emb)
+            n_img, n_txt = itc.shape
+            pairs = len(set(zip(itc.topk(k, 0).indices.flatten().tolist(), np.tile(np.arange(n_txt), k))) |
+                        set(zip(np.repeat(np.arange(n_img), k), itc.topk(k, 1).indices.flatten().tolist())))
+            stage(f"ITM [{name}]", lambda: run.itm_rerank(config, itc, ids, mask, name))
+            per_pair[name] = times[f"ITM [{name}]"] / pairs
+        run.handle.detach()
+        n_texts = len(dataset.texts)
+    per_image = (times["vision tokens"] + times["image embeddings"]) / n_images
+    per_text = times["text features"] / n_texts
+    projections = {}
+    for bench, (n_img, n_txt) in BENCHMARKS.items():
+        itc_s = n_img * per_image + n_txt * per_text
+        itm_s = (n_img + n_txt) * 64 * sum(per_pair.values())
+        projections[bench] = {"itc_s": itc_s, "itm_s": itm_s, "total_min": (itc_s + itm_s) / 60}
+    return {"per_image_s": per_image, "per_text_s": per_text, "per_itm_pair_s": per_pair, "stage_s": times,
+            "gallery": {"images": n_images, "texts": n_texts, "k": k}, "projections": projections}
+
+
+def print_projection(result: dict) -> None:
+    per_pair = result["per_itm_pair_s"]
+    print(f"  per image (vision + ITC embeddings, both methods): {result['per_image_s']:.4f} s; "
+          f"per text {result['per_text_s'] * 1e3:.2f} ms; ITM per pair: baseline {per_pair['baseline'] * 1e3:.2f} ms, "
+          f"Q-Pert {per_pair['qpert'] * 1e3:.2f} ms ({100 * (per_pair['qpert'] / per_pair['baseline'] - 1):+.1f}%)")
+    for bench, p in result["projections"].items():
+        print(f"  projected {bench}, baseline + Q-Pert, ITC + ITM top-64 both directions: ITC stages "
+              f"{p['itc_s'] / 60:.1f} min + ITM {p['itm_s'] / 60:.1f} min = {p['total_min']:.1f} min")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image-size", type=int, default=364)
@@ -65,55 +122,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    with tempfile.TemporaryDirectory() as tmp:
-        dataset, boxes = synthetic_gallery(Path(tmp), args.images, seed=0)
-        processor = tiny_processor(WORDS, tmp, image_size=args.image_size)
-        loaded = LoadedModel("blip2-full-size-random", full_size_blip2(args.image_size, args.device, dtype),
-                             processor, None)
-        methods = {"baseline": None, "qpert": qpert.QPertConfig(alpha=8.0)}
-        options = EvalOptions(itm=True, k=args.k, batch_size=args.batch_size, itm_batch_size=args.itm_batch_size,
-                              shard_size=64, progress=False)
-        run = _Run(loaded, dataset, boxes, options)
-        times, pairs = {}, 0
-
-        def stage(name, fn):
-            start = time.perf_counter()
-            out = fn()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name] = time.perf_counter() - start
-            return out
-
-        stage("vision tokens", run.vision_tokens)
-        text_emb, ids, mask = stage("text features", run.text_embeddings)
-        stage("image embeddings (baseline + Q-Pert, incl. subspaces)", lambda: run.image_embeddings(methods))
-        for name, config in methods.items():
-            itc = run.itc_scores(config, text_emb)
-            n_img, n_txt = itc.shape
-            pairs = len(set(zip(itc.topk(args.k, 0).indices.flatten().tolist(), np.tile(np.arange(n_txt), args.k))) |
-                        set(zip(np.repeat(np.arange(n_img), args.k), itc.topk(args.k, 1).indices.flatten().tolist())))
-            stage(f"ITM re-ranking [{name}]", lambda: run.itm_rerank(config, itc, ids, mask, name))
-            times[f"ITM re-ranking [{name}]"] /= pairs
-        run.handle.detach()
-
-    per_image = times["vision tokens"] / args.images + times["image embeddings (baseline + Q-Pert, incl. subspaces)"] / args.images
-    per_text = times["text features"] / len(dataset.texts)
-    per_pair = {n: times[f"ITM re-ranking [{n}]"] for n in methods}
+    result = measure_projection(args.image_size, args.images, args.k, args.batch_size, args.itm_batch_size,
+                                args.device, dtype)
     print(f"full-size BLIP-2 (random weights), {args.image_size}px, {args.dtype}, {args.device}, "
-          f"{torch.get_num_threads()} threads; gallery {args.images} images / {len(dataset.texts)} texts, k={args.k}")
-    print(f"  per image (vision + ITC embeddings, both methods): {per_image:.3f} s")
-    print(f"  per text: {per_text * 1e3:.2f} ms;  ITM per pair: baseline {per_pair['baseline'] * 1e3:.1f} ms, "
-          f"Q-Pert {per_pair['qpert'] * 1e3:.1f} ms ({100 * (per_pair['qpert'] / per_pair['baseline'] - 1):+.1f}%)")
-    projections = {}
-    for bench, (n_img, n_txt) in BENCHMARKS.items():
-        itc_s = n_img * per_image + n_txt * per_text
-        itm_s = (n_img + n_txt) * 64 * sum(per_pair.values())
-        projections[bench] = {"itc_s": itc_s, "itm_s": itm_s, "total_h": (itc_s + itm_s) / 3600}
-        print(f"  projected {bench}, baseline + Q-Pert, ITC + ITM top-64: ITC stages {itc_s / 60:.1f} min, "
-              f"ITM {itm_s / 3600:.1f} h, total {(itc_s + itm_s) / 3600:.1f} h")
+          f"{torch.get_num_threads()} threads; gallery {args.images} images, k={args.k}")
+    print_projection(result)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "stage_seconds": times,
-                                               "projections": projections}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), **result}, indent=2))
 
 
 if __name__ == "__main__":

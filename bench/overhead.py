@@ -14,7 +14,7 @@ import json
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
@@ -29,7 +29,8 @@ def full_size_blip2(image_size: int, device: str, dtype: torch.dtype) -> Blip2Fo
     config = Blip2Config(use_qformer_text_input=True)
     config.qformer_config.use_qformer_text_input = True  # the retrieval checkpoints' Q-Former reads text
     config.vision_config.image_size = image_size
-    model = Blip2ForImageTextRetrieval(config)
+    with torch.device(device):  # initialized where it runs: ViT-g's 1B weights take a minute on a CPU
+        model = Blip2ForImageTextRetrieval(config)
     with torch.no_grad():  # zero query tokens would make the perturbation a no-op (same cost, but unrealistic)
         model.query_tokens.normal_(0, 0.02)
     return model.to(device, dtype).eval()
@@ -62,6 +63,88 @@ def paired(base: Callable, pert: Callable, repeats: int, device: str) -> tuple[f
     return statistics.median(tb), statistics.median(tp), statistics.median(p / b for p, b in zip(tp, tb))
 
 
+def measure_overhead(image_size: int, batch: int, n_boxes: int, pairs: int, repeats: int, device: str,
+                     dtype: torch.dtype, model: Optional[Blip2ForImageTextRetrieval] = None) -> dict[str, tuple]:
+    """{step: (baseline s, Q-Pert s or None, median ratio or None)} for one input size."""
+    torch.manual_seed(0)
+    model = model if model is not None else full_size_blip2(image_size, device, dtype)
+    handle = qpert.attach(model, qpert.QPertConfig(alpha=8.0, weight="constant", threshold=0.99))
+    pixels = torch.randn(batch, 3, image_size, image_size, device=device, dtype=dtype)
+    boxes = random_boxes(batch, n_boxes, image_size, seed=1)
+    sizes = [(image_size, image_size)] * batch
+    rows = {}
+
+    def encode():
+        return B.image_embeddings(model, B.image_tokens(model, pixels))
+
+    def encode_qpert():
+        with handle.objects(boxes, sizes):
+            return encode()
+
+    rows[ENCODING] = paired(encode, encode_qpert, repeats, device)
+
+    tokens = B.image_tokens(model, pixels)
+    box_batch = prepare_boxes(boxes, sizes)
+    parts = {
+        WEIGHTS: lambda: token_weights(box_batch, handle.layout),
+        SUBSPACES: lambda: handle.compute_subspaces(tokens, boxes, sizes),
+    }
+    for name, fn in parts.items():
+        fn()
+        rows[name] = (statistics.median(timed(fn, device) for _ in range(repeats)), None, None)
+
+    subspaces = handle.compute_subspaces(tokens, boxes, sizes)
+
+    def itc():
+        return B.image_embeddings(model, tokens)
+
+    def itc_qpert():
+        with handle.objects(subspaces=subspaces):
+            return itc()
+
+    rows[QUERIES] = paired(itc, itc_qpert, repeats, device)
+    pair_img = torch.arange(pairs, device=device) % batch
+    pair_tokens = tokens[pair_img]
+    ids = torch.randint(1000, 20000, (pairs, 35), device=device)
+    mask = torch.ones_like(ids)
+    pair_subs = subspaces.select(pair_img)
+
+    def itm():
+        return B.itm_scores(model, pair_tokens, ids, mask)
+
+    def itm_qpert():
+        with handle.objects(subspaces=pair_subs):
+            return itm()
+
+    rows[itm_row(pairs)] = paired(itm, itm_qpert, repeats, device)
+    handle.detach()
+    return rows
+
+
+ENCODING = "image encoding (vision + Q-Former ITC)"
+WEIGHTS = "  part: token weights"
+SUBSPACES = "  part: keys + subspaces (all layers)"
+QUERIES = "  Q-Former ITC pass, cached tokens (+ query perturbation)"
+
+
+def itm_row(pairs: int) -> str:
+    return f"ITM, {pairs} pairs, cached tokens + subspaces"
+
+
+def own_share(rows: dict[str, tuple]) -> float:
+    """Q-Pert's own work (token weights + keys + subspaces) as a share of the baseline encoding."""
+    return (rows[WEIGHTS][0] + rows[SUBSPACES][0]) / rows[ENCODING][0]
+
+
+def print_rows(rows: dict[str, tuple]) -> None:
+    print(f"{'step':58s} {'baseline s':>11s} {'Q-Pert s':>9s} {'overhead':>9s}")
+    for name, (tb, tp, ratio) in rows.items():
+        if tp is None:
+            print(f"{name:58s} {tb:11.4f}")
+        else:
+            print(f"{name:58s} {tb:11.4f} {tp:9.4f} {100 * (ratio - 1):+8.2f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image-size", type=int, default=364, help="224 (blip2-itm-vit-g) or 364 (-coco)")
@@ -77,65 +160,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    torch.manual_seed(0)
-
-    model = full_size_blip2(args.image_size, args.device, dtype)
-    handle = qpert.attach(model, qpert.QPertConfig(alpha=8.0, weight="constant", threshold=0.99))
-    pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device, dtype=dtype)
-    boxes = random_boxes(args.batch, args.boxes, args.image_size, seed=1)
-    sizes = [(args.image_size, args.image_size)] * args.batch
-    rows = {}
-
-    def encode():
-        return B.image_embeddings(model, B.image_tokens(model, pixels))
-
-    def encode_qpert():
-        with handle.objects(boxes, sizes):
-            return encode()
-
-    rows["image encoding (vision + Q-Former ITC)"] = paired(encode, encode_qpert, args.repeats, args.device)
-
-    tokens = B.image_tokens(model, pixels)
-    batch = prepare_boxes(boxes, sizes)
-    parts = {
-        "  part: token weights": lambda: token_weights(batch, handle.layout),
-        "  part: keys + subspaces (all layers)": lambda: handle.compute_subspaces(tokens, boxes, sizes),
-    }
-    for name, fn in parts.items():
-        fn()
-        rows[name] = (statistics.median(timed(fn, args.device) for _ in range(args.repeats)), None, None)
-
-    subspaces = handle.compute_subspaces(tokens, boxes, sizes)
-    pair_img = torch.arange(args.pairs, device=args.device) % args.batch
-    pair_tokens = tokens[pair_img]
-    ids = torch.randint(1000, 20000, (args.pairs, 35), device=args.device)
-    mask = torch.ones_like(ids)
-    pair_subs = subspaces.select(pair_img)
-
-    def itm():
-        return B.itm_scores(model, pair_tokens, ids, mask)
-
-    def itm_qpert():
-        with handle.objects(subspaces=pair_subs):
-            return itm()
-
-    rows[f"ITM, {args.pairs} pairs, cached tokens + subspaces"] = paired(itm, itm_qpert, args.repeats, args.device)
-    handle.detach()
-
+    rows = measure_overhead(args.image_size, args.batch, args.boxes, args.pairs, args.repeats, args.device, dtype)
     header = (f"qpert {qpert.__version__} | BLIP-2 ViT-g + Q-Former (random weights), {args.image_size}px, "
               f"{args.boxes} boxes/image, batch {args.batch}, {args.dtype}, {args.device} "
               f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}")
     print(header)
-    print(f"{'step':52s} {'baseline s':>11s} {'Q-Pert s':>9s} {'overhead':>9s}")
-    for name, (tb, tp, ratio) in rows.items():
-        if tp is None:
-            print(f"{name:52s} {tb:11.4f}")
-        else:
-            print(f"{name:52s} {tb:11.4f} {tp:9.4f} {100 * (ratio - 1):+8.2f}%")
-    own = rows["  part: token weights"][0] + rows["  part: keys + subspaces (all layers)"][0]
-    base_encode = rows["image encoding (vision + Q-Former ITC)"][0]
-    print(f"Q-Pert's own work per encoding batch (token weights + keys + subspaces): {own:.4f} s = "
-          f"{100 * own / base_encode:.2f}% of the baseline encoding (the end-to-end ratio above is noisier)")
+    print_rows(rows)
+    print(f"Q-Pert's own work per encoding batch (token weights + keys + subspaces): "
+          f"{100 * own_share(rows):.2f}% of the baseline encoding (the end-to-end ratio above is noisier)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": header, "rows": {k: dict(zip(("baseline_s", "qpert_s", "ratio"), v))

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU check, in one call of under 8 minutes on a lent GPU machine (nothing is installed from the
+# network): the CUDA correctness tests, then the full-size benchmark in fp16 and bf16. Everything it
+# prints also lands in $OUT (when set) or bench/out/.
+#
+#   device run:  bash bench/gpu_check.sh            (from the repository root; timeout_s 540)
+#
+# The machine's own python3 must hold torch, transformers, safetensors, typer, tqdm, pillow and
+# matplotlib (the lent images do). CoCa's benchmark also needs open_clip: put its wheels in .whl/
+# beforehand (pip download --no-deps -d .whl open_clip_torch ftfy wcwidth) and carry .whl.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-bench/out}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/qpert-site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/qpert-site"
+fi
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$out/machine.txt"
+
+status=0
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/cuda_tests.txt" || status=1
+for dtype in fp16 bf16; do
+    timeout 150 python3 bench/run.py --device cuda --dtype "$dtype" --sizes 224,364 --batch 32 --pairs 512 \
+        --gallery 64 --k 16 --repeats 5 --json "$out/bench_$dtype.json" 2>&1 | tee "$out/bench_$dtype.txt" || status=1
+done
+exit $status
