@@ -368,3 +368,29 @@ def test_other_families_index_and_search_by_itc(family, models, tmp_path):
     assert not np.allclose(reference["qpert"].itc, reference["baseline"].itc)
     with pytest.raises(UnsupportedModelError, match="no ITM head"):
         index.search(query, itm=True)
+
+
+def test_annotated_photos_take_their_boxes_and_the_rest_go_to_the_detector(models, tmp_path):
+    import json
+
+    photos = photo_folder(tmp_path / "photos", count=4)
+    coco = {"images": [{"id": 7, "file_name": "album0/photo0.jpg", "height": 48, "width": 64},
+                       {"id": 8, "file_name": "album1/photo1.png", "height": 48, "width": 64},
+                       {"id": 9, "file_name": "not/there.jpg", "height": 10, "width": 10}],
+            "annotations": [{"image_id": 7, "bbox": [2, 3, 10, 12], "category_id": 1},
+                            {"image_id": 7, "bbox": [50, 40, 30, 30], "category_id": 2},   # clipped to 64 x 48
+                            {"image_id": 8, "bbox": [0, 0, 5, 5], "category_id": 2, "iscrowd": 1}],
+            "categories": [{"id": 1, "name": "kite"}, {"id": 2, "name": "person"}]}
+    (tmp_path / "boxes.json").write_text(json.dumps(coco))
+    build_index(photos, tmp_path / "index", settings_for(models, annotations=str(tmp_path / "boxes.json")),
+                device="cpu", progress=False)
+    rows, *_ = catalog_state(tmp_path / "index")
+    assert rows["album0/photo0.jpg"][2] == [{"box": [2.0, 3.0, 12.0, 15.0], "score": 1.0, "label": "kite"},
+                                            {"box": [50.0, 40.0, 64.0, 48.0], "score": 1.0, "label": "person"}]
+    assert rows["album1/photo1.png"][2] == [], "annotated with crowd boxes only: no boxes, no detector"
+    assert all(len(rows[p][2]) == 3 and rows[p][2][0]["label"] in ("dog", "cat", "ball")
+               for p in ("album0/photo2.webp", "album1/photo3.jpg")), "unannotated photos get the detector's boxes"
+    (tmp_path / "bad.json").write_text(json.dumps({"images": [{"file_name": "x.jpg"}], "annotations": []}))
+    out = index_cli("index", str(photos), "--index", str(tmp_path / "other"), "--model", str(models[0]),
+                    "--detector", "none", "--annotations", str(tmp_path / "bad.json"), check=False)
+    assert out.returncode == 2 and "images need id, file_name, height, width" in out.stderr

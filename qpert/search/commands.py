@@ -23,6 +23,8 @@ def index(
     detector_threshold: float = typer.Option(0.5, help="Keep detections scoring at least this."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated detector labels to keep (default: all)."),
     max_boxes: int = typer.Option(10, help="Keep at most this many boxes per photo, best first."),
+    annotations: Optional[Path] = typer.Option(None, help="COCO instances JSON with boxes for some photos (file_name "
+                                                          "relative to PHOTOS): those photos skip the detector."),
     alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
     faiss: str = typer.Option("flat", help="flat (exact), hnsw or ivf (approximate, for large collections)."),
@@ -50,7 +52,8 @@ def index(
         model=model, detector=detector,
         detector_options=DetectorOptions(detector_threshold, max_boxes,
                                          tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else ()),
-        qpert=qpert_config(alpha, weight, threshold, keep_norm, orthogonal), faiss=faiss, itm_features=itm_features,
+        qpert=qpert_config(alpha, weight, threshold, keep_norm, orthogonal),
+        annotations=str(annotations.resolve()) if annotations else None, faiss=faiss, itm_features=itm_features,
         dtype=dtype, trust_remote_code=trust_remote_code)
     try:
         report = build_index(photos, index_dir, settings, device=device, batch_size=batch_size)

@@ -31,6 +31,7 @@ from ..errors import IndexBusyError
 from ..eval.cache import FeatureStore, content_key, model_fingerprint
 from ..models.registry import LoadedModel, load_model, retriever_of
 from . import distributed
+from .annotations import annotated_detections, read_annotations
 from .catalog import Catalog, NewPhoto, PhotoRow
 from .detectors import Detections, Detector, DetectorOptions, load_detector
 from .photos import PhotoFile, UnreadablePhotoError, content_hash, load_photo, scan_photos
@@ -53,6 +54,7 @@ class IndexSettings:
     detector: str = "torchvision:fasterrcnn_resnet50_fpn_v2"
     detector_options: DetectorOptions = DetectorOptions()
     qpert: QPertConfig = QPertConfig()
+    annotations: Optional[str] = None   # COCO instances file: its photos take these boxes, not the detector's
     faiss: str = "flat"
     itm_features: bool = True   # keep the vision tokens, for ITM re-ranking at search time
     dtype: Optional[str] = None
@@ -133,9 +135,10 @@ class Indexer:
         self.retriever = retriever_of(self.loaded.model)
         self.detector: Optional[Detector] = None if settings.detector == NO_DETECTOR else \
             load_detector(settings.detector, settings.detector_options, self.device)
+        self.annotations = read_annotations(Path(settings.annotations)) if settings.annotations else {}
         self.model_key = model_key(self.loaded, settings)
-        self.detector_key = NO_DETECTOR if self.detector is None else \
-            content_key(settings.detector, settings.to_json()["detector_options"])
+        self.detector_key = content_key(settings.detector, settings.to_json()["detector_options"], self.annotations) \
+            if self.detector is not None or self.annotations else NO_DETECTOR
         self.settings_key = f"{self.detector_key}/{content_key(self.model_key, self.detector_key, settings.qpert.to_dict())}"
         self.features = FeatureStore(self.index_dir / "features")   # vision tokens, kept for ITM
         self.staging = FeatureStore(self.index_dir / "staging")     # per-photo results until the merge
@@ -219,15 +222,19 @@ class Indexer:
         bar.update(len(batch))
 
     def _detections(self, ready: list[tuple[_Work, str]], images: list[Image.Image]) -> list[Detections]:
-        """The detector's boxes, reused from the catalog when the photo and detector are unchanged."""
-        empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), [])
-        if self.detector is None:
-            return [empty] * len(ready)
+        """Annotated boxes, else the detector's (reused from the catalog when photo and detector are
+        unchanged), else none."""
         found: list[Optional[Detections]] = []
         for item, sha in ready:
             row = item.row
-            same = row is not None and row.sha256 == sha and row.settings.split("/")[0] == self.detector_key
-            found.append(row.detections if same else None)
+            if item.file.path in self.annotations:
+                found.append(annotated_detections(self.annotations[item.file.path], self.settings.detector_options))
+            elif self.detector is None:
+                found.append(Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), []))
+            elif row is not None and row.sha256 == sha and row.settings.split("/")[0] == self.detector_key:
+                found.append(row.detections)
+            else:
+                found.append(None)
         todo = [i for i, d in enumerate(found) if d is None]
         if todo:
             for i, d in zip(todo, self.detector.detect([images[i] for i in todo])):
