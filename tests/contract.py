@@ -52,3 +52,26 @@ def assert_inactive_is_bit_identical(model: torch.nn.Module, forward: Callable[[
             assert torch.equal(forward(), base)
     finally:
         handle.detach()
+
+
+def assert_matches_reference(model: torch.nn.Module, forward: Callable[[], torch.Tensor],
+                             install_reference: Callable[[], object], config: dict, boxes=BOXES,
+                             sizes=SIZES) -> qpert.QPertHandle:
+    """The adapter's outputs equal (<= 1e-5) those of a plain reference of DESIGN.md §1 hooked into the
+    same modules (``install_reference()`` returns it, with ``remove()``), and the reference does change
+    the outputs. Returns the (detached) handle, for checks of its layout."""
+    base = forward()
+    reference = install_reference()
+    try:
+        expected = forward()
+    finally:
+        reference.remove()
+    assert (expected - base).abs().max() > 1e-3, "the reference must change the outputs, else the test is vacuous"
+    handle = qpert.attach(model, qpert.QPertConfig(**config))
+    try:
+        with handle.objects(boxes, sizes):
+            got = forward()
+    finally:
+        handle.detach()
+    assert (got - expected).abs().max() <= 1e-5
+    return handle

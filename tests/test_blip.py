@@ -6,7 +6,7 @@ import torch
 from transformers import BlipConfig, BlipForImageTextRetrieval, BlipProcessor
 
 import qpert
-from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical
+from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.core import prepare_boxes, token_weights
 from qpert.models.registry import MODELS, family_of
 from qpert.models.tiny import randomize, tiny_processor
@@ -62,21 +62,8 @@ def reference(model, cfg):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
 def test_matches_plain_reference(model, inputs, cfg):
-    base = itm(model, inputs)
-    ref = reference(model, cfg)
-    try:
-        expected = itm(model, inputs)
-    finally:
-        ref.remove()
-    assert (expected - base).abs().max() > 1e-3, "the reference must change the outputs, else the test is vacuous"
-    handle = qpert.attach(model, qpert.QPertConfig(**cfg))
-    try:
-        assert handle.num_layers == 3 and handle.layout.num_tokens == 17
-        with handle.objects(BOXES, SIZES):
-            got = itm(model, inputs)
-    finally:
-        handle.detach()
-    assert (got - expected).abs().max() <= 1e-5
+    handle = assert_matches_reference(model, lambda: itm(model, inputs), lambda: reference(model, cfg), cfg)
+    assert handle.num_layers == 3 and handle.layout.num_tokens == 17
 
 
 def test_bit_identical_when_inactive(model, inputs):

@@ -11,7 +11,7 @@ open_clip = pytest.importorskip("open_clip")
 from safetensors.torch import save_file  # noqa: E402
 
 import qpert  # noqa: E402
-from contract import assert_detach_restores, assert_inactive_is_bit_identical  # noqa: E402
+from contract import assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference  # noqa: E402
 from qpert.core import prepare_boxes, token_weights  # noqa: E402
 from qpert.models.registry import MODELS  # noqa: E402
 from qpert.models.tiny import randomize  # noqa: E402
@@ -63,22 +63,13 @@ def encode(model, pixels):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
 def test_matches_plain_reference(model, pixels, cfg):
-    base = encode(model, pixels)
-    ref = ReferenceHooks(shortest_edge_objects(BOXES, SIZES, crop=28, grid=4, patch=7, prefix=1), cfg)
-    ref.mha(model.visual.attn_pool.attn)
-    try:
-        expected = encode(model, pixels)
-    finally:
-        ref.remove()
-    assert (expected - base).abs().max() > 1e-3, "the reference must change the outputs, else the test is vacuous"
-    handle = qpert.attach(model, qpert.QPertConfig(**cfg))
-    try:
-        assert handle.layout.resize == "shortest_edge" and handle.layout.num_tokens == 17
-        with handle.objects(BOXES, SIZES):
-            got = encode(model, pixels)
-    finally:
-        handle.detach()
-    assert (got - expected).abs().max() <= 1e-5
+    def reference():
+        ref = ReferenceHooks(shortest_edge_objects(BOXES, SIZES, crop=28, grid=4, patch=7, prefix=1), cfg)
+        ref.mha(model.visual.attn_pool.attn)
+        return ref
+
+    handle = assert_matches_reference(model, lambda: encode(model, pixels), reference, cfg, BOXES, SIZES)
+    assert handle.layout.resize == "shortest_edge" and handle.layout.num_tokens == 17
 
 
 def test_bit_identical_when_inactive(model, pixels):

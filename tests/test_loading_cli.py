@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import qpert
-from qpert.models import blip2 as B
 from qpert.models.tiny import tiny_blip2, tiny_processor
 
 WORDS = "a small red square large blue rectangle green circle".split()

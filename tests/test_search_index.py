@@ -14,7 +14,6 @@ from PIL import Image
 
 import qpert
 from qpert.scoring import score
-from qpert.search import indexer as indexer_module
 from qpert.search.catalog import Catalog, CatalogUpdate
 from qpert.search.detectors import DetectorOptions, TransformersDetector, load_detector
 from qpert.search.indexer import IndexSettings, build_index

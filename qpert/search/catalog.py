@@ -39,8 +39,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 
 @dataclass
-class PhotoRow:
-    id: int
+class PhotoRecord:
+    """What the catalog knows of one photo besides its vectors."""
+
     path: str
     size: int
     mtime_ns: int
@@ -52,19 +53,18 @@ class PhotoRow:
 
 
 @dataclass
-class NewPhoto:
+class PhotoRow(PhotoRecord):
+    """An indexed photo, as read back."""
+
+    id: int
+
+
+@dataclass
+class NewPhoto(PhotoRecord):
     """What the indexer found for one photo, ready to be written."""
 
-    path: str
-    size: int
-    mtime_ns: int
-    sha256: str
-    width: int
-    height: int
-    detections: Detections
-    settings: str
-    baseline: np.ndarray
-    qpert: np.ndarray
+    baseline: np.ndarray   # float32 (Q, D) ITC image embeddings without Q-Pert
+    qpert: np.ndarray      # and with Q-Pert on the detections
 
 
 class Catalog:
@@ -87,8 +87,7 @@ class Catalog:
     def photos(self) -> dict[str, PhotoRow]:
         rows = self.db.execute("SELECT id, path, size, mtime_ns, sha256, width, height, detections, settings "
                                "FROM photos ORDER BY id").fetchall()
-        return {r[1]: PhotoRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], Detections.from_json(json.loads(r[7])), r[8])
-                for r in rows}
+        return {r[1]: PhotoRow(*r[1:7], Detections.from_json(json.loads(r[7])), r[8], id=r[0]) for r in rows}
 
     def skipped(self) -> dict[str, tuple[int, int, str]]:
         return {p: (s, m, why) for p, s, m, why in self.db.execute("SELECT path, size, mtime_ns, reason FROM skipped")}

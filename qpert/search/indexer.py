@@ -317,7 +317,7 @@ class Indexer:
         height, width = (int(v) for v in staged["size"])
         return NewPhoto(f.path, f.size, f.mtime_ns, sha, width, height,
                         Detections.from_json(_from_json_tensor(staged["detections"])), self.settings_key,
-                        staged["baseline"].numpy(), staged["qpert"].numpy())
+                        baseline=staged["baseline"].numpy(), qpert=staged["qpert"].numpy())
 
     def _collect_garbage(self, catalog: Catalog) -> None:
         """Drop the staged results (now in SQLite) and vision tokens of photos no longer indexed."""
