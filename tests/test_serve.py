@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import re
@@ -157,11 +158,30 @@ def test_photos_are_served_by_id_with_their_type(served):
         assert body == (served.index.photos_dir / row.path).read_bytes()
 
 
+def test_thumbnails_are_small_upright_jpegs(served, tmp_path):
+    from qpert.search import server as server_module
+
+    for row in served.index.rows.values():
+        if row.id == served.link_id:
+            continue
+        status, headers, body = get(f"{served.url}thumb/{row.id}")
+        assert status == 200 and headers["Content-Type"] == "image/jpeg"
+        thumb = Image.open(io.BytesIO(body))
+        assert thumb.format == "JPEG" and (thumb.width, thumb.height) == (row.width, row.height)  # small already
+    big = tmp_path / "big.png"
+    Image.new("RGB", (1600, 900), (10, 20, 30)).save(big)
+    small = Image.open(io.BytesIO(server_module._thumbnail(big, 0)))
+    assert (small.width, small.height) == (server_module.THUMB_SIZE, 216)
+    status, _, body = get(f"{served.url}thumb/{served.link_id}")
+    assert status == 404 and json.loads(body) == {"error": "no such photo"}
+
+
 @pytest.mark.parametrize("path", [
     "/photo/../../etc/passwd", "/photo/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/photo/..%2F..%2Fetc%2Fpasswd",
     "/photo/999999", "/photo/abc", "/photo/-1", "/photo/1.5", "/photo/", "/photo/1/", "/photo/1%00",
     "/photo/album0/photo0.jpg", "//etc/passwd", "/../etc/passwd", "/static/../server.py", "/static/index.html",
-    "/static/%2e%2e/server.py", "/index.html", "/api/searchx",
+    "/static/%2e%2e/server.py", "/index.html", "/api/searchx", "/thumb/../../etc/passwd", "/thumb/abc",
+    "/thumb/999999", "/thumbs/1",
 ])
 def test_anything_but_a_catalog_id_is_404(served, path):
     status, headers, body = raw_get(served.url, path)

@@ -6,6 +6,8 @@ One lock serializes the model: PyTorch inference on one module from several thre
 """
 from __future__ import annotations
 
+import functools
+import io
 import json
 import re
 import socket
@@ -20,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import UnsupportedModelError
+from .photos import load_photo
 from .searcher import PhotoIndex
 
 #: The page's files, by URL; nothing else under ``static/`` or elsewhere is served.
@@ -28,7 +31,8 @@ STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/static/style.css": ("style.css", "text/css; charset=utf-8"),
           "/static/favicon.svg": ("favicon.svg", "image/svg+xml")}
 PHOTO_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
-PHOTO_ROUTE = re.compile(r"/photo/([0-9]{1,18})")
+PHOTO_ROUTE = re.compile(r"/(photo|thumb)/([0-9]{1,18})")
+THUMB_SIZE = 384  # longest side of a result's thumbnail, in pixels
 MAX_K = 100
 MAX_QUERY = 500
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
@@ -91,7 +95,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._api_search(parse_qs(url.query))
         match = PHOTO_ROUTE.fullmatch(url.path)
         if match:
-            return self._photo(int(match.group(1)))
+            return self._photo(int(match.group(2)), thumbnail=match.group(1) == "thumb")
         self._send_json({"error": "not found"}, HTTPStatus.NOT_FOUND)
 
     def _host_allowed(self) -> bool:
@@ -124,12 +128,15 @@ class Handler(BaseHTTPRequestHandler):
             return self._send_json({"error": f"search failed: {e}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
         self._send_json(result)
 
-    def _photo(self, photo_id: int) -> None:
+    def _photo(self, photo_id: int, thumbnail: bool) -> None:
         try:
             path = self.server.index.photo_path(photo_id)
             ctype = PHOTO_TYPES[path.suffix.lower()]
-            body = path.read_bytes()
-        except (KeyError, OSError):
+            if thumbnail:
+                body, ctype = _thumbnail(path, path.stat().st_mtime_ns), "image/jpeg"
+            else:
+                body = path.read_bytes()
+        except (KeyError, OSError, ValueError):  # unknown id, a link out of the folder, a photo gone or broken
             return self._send_json({"error": "no such photo"}, HTTPStatus.NOT_FOUND)
         self._send(body, ctype, cache="private, max-age=300")
 
@@ -155,6 +162,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_error(self, format: str, *args: Any) -> None:  # noqa: A002
         sys.stderr.write(f"qpert serve: {format % args}\n")
+
+
+@functools.lru_cache(maxsize=1024)
+def _thumbnail(path: Path, mtime_ns: int) -> bytes:
+    """A small upright JPEG of the photo (``mtime_ns`` keys the cache: an edited photo gets a new one).
+    Results pages stay light whatever the cameras' resolution; the full view loads the photo itself."""
+    image = load_photo(path)
+    image.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
 
 
 def _search_params(params: dict[str, list[str]], itm_available: bool) -> tuple[str, int, bool, bool]:

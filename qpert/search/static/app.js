@@ -33,14 +33,15 @@ function labelColor(label) {
   return PALETTE[hash % PALETTE.length];
 }
 
-// The photo scaled to fit maxWidth x maxHeight, its boxes placed in percent of its own pixels.
-function photoFrame(hit, maxWidth, maxHeight) {
+// The photo scaled to fit maxWidth x maxHeight, its boxes placed in percent of its own pixels;
+// results show a small upright thumbnail, the full view the photo itself.
+function photoFrame(hit, maxWidth, maxHeight, full = false) {
   const scale = Math.min(maxWidth / hit.width, maxHeight / hit.height);
   const frame = el("div", "frame");
   frame.style.width = `${Math.round(hit.width * scale)}px`;
   frame.style.height = `${Math.round(hit.height * scale)}px`;
   const img = el("img");
-  img.src = `/photo/${hit.id}`;
+  img.src = full ? `/photo/${hit.id}` : `/thumb/${hit.id}`;
   img.alt = hit.path;
   img.loading = "lazy";
   img.addEventListener("error", () => frame.classList.add("missing"));
@@ -150,7 +151,7 @@ function openLightbox(hit) {
   const box = $("#lightbox");
   const maxWidth = Math.max(200, window.innerWidth * 0.9);
   const maxHeight = Math.max(150, window.innerHeight * 0.8);
-  $("#lightbox-photo").replaceChildren(photoFrame(hit, maxWidth, maxHeight));
+  $("#lightbox-photo").replaceChildren(photoFrame(hit, maxWidth, maxHeight, true));
   const labels = [...new Set(hit.boxes.map((b) => b.label))].join(", ") || "no objects detected";
   $("#lightbox-caption").textContent =
     `#${hit.rank} · ${hit.path} · ${hit.width}×${hit.height} · ${scoreTitle(hit)} · ${labels}`;
