@@ -51,3 +51,39 @@ def photo_folder(root: Path, count: int = 6) -> Path:
     for i in range(count):
         write_photo(root / f"album{i % 2}" / f"photo{i}{suffixes[i % 3]}", seed=i)
     return root
+
+
+def save_tiny_owlv2(path: Path) -> Path:
+    """A randomly initialized OWLv2 with a tiny CLIP BPE tokenizer: open-vocabulary detection offline."""
+    import json
+
+    import torch
+    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}   # OWL treats queries starting with id 0 as padding
+    merges = []
+    for c in sorted(set("".join(WORDS))):
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    for word in WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts = [parts[0] + parts[1]] + parts[2:]
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), pad_token="!")  # as OWLv2 pads
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    config = Owlv2Config(text_config=dict(small, vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=1,
+                                          eos_token_id=2, pad_token_id=0),
+                         vision_config=dict(small, image_size=32, patch_size=8), projection_dim=32)
+    model = Owlv2ForObjectDetection(config)
+    with torch.no_grad():  # random box heads saturate; small ones keep OWLv2's prior: one box per patch
+        for p in model.box_head.parameters():
+            p.mul_(0.01)
+    model.save_pretrained(path)
+    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}),
+                   tokenizer=tokenizer).save_pretrained(path)
+    return path

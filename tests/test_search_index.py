@@ -393,3 +393,42 @@ def test_annotated_photos_take_their_boxes_and_the_rest_go_to_the_detector(model
     out = index_cli("index", str(photos), "--index", str(tmp_path / "other"), "--model", str(models[0]),
                     "--detector", "none", "--annotations", str(tmp_path / "bad.json"), check=False)
     assert out.returncode == 2 and "images need id, file_name, height, width" in out.stderr
+
+
+def test_open_vocabulary_detector_finds_what_the_prompts_name(models, tmp_path):
+    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+    from qpert.search.detectors import keep
+    from search_fixtures import save_tiny_owlv2
+
+    owl = save_tiny_owlv2(tmp_path / "owlv2")
+    prompts = ("a dog", "a red kite")
+    with pytest.raises(ValueError, match="open-vocabulary detector: say what to look for"):
+        load_detector(f"hf:{owl}")
+    options = DetectorOptions(score_threshold=0.0, max_boxes=4, prompts=prompts)
+    detector = load_detector(f"hf:{owl}", options)
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40 + 20 * i, 60, 3), dtype=np.uint8))
+              for i in range(2)]
+    found = detector.detect(images)
+    model, processor = AutoModelForZeroShotObjectDetection.from_pretrained(owl), AutoProcessor.from_pretrained(owl)
+    for image, got in zip(images, found):   # the model's own post-processing, clipped to the image
+        with torch.no_grad():
+            out = model(**processor(text=[list(prompts)], images=[image], padding=True, return_tensors="pt"))
+        (raw,) = processor.post_process_grounded_object_detection(out, threshold=0.0,
+                                                                  target_sizes=[(image.height, image.width)])
+        expected = keep(raw["boxes"], raw["scores"], [prompts[int(i)] for i in raw["labels"]], options,
+                        (image.height, image.width))
+        assert set(got.labels) <= set(prompts) and 1 <= len(got.boxes) <= 4 and got.labels == expected.labels
+        np.testing.assert_allclose(got.boxes, expected.boxes, atol=1e-3)   # batched detection = one by one
+    photos = photo_folder(tmp_path / "photos", count=2)
+    build_index(photos, tmp_path / "index", settings_for((models[0], f"hf:{owl}"), detector_options=options),
+                device="cpu", progress=False)
+    rows, *_ = catalog_state(tmp_path / "index")
+    assert all(r[2] and {b["label"] for b in r[2]} <= set(prompts) for r in rows.values())
+    assert IndexSettings.from_json(indexer_manifest(tmp_path / "index")).detector_options.prompts == prompts
+
+
+def indexer_manifest(index_dir):
+    from qpert.search.indexer import read_manifest
+
+    return read_manifest(index_dir)["settings"]

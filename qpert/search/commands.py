@@ -12,7 +12,8 @@ from ..cli_options import ALPHA, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD,
 INDEX_DEVICE = typer.Option("auto", help="auto (a GPU when there is one, per rank under torchrun), cpu, cuda, cuda:1.")
 DETECTOR = typer.Option(
     "torchvision:fasterrcnn_resnet50_fpn_v2",
-    help="Where boxes come from: torchvision:<model> (COCO weights), hf:<hub id or folder> (DETR, RT-DETR, YOLOS, ...), "
+    help="Where boxes come from: torchvision:<model> (COCO weights), hf:<hub id or folder> (DETR, RT-DETR, YOLOS, "
+         "OWLv2 with --prompts, ...), "
          "a folder with detector.json (torchvision architecture + your weights), or 'none'.")
 
 
@@ -23,6 +24,8 @@ def index(
     detector_threshold: float = typer.Option(0.5, help="Keep detections scoring at least this."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated detector labels to keep (default: all)."),
     max_boxes: int = typer.Option(10, help="Keep at most this many boxes per photo, best first."),
+    prompts: Optional[str] = typer.Option(None, help="Comma-separated things an open-vocabulary detector (OWLv2, "
+                                                     "OWL-ViT) looks for, e.g. 'a person,a dog,a red kite'."),
     annotations: Optional[Path] = typer.Option(None, help="COCO instances JSON with boxes for some photos (file_name "
                                                           "relative to PHOTOS): those photos skip the detector."),
     alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
@@ -50,8 +53,7 @@ def index(
 
     settings = IndexSettings(
         model=model, detector=detector,
-        detector_options=DetectorOptions(detector_threshold, max_boxes,
-                                         tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else ()),
+        detector_options=DetectorOptions(detector_threshold, max_boxes, _names(classes), _names(prompts)),
         qpert=qpert_config(alpha, weight, threshold, keep_norm, orthogonal),
         annotations=str(annotations.resolve()) if annotations else None, faiss=faiss, itm_features=itm_features,
         dtype=dtype, trust_remote_code=trust_remote_code)
@@ -63,6 +65,10 @@ def index(
     if report.photos or report.removed or report.skipped:  # only rank 0 of a torchrun reports
         typer.echo(report.summary())
         typer.echo(f"index: {Path(index_dir) if index_dir else photos / '.qpert-index'}")
+
+
+def _names(text: Optional[str]) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip()) if text else ()
 
 
 def search(

@@ -6,6 +6,8 @@ A detector spec names where the detector comes from:
   with its default COCO weights, downloaded by torchvision);
 * ``hf:facebook/detr-resnet-50`` (any ``AutoModelForObjectDetection`` checkpoint: DETR,
   Conditional/Deformable DETR, RT-DETR, YOLOS, ...), or a local folder saved with ``save_pretrained``;
+* ``hf:google/owlv2-base-patch16-ensemble`` (OWLv2 / OWL-ViT): open vocabulary, it finds what
+  ``DetectorOptions.prompts`` names ("a person", "a red kite", ...);
 * a local folder holding ``detector.json`` + ``model.safetensors``: a torchvision architecture with
   weights of your own (what :func:`save_torchvision_detector` writes).
 """
@@ -21,6 +23,8 @@ import torch
 from PIL import Image
 
 TORCHVISION_CONFIG = "detector.json"
+#: transformers model types that detect what a text prompt names.
+OPEN_VOCABULARY = ("owlv2", "owlvit")
 TORCHVISION_WEIGHTS = "model.safetensors"
 
 
@@ -31,6 +35,7 @@ class DetectorOptions:
     score_threshold: float = 0.5
     max_boxes: int = 10
     classes: tuple[str, ...] = ()   # keep only these labels (empty: all)
+    prompts: tuple[str, ...] = ()   # what an open-vocabulary detector (OWLv2, OWL-ViT) looks for
 
     def __post_init__(self) -> None:
         if not 0 <= self.score_threshold <= 1:
@@ -119,6 +124,30 @@ class TransformersDetector:
                 for r, size in zip(results, sizes)]
 
 
+class OpenVocabularyDetector:
+    """OWLv2 / OWL-ViT: boxes for the free-text prompts; each box is labelled with its best prompt."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, spec: str, options: DetectorOptions,
+                 device: torch.device):
+        if not options.prompts:
+            raise ValueError(f"{spec} is an open-vocabulary detector: say what to look for with prompts "
+                             "(--prompts 'a person,a dog,a red kite')")
+        self.model, self.processor, self.spec, self.options, self.device = model.eval().to(device), processor, \
+            spec, options, device
+
+    @torch.no_grad()
+    def detect(self, images: Sequence[Image.Image]) -> list[Detections]:
+        images = [im.convert("RGB") for im in images]
+        prompts = list(self.options.prompts)
+        inputs = self.processor(text=[prompts] * len(images), images=images, padding=True,
+                                return_tensors="pt").to(self.device)
+        outputs = self.model(**inputs)
+        sizes = [(im.height, im.width) for im in images]
+        results = self.processor.post_process_grounded_object_detection(outputs, threshold=0.0, target_sizes=sizes)
+        return [keep(r["boxes"], r["scores"], [prompts[int(i)] for i in r["labels"]], self.options, size)
+                for r, size in zip(results, sizes)]
+
+
 def load_detector(spec: str, options: Optional[DetectorOptions] = None, device: str | torch.device = "cpu") -> Detector:
     """A detector from a spec (see the module docstring); bad specs are one-line errors."""
     options = options or DetectorOptions()
@@ -169,8 +198,12 @@ def save_torchvision_detector(model: torch.nn.Module, architecture: str, categor
                                                        "kwargs": kwargs}, indent=1))
 
 
-def _transformers(source: str, spec: str, options: DetectorOptions, device: torch.device) -> TransformersDetector:
-    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+def _transformers(source: str, spec: str, options: DetectorOptions, device: torch.device) -> Detector:
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModelForObjectDetection,
+                              AutoModelForZeroShotObjectDetection, AutoProcessor)
 
+    if AutoConfig.from_pretrained(source).model_type in OPEN_VOCABULARY:
+        model = AutoModelForZeroShotObjectDetection.from_pretrained(source)
+        return OpenVocabularyDetector(model, AutoProcessor.from_pretrained(source), spec, options, device)
     model = AutoModelForObjectDetection.from_pretrained(source)
     return TransformersDetector(model, AutoImageProcessor.from_pretrained(source), spec, options, device)

@@ -66,12 +66,12 @@ class IndexSettings:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["detector_options"]["classes"] = list(self.detector_options.classes)
+        d["detector_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["detector_options"].items()}
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "IndexSettings":
-        opts = dict(d["detector_options"], classes=tuple(d["detector_options"]["classes"]))
+        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in d["detector_options"].items()}
         return cls(**{**d, "detector_options": DetectorOptions(**opts), "qpert": QPertConfig.from_dict(d["qpert"])})
 
 
