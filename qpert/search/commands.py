@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -62,7 +63,7 @@ def index(
     except KeyboardInterrupt:
         typer.secho("interrupted: the previous index is intact; run the same command again to resume", err=True)
         raise typer.Exit(130)
-    if report.photos or report.removed or report.skipped:  # only rank 0 of a torchrun reports
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         typer.echo(report.summary())
         typer.echo(f"index: {Path(index_dir) if index_dir else photos / '.qpert-index'}")
 

@@ -86,6 +86,8 @@ class IndexReport:
     seconds: float = 0.0
 
     def summary(self) -> str:
+        if not self.photos and not self.skipped:
+            return f"no photos found (JPEG, PNG or WebP; {self.removed} removed from the index)"
         text = (f"{self.photos} photos indexed: {self.added} added, {self.updated} updated, {self.removed} removed, "
                 f"{self.unchanged} unchanged, {len(self.skipped)} skipped ({self.seconds:.1f} s)")
         return text + "".join(f"\n  skipped {path}: {why}" for path, why in self.skipped)
