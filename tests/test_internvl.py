@@ -395,3 +395,17 @@ def test_scores_match_own_encoders_and_the_reference(loaded, images, cfg):
 def test_preprocess_stretches_to_the_input_size(loaded, images):
     pixels = retriever_of(loaded.model).preprocess(loaded.model, loaded.processor, images)
     assert pixels.shape == (3, 3, IMAGE, IMAGE)
+
+
+def test_object_embeddings_read_the_object_tokens_alone(model, pixels):
+    tokens = internvl.image_tokens(model, pixels)
+    keep = torch.zeros(tokens.shape[:2], dtype=torch.bool)
+    keep[0, 3:9], keep[1, 1:], keep[2] = True, True, True
+    roi = internvl.roi_embeddings(model, tokens, keep)
+    assert (roi[2] - internvl.image_embeddings(model, tokens)[2]).abs().max() <= 1e-6, "all kept: the image"
+    noisy = tokens.clone()
+    noisy[~keep] = torch.randn(int((~keep).sum()), tokens.shape[-1])
+    assert (internvl.roi_embeddings(model, noisy, keep) - roi).abs().max() <= 1e-6, "other tokens are not read"
+    changed = tokens.clone()
+    changed[0, 4] += 1.0
+    assert (internvl.roi_embeddings(model, changed, keep)[0] - roi[0]).abs().max() > 1e-4

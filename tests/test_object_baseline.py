@@ -25,6 +25,7 @@ from reference_hooks import shortest_edge_objects, stretch_objects
 from test_blip import tiny_blip
 from test_eval_pipeline import WORDS, bench, qpert_cli  # noqa: F401  (bench is a fixture)
 from test_retrieval_families import fixture_data, reranked, tiny_coca_dir
+from test_internvl import tiny_loaded as tiny_internvl_loaded
 from test_siglip import tiny_siglip
 
 TEXTS = ["a small red square", "a big blue square in the corner", "the green box"]
@@ -41,11 +42,13 @@ def plain_objects(name, boxes, sizes):
                            prefix=0 if name == "siglip" else 1)
 
 
-@pytest.fixture(scope="module", params=["blip2", "siglip", "coca"])
+@pytest.fixture(scope="module", params=["blip2", "siglip", "coca", "internvl"])
 def loaded(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     if request.param == "coca":
         return qpert.load_model(str(tiny_coca_dir(path)))
+    if request.param == "internvl":  # the stand-in's input (28 px, 4 x 4 patches + CLS, stretched) is BLIP-2's
+        return tiny_internvl_loaded(path)
     processor = tiny_processor(WORDS, str(path))
     if request.param == "blip2":
         return LoadedModel("blip2", tiny_blip2(seed=0), processor, None)

@@ -12,7 +12,8 @@ with id 0 to 80 tokens. The image side is split after the ViT: ``image_embedding
 ``get_image_features`` runs after it (the queries through ``qllama.model.forward_train``), then
 ``clip_projector`` on the ViT tokens and ``clip_projector2`` on the queries, each normalized and
 summed, as ``encode_image`` does. ITC only: the ITM head is not part of InternVL's retrieval
-evaluation.
+evaluation. The object-embedding baseline pools over an object's tokens alone (``roi_embeddings``),
+which assumes, as the public code reads, that the cross-attention gives image tokens no position.
 
 Checked against the public source of ``modeling_internvl.py`` / ``modeling_qllama.py`` and
 ``clip_benchmark/models/internvl_huggingface`` (OpenGVLab/InternVL on GitHub), and tested on a
@@ -119,6 +120,17 @@ def image_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def roi_embeddings(model: nn.Module, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``image_embeddings`` of each image over its kept tokens alone (the object-embedding baseline).
+
+    Both poolings (QLLaMA's cross-attention, ``clip_projector``'s attention pooling) read the ViT
+    tokens as an unordered set of keys, so removing a token is the same as masking it out; objects
+    cover different numbers of tokens, so each goes through on its own.
+    """
+    return torch.cat([image_embeddings(model, t[k][None]) for t, k in zip(tokens, keep.to(tokens.device))])
+
+
+@torch.no_grad()
 def text_embeddings(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(T, D) normalized ``encode_text``, which masks the pad id 0 itself."""
     return F.normalize(model.encode_text(input_ids.to(model.query_tokens.device)), dim=-1)
@@ -144,5 +156,6 @@ INTERNVL = _QLLaMAFamily(
     token_layout=internvl_token_layout,
     retriever=Retriever(class_names=("InternVLModel", "InternVL_G"), image_tokens=image_tokens,
                         image_embeddings=image_embeddings, text_embeddings=text_embeddings, itc_scores=cosine_scores,
-                        tokenize=tokenize, preprocess=preprocess, load_processor=load_processor),
+                        tokenize=tokenize, preprocess=preprocess, load_processor=load_processor,
+                        roi_embeddings=roi_embeddings),
 )
