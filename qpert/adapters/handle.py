@@ -42,6 +42,7 @@ class _Objects:
     subspaces: Optional[Subspaces]
     source: Optional[torch.Tensor] = None  # image tokens the on-the-fly subspaces were built from
     current: Optional[Subspaces] = None
+    any_active: Optional[bool] = None      # read once per block (or pass), not per layer: no GPU sync per layer
 
 
 class QPertHandle:
@@ -161,12 +162,15 @@ class QPertHandle:
                 self._check_batch(tokens, len(state.subspaces))
                 if state.subspaces.active.device != tokens.device:
                     state.subspaces = state.subspaces.to(tokens.device)
-                return bool(state.subspaces.active.any())
+                if state.any_active is None:
+                    state.any_active = bool(state.subspaces.active.any())
+                return state.any_active
             if state.source is not tokens:  # first cross-attention of this pass: all layers at once
                 self._check_batch(tokens, len(state.boxes))
                 state.source = tokens
                 state.current = self._subspaces(tokens, state.boxes)
-            return bool(state.current.active.any())
+                state.any_active = bool(state.current.active.any())
+            return state.any_active
         return on_image_tokens
 
     def _query_hook(self, layer: int):
