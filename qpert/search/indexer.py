@@ -120,8 +120,12 @@ class _Work:
 
 
 class Indexer:
+    """One update of an index (the three phases of the module docstring); under torchrun, one per rank."""
+
     def __init__(self, photos_dir: Path, index_dir: Path, settings: IndexSettings, device: str = "auto",
                  batch_size: int = 8, progress: bool = True, ranks: Optional[distributed.Ranks] = None):
+        if batch_size < 1:
+            raise ValueError(f"the batch size must be at least 1, got {batch_size}")
         self.photos_dir = Path(photos_dir).resolve()
         self.index_dir = Path(index_dir).resolve()
         self.settings = settings
