@@ -55,6 +55,24 @@ def test_scene_mix_small_and_large_and_captions_name_every_object():
     assert {o.shape for s in scenes for o in s.objects} == set(SHAPES)
 
 
+def _spread(image: np.ndarray) -> np.ndarray:
+    """Per-pixel channel spread: > 80 for the named colours, small for grey and the dull distractors."""
+    return image.max(-1).astype(int) - image.min(-1)
+
+
+def test_distractors_are_large_dull_unnamed_and_unboxed():
+    bare = SceneConfig(distractors=(0, 0))
+    covered = []
+    for i in range(30):
+        scene, plain = make_scene(9, i), make_scene(9, i, bare)
+        assert scene.objects == plain.objects and scene.captions == plain.captions  # nothing names or boxes them
+        changed = np.abs(scene.image.astype(int) - plain.image.astype(int)).max(-1) > 0
+        covered.append(changed.mean())
+        assert _spread(scene.image)[changed].max() < 80  # dull: never mistaken for a named colour
+        assert not (changed & (_spread(plain.image) > 80)).any()  # named shapes are drawn on top, untouched
+    assert min(covered) > 0.0 and np.mean(covered) > 0.1  # large: a blob fills several patches
+
+
 def test_written_split_loads_through_the_real_loaders(tmp_path):
     scenes = make_scenes(7, 12)
     out = write_flickr30k(tmp_path, seed=7, count=12, split="val")

@@ -10,6 +10,12 @@ of distinct colours on a noisy grey background and every caption names every sha
 * ``large`` scenes hold one large shape (an easy anchor that narrows the gallery) and 1-2
   small ones that tell apart the scenes sharing a similar anchor.
 
+Every scene also holds 1-2 large striped blobs in dull, unsaturated tones that no caption
+names and no box covers, like the unannotated clutter of a Flickr30K photo: they fill many
+patches and pull attention away from the small named shapes, which is what Q-Pert's boxes
+are for. They come from a stream of their own, so ``distractors=(0, 0)`` gives the same
+scenes without them.
+
 Scene ``index`` of stream ``seed`` is drawn from its own generator, so any scene can be
 regenerated alone, and different seeds give independent, disjoint streams.
 """
@@ -56,6 +62,8 @@ class SceneConfig:
     captions_per_image: int = 5
     background_noise: float = 16.0
     gap: int = 2
+    distractors: tuple[int, int] = (1, 2)  # unnamed, unboxed textured blobs per scene
+    distractor_side: tuple[int, int] = (18, 34)
 
     def __post_init__(self) -> None:
         if self.small_side[1] ** 2 >= SMALL_AREA * self.image_size ** 2:
@@ -152,6 +160,9 @@ def make_scene(seed: int, index: int, config: SceneConfig = SceneConfig()) -> Sc
     background = tuple(int(np.clip(grey + t, 0, 255)) for t in rng.integers(-12, 13, size=3))
     luminance = rng.normal(0.0, config.background_noise, size=(size, size, 1))
     image = np.asarray(background, dtype=np.float64) + luminance + rng.normal(0.0, 3.0, size=(size, size, 3))
+    clutter = np.random.default_rng([seed, index, 1])  # its own stream: the same scene without it stays the same
+    for _ in range(clutter.integers(*config.distractors, endpoint=True)):
+        _draw_distractor(image, clutter, int(clutter.integers(*config.distractor_side, endpoint=True)))
 
     objects = []
     placed: list[tuple[int, int, int, int]] = []
@@ -173,6 +184,28 @@ def make_scene(seed: int, index: int, config: SceneConfig = SceneConfig()) -> Sc
     captions = tuple(caption(objects, rng) for _ in range(config.captions_per_image))
     return Scene(scene_id(seed, index), kind, np.clip(np.rint(image), 0, 255).astype(np.uint8), tuple(objects),
                  captions)
+
+
+def _draw_distractor(image: np.ndarray, rng: np.random.Generator, side: int) -> None:
+    """A large striped blob in dull, low-saturation tones, anywhere: like the unnamed, unboxed clutter of a
+    Flickr30K photo, it covers many patches and draws attention, but no caption mentions it."""
+    size = image.shape[0]
+    x, y = (int(v) for v in rng.integers(-side // 4, size - 3 * side // 4, size=2))
+    c = np.arange(side) + 0.5 - side / 2
+    dy, dx = c[:, None], c[None, :]
+    rx, ry = side / 2, side / 2 * rng.uniform(0.5, 1.0)
+    theta = rng.uniform(0, np.pi)
+    u, v = dx * np.cos(theta) + dy * np.sin(theta), -dx * np.sin(theta) + dy * np.cos(theta)
+    mask = (u / rx) ** 2 + (v / ry) ** 2 <= 1
+    phi = rng.uniform(0, np.pi)
+    stripes = np.sin((dx * np.cos(phi) + dy * np.sin(phi)) * 2 * np.pi / rng.uniform(3, 7)) > 0
+    tint = rng.integers(-12, 13, size=3)
+    dark, light = int(rng.integers(20, 71)), int(rng.integers(170, 236))
+    tone = np.where(stripes[..., None], light, dark) + tint
+    ys, xs = slice(max(y, 0), min(y + side, size)), slice(max(x, 0), min(x + side, size))
+    inner = (slice(ys.start - y, ys.stop - y), slice(xs.start - x, xs.stop - x))
+    region, keep = image[ys, xs], mask[inner]
+    region[keep] = tone[inner][keep] + rng.normal(0.0, 4.0, size=(int(keep.sum()), 3))
 
 
 def make_scenes(seed: int, count: int, config: SceneConfig = SceneConfig(), start: int = 0) -> list[Scene]:
