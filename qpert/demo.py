@@ -54,8 +54,10 @@ class DemoResult:
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):8.2f} ± {std:4.2f}"
+    """"mean ± std" over seeds; one seed has no spread to show (not a spread of zero)."""
+    if len(values) == 1:
+        return f"{values[0]:15.2f}"
+    return f"{statistics.mean(values):8.2f} ± {statistics.stdev(values):4.2f}"
 
 
 def _split(folder: Path, seed: int, count: int, split: str) -> tuple[RetrievalDataset, BoxSet]:
@@ -175,7 +177,7 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;v
 demonstrates the mechanism, not the paper's numbers; real results come from <code>qpert eval</code> with BLIP-2
 weights). Ground-truth boxes; alpha = {result.alpha:g} (constant weight, tau 0.99) chosen by T2I mR@1 on validation
 seed {VALIDATION_SEED}; test seeds {", ".join(map(str, result.tests))}.</p>
-<h2>Mean ± std over test seeds (T2I)</h2><pre>{html.escape(result.summary())}</pre>
+<h2>{"Mean ± std over test seeds" if len(result.tests) > 1 else "Headline metrics"} (T2I)</h2><pre>{html.escape(result.summary())}</pre>
 <h2>Test seed {seed}: all metrics</h2><pre>{html.escape(format_comparison(last.metrics))}</pre>
 <h2>R@1 per object-size bin (test seed {seed})</h2><img src="{_bin_chart(last.metrics)}">
 <h2>Small-object queries (top 5; green frame: the right image; white: ground-truth boxes)</h2>
