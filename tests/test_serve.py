@@ -225,9 +225,9 @@ def test_page_and_its_files_are_served(served):
 
 
 def test_serve_stops_cleanly_on_ctrl_c(index_dir):
-    code = "import sys; from qpert.search.server import serve; serve(sys.argv[1], port=0, device='cpu')"
-    process = subprocess.Popen([sys.executable, "-c", code, str(index_dir)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [sys.executable, "-m", "qpert", "serve", str(index_dir), "--port", "0", "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         line = process.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", line)
@@ -237,7 +237,7 @@ def test_serve_stops_cleanly_on_ctrl_c(index_dir):
         out, err = process.communicate(timeout=30)
     finally:
         process.kill()
-    assert process.returncode == 0 and "stopped" in out and "Traceback" not in err, err
+    assert process.returncode == 0 and "stopped" in out and "Traceback" not in err, (process.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
