@@ -17,6 +17,7 @@ from qpert.eval import cache as cache_module
 from qpert.eval.metrics import retrieval_metrics
 from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.tiny import tiny_blip2, tiny_processor
+from processes import kill_when
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 210), "green": (30, 190, 40), "yellow": (230, 220, 40)}
 IDS = ["1000092795", "10002456", "1000268201", "1000344755", "1000366164", "1000523639", "1000919630"]
@@ -231,22 +232,13 @@ def test_cli_eval_bad_layouts_are_clear(bench, tmp_path, args, message):
 
 def test_cli_run_killed_by_sigkill_resumes_identically(bench, tmp_path):
     """Kill a real `qpert eval` process as soon as its first cache file lands, then run again."""
-    import signal
-    import time
-
     root, model_dir = bench
     cache = tmp_path / "cache"
     args = [sys.executable, "-c", "from qpert.cli import main; main()", "eval", "--model", str(model_dir),
             "--dataset", "flickr30k", "--data-root", str(root), "--boxes", "entities", "--k", "3",
             "--shard-size", "1", "--batch-size", "1"]
-    proc = subprocess.Popen(args + ["--cache-dir", str(cache), "--output", str(tmp_path / "killed.json")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(cache.rglob("*.safetensors")):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when(args + ["--cache-dir", str(cache), "--output", str(tmp_path / "killed.json")],
+              lambda: bool(list(cache.rglob("*.safetensors"))))
     assert not (tmp_path / "killed.json").exists()
     done = len(list(cache.rglob("*.safetensors")))
     assert 1 <= done < len(IDS)

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from qpert.search.detectors import DetectorOptions, TransformersDetector, load_d
 from qpert.search.indexer import IndexSettings, build_index
 from qpert.search.searcher import PhotoIndex
 from qpert.search.vectors import VectorIndex
+from processes import kill_when
 from search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
 
 CONFIG = qpert.QPertConfig(alpha=4.0)
@@ -208,14 +207,8 @@ def test_killed_indexing_keeps_the_old_index_and_resumes(models, tmp_path):
     before = catalog_state(index_dir)
     for i in range(2, 14):
         write_photo(photos / f"batch/p{i:02d}.png", seed=100 + i)
-    proc = subprocess.Popen([sys.executable, "-m", "qpert", "index", str(photos), *common],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(index_dir.glob("staging/photo/*.safetensors")):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when([sys.executable, "-m", "qpert", "index", str(photos), *common],
+              lambda: bool(list(index_dir.glob("staging/photo/*.safetensors"))))
     after = catalog_state(index_dir)
     assert after[0] == before[0] and after[3] == before[3], "the catalog is untouched until the merge"
     out = index_cli("search", str(index_dir), "a red square", "--device", "cpu", "--json")
