@@ -9,7 +9,9 @@ measures in one run, baseline and Q-Pert interleaved:
 * ITM pairs/s with cached vision tokens and subspaces, with and without Q-Pert;
 * the real ``qpert eval`` pipeline on a small gallery, scaled to Flickr30K (1K images, 5K texts)
   and COCO-5K (5K images, 25K texts): ITC + ITM top-64 both directions, baseline and Q-Pert together;
-* peak memory (GPU allocator, or the process's resident set on CPU).
+* peak memory (GPU allocator, or the process's resident set on CPU);
+* with ``--compile``, the encoding again with the vision encoder compiled (compile time, speed-up
+  over eager, Q-Pert's overhead then); the projected times then use the compiled encoder.
 
 Prints one table per model and writes everything as JSON.
 
@@ -33,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import qpert  # noqa: E402
 from eval_projection import measure_projection, print_projection  # noqa: E402
 from overhead import (ENCODING, full_size_blip2, itm_row, measure_overhead, own_share, paired,  # noqa: E402
-                      print_rows, random_boxes)
+                      print_rows, random_boxes, timed)
+from qpert.models.registry import retriever_of  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,6 +53,8 @@ def bench_blip2(size: int, args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model = full_size_blip2(size, args.device, dtype)
     rows = measure_overhead(size, args.batch, args.boxes, args.pairs, args.repeats, args.device, dtype, model)
+    compiled = compiled_encoding(model, size, args, qpert.QPertConfig(alpha=8.0), rows[ENCODING][0]) \
+        if args.compile else None  # in place: the projection below then runs compiled too
     projection = measure_projection(size, args.gallery, args.k, args.batch, args.pairs, args.device, dtype, model)
     encode_b, encode_q, ratio = rows[ENCODING]
     itm_b, itm_q, itm_ratio = rows[itm_row(args.pairs)]
@@ -58,22 +63,17 @@ def bench_blip2(size: int, args: argparse.Namespace) -> dict:
                "itm_overhead": itm_ratio - 1, "peak_memory_gb": peak_memory_gb(args.device)}
     del model
     return {"rows": {k: dict(zip(("baseline_s", "qpert_s", "ratio"), v)) for k, v in rows.items()},
-            "summary": summary, "projection": projection}
+            "summary": summary, "compiled": compiled, "projection": projection}
 
 
-def bench_coca(args: argparse.Namespace) -> dict:
-    """CoCa ViT-L/14 image encoding (ViT + contrastive attentional pooler), with and without Q-Pert."""
-    import open_clip
-
-    from qpert.models import coca
-
-    dtype = DTYPES[args.dtype]
-    model = open_clip.create_model("coca_ViT-L-14", pretrained=None).to(args.device, dtype).eval()
-    handle = qpert.attach(model, qpert.QPertConfig(alpha=0.6))
-    size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
-    pixels = torch.randn(args.batch, 3, size, size, device=args.device, dtype=dtype)
+def encoding_times(model: torch.nn.Module, size: int, args: argparse.Namespace,
+                   config: qpert.QPertConfig) -> tuple[float, float, float]:
+    """Median seconds per batch of image encoding (vision tower + pooling head or Q-Former ITC pass)
+    without and with Q-Pert (subspaces built on the fly), and the median ratio."""
+    retriever = retriever_of(model)
+    handle = qpert.attach(model, config)
+    pixels = torch.randn(args.batch, 3, size, size, device=args.device, dtype=DTYPES[args.dtype])
     boxes, sizes = random_boxes(args.batch, args.boxes, size, seed=1), [(size, size)] * args.batch
-    retriever = coca.COCA.retriever
 
     def encode():
         with torch.no_grad():
@@ -83,9 +83,41 @@ def bench_coca(args: argparse.Namespace) -> dict:
         with handle.objects(boxes, sizes):
             return encode()
 
-    base, pert, ratio = paired(encode, encode_qpert, args.repeats, args.device)
-    handle.detach()
-    return {"image_size": size, "images_per_s": [args.batch / base, args.batch / pert], "encoding_overhead": ratio - 1}
+    try:
+        return paired(encode, encode_qpert, args.repeats, args.device)
+    finally:
+        handle.detach()
+
+
+def compiled_encoding(model: torch.nn.Module, size: int, args: argparse.Namespace, config: qpert.QPertConfig,
+                      eager_s: float) -> dict:
+    """The same encoding after ``qpert.compile_vision_encoder``: compile time, speed-up, Q-Pert's overhead."""
+    qpert.compile_vision_encoder(model)
+    pixels = torch.randn(args.batch, 3, size, size, device=args.device, dtype=DTYPES[args.dtype])
+    with torch.no_grad():  # the first call compiles
+        compile_s = timed(lambda: retriever_of(model).image_tokens(model, pixels), args.device)
+    base, pert, ratio = encoding_times(model, size, args, config)
+    return {"compile_s": compile_s, "images_per_s": [args.batch / base, args.batch / pert],
+            "encoding_overhead": ratio - 1, "speedup_vs_eager": eager_s / base}
+
+
+def print_compiled(c: dict) -> None:
+    print(f"  torch.compile'd vision encoder: compiled in {c['compile_s']:.0f} s, images/s {c['images_per_s'][0]:.2f} "
+          f"-> {c['images_per_s'][1]:.2f} ({100 * c['encoding_overhead']:+.2f}%), {c['speedup_vs_eager']:.2f}x eager")
+
+
+def bench_coca(args: argparse.Namespace) -> dict:
+    """CoCa ViT-L/14 image encoding (ViT + contrastive attentional pooler), with and without Q-Pert."""
+    import open_clip
+
+    model = open_clip.create_model("coca_ViT-L-14", pretrained=None).to(args.device, DTYPES[args.dtype]).eval()
+    size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    config = qpert.QPertConfig(alpha=0.6)
+    base, pert, ratio = encoding_times(model, size, args, config)
+    result = {"image_size": size, "images_per_s": [args.batch / base, args.batch / pert], "encoding_overhead": ratio - 1}
+    if args.compile:
+        result["compiled"] = compiled_encoding(model, size, args, config, base)
+    return result
 
 
 def main() -> None:
@@ -101,6 +133,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="top k re-ranked in that run (the projection uses 64)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-coca", action="store_true", help="skip CoCa ViT-L/14")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the encoding with the vision encoder torch.compile'd (qpert.compile_vision_encoder); "
+                         "the projected benchmark times then use it too")
     ap.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -120,6 +155,8 @@ def main() -> None:
         print(f"  images/s {s['images_per_s'][0]:.2f} -> {s['images_per_s'][1]:.2f} ({100 * s['encoding_overhead']:+.2f}%), "
               f"Q-Pert's own work {100 * s['own_work_share']:.2f}% of encoding; ITM pairs/s {s['itm_pairs_per_s'][0]:.1f} "
               f"-> {s['itm_pairs_per_s'][1]:.1f} ({100 * s['itm_overhead']:+.2f}%); peak memory {s['peak_memory_gb']:.1f} GB")
+        if r["compiled"]:
+            print_compiled(r["compiled"])
         print_projection(r["projection"])
     if not args.no_coca:
         try:
@@ -127,6 +164,8 @@ def main() -> None:
             c = result["coca_l14"]
             print(f"\nCoCa ViT-L/14, random weights, {c['image_size']} px: images/s {c['images_per_s'][0]:.2f} -> "
                   f"{c['images_per_s'][1]:.2f} ({100 * c['encoding_overhead']:+.2f}%)")
+            if args.compile:
+                print_compiled(c["compiled"])
         except ImportError:
             print("\nCoCa skipped: open_clip is not installed (pip install open_clip_torch)")
     if args.json:

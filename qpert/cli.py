@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .cli_options import (ALPHA, DEVICE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE, WEIGHT,
-                          parse_box, qpert_config)
+from .cli_options import (ALPHA, COMPILE, DEVICE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE,
+                          WEIGHT, parse_box, qpert_config)
 from .config import QPertConfig
 from .errors import UnsupportedModelError
 from .search.commands import register as register_search_commands
@@ -186,12 +186,12 @@ DEFAULT_CACHE = Path.home() / ".cache" / "qpert"
 
 
 def _eval_options(itm: Optional[bool], k: int, batch_size: int, itm_batch_size: int, cache_dir: Path, no_cache: bool,
-                  shard_size: int, object_baseline: bool = False):
+                  shard_size: int, compile_vision: bool, object_baseline: bool = False):
     from .eval.pipeline import EvalOptions
 
     return EvalOptions(itm=itm, k=k, batch_size=batch_size, itm_batch_size=itm_batch_size,
                        cache_dir=None if no_cache else cache_dir, shard_size=shard_size,
-                       object_baseline=object_baseline)
+                       compile_vision=compile_vision, object_baseline=object_baseline)
 
 
 DATASET = typer.Option(..., help="flickr30k, coco, flickr30k-fg or coco-fg.")
@@ -222,7 +222,7 @@ def eval_command(
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
     itm: Optional[bool] = ITM, k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
-    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
+    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD, compile_vision: bool = COMPILE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     object_baseline: bool = typer.Option(False, "--object-baseline",
                                          help="Also score the object-embedding baseline (paper's Table F): model score "
@@ -241,7 +241,7 @@ def eval_command(
     result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
                                 device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
                                 options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
-                                                      object_baseline),
+                                                      compile_vision, object_baseline),
                                 trust_remote_code=trust_remote_code)
     s = result.settings
     typer.echo(f"{model} on {dataset} {split}: {s['num_images']} images, {s['num_texts']} texts, "
@@ -263,7 +263,7 @@ def tune(
     itm: bool = typer.Option(False, "--itm/--no-itm", help="Score the grid with ITM re-ranking (slow)."),
     k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
-    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
+    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD, compile_vision: bool = COMPILE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     output: Path = typer.Option(Path("qpert-best.json"), help="Where the best config goes (for eval --config)."),
     results: Optional[Path] = typer.Option(None, help="Also write every setting's metrics here as JSON."),
@@ -283,7 +283,8 @@ def tune(
                             alphas=floats(alphas) if alphas else None, thresholds=floats(thresholds),
                             weights=weights.split(",") if weights else None, select_by=select_by,
                             device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
-                            options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size),
+                            options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
+                                                  compile_vision),
                             trust_remote_code=trust_remote_code)
     direction, _, key = select_by.partition(" ")
     ranked = sorted(result.metrics, key=lambda n: -(getattr(result.metrics[n], direction)[key] or -1.0))

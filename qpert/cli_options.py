@@ -36,3 +36,5 @@ TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code",
 MODEL = typer.Option("blip2-coco", help="Registered name (`qpert models`), hub id or local folder.")
 DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
 DTYPE = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's).")
+COMPILE = typer.Option(False, "--compile", help="torch.compile the vision encoder: faster on a GPU for large "
+                                                "galleries; the first batches wait for the compiler.")

@@ -55,8 +55,10 @@ def medium_blip2() -> Blip2ForImageTextRetrieval:
     return randomize(Blip2ForImageTextRetrieval(config), 0, std=0.1).eval()
 
 
-def scores_on(model, processor, device: str, dtype: torch.dtype) -> dict:
+def scores_on(model, processor, device: str, dtype: torch.dtype, compiled: bool = False) -> dict:
     loaded = LoadedModel("m", model.to(device, dtype), processor, None)
+    if compiled:
+        qpert.compile_vision_encoder(loaded.model)
     images, boxes = images_and_boxes()
     results = score(loaded, images, boxes, TEXTS, CONFIG, itm=True)
     return {f"{name}/{kind}": getattr(s, kind).float().cpu() for name, s in results.items() for kind in ("itc", "itm")}
@@ -71,11 +73,13 @@ def test_float32_on_the_device_matches_the_cpu(tmp_path):
     assert not torch.allclose(cpu["qpert/itc"], cpu["baseline/itc"]), "Q-Pert must change the scores"
 
 
-@pytest.mark.parametrize("half", ["fp16", "bf16"])
-def test_half_precision_agrees_with_float32(half, tmp_path):
+@pytest.mark.parametrize("half,compiled", [("fp16", False), ("bf16", False), ("bf16", True)],
+                         ids=["fp16", "bf16", "bf16-compiled"])
+def test_half_precision_agrees_with_float32(half, compiled, tmp_path):
+    """Also with the vision encoder torch.compile'd (``--compile``): the same tolerances hold."""
     processor = tiny_processor(WORDS, str(tmp_path), image_size=112)
     full = scores_on(medium_blip2(), processor, DEVICE, torch.float32)
-    low = scores_on(medium_blip2(), processor, DEVICE, {"fp16": torch.float16, "bf16": torch.bfloat16}[half])
+    low = scores_on(medium_blip2(), processor, DEVICE, {"fp16": torch.float16, "bf16": torch.bfloat16}[half], compiled)
     itc_tol, itm_tol = HALF_TOLERANCE[half]
     for key in full:
         assert torch.isfinite(low[key]).all(), key

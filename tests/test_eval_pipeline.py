@@ -129,6 +129,28 @@ def test_pipeline_matches_plain_per_pair_reference(bench, itm):
         itm, "Q-Pert should change some ITC ranking on this fixture"
 
 
+def test_compiled_vision_encoder_scores_as_eager(bench):
+    """``compile_vision``: the vision encoder runs through torch.compile (inductor, here on the CPU) and the
+    evaluation gives the eager run's scores (ranks may swap on this random model's near-ties); the Q-Former with
+    Q-Pert's hooks stays eager."""
+    root, model_dir = bench
+    dataset = load_dataset("flickr30k", root, split="test")
+    boxes = flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids)
+    methods = {"baseline": None, "qpert": qpert.QPertConfig(alpha=8.0, threshold=0.95)}
+    results = {}
+    for compiled in (False, True):
+        loaded = qpert.load_model(str(model_dir))
+        options = EvalOptions(itm=True, k=3, batch_size=3, itm_batch_size=5, shard_size=3, progress=False,
+                              keep_scores=True, compile_vision=compiled)
+        results[compiled] = evaluate(loaded, dataset, boxes, methods, options)
+        assert (getattr(loaded.model.vision_model, "_compiled_call_impl", None) is not None) == compiled
+        assert getattr(loaded.model.qformer, "_compiled_call_impl", None) is None
+    assert results[True].settings["compiled"] and not results[False].settings["compiled"]
+    for name in methods:
+        np.testing.assert_allclose(results[True].scores[name], results[False].scores[name], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(results[True].scores["qpert"], results[True].scores["baseline"])
+
+
 def test_killed_run_resumes_without_recomputing(bench, tmp_path, monkeypatch):
     root, model_dir = bench
     dataset = load_dataset("flickr30k", root, split="test")
@@ -196,9 +218,10 @@ def test_cli_eval_and_tune_end_to_end(bench, tmp_path):
     root, model_dir = bench
     common = ["--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root),
               "--cache-dir", str(tmp_path / "cache"), "--k", "3"]
-    out = qpert_cli("eval", *common, "--boxes", "entities", "--itm", "--output", str(tmp_path / "r.json"))
+    out = qpert_cli("eval", *common, "--boxes", "entities", "--itm", "--compile", "--output", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "r.json").read_text())
+    assert data["settings"]["compiled"] is True
     for method in ("baseline", "qpert"):
         for d in ("t2i", "i2t"):
             assert set(data[method][d]) >= {"R@1", "R@5", "R@10", "mR@1", "mR@5", "mR@10", "small_R@1",

@@ -21,7 +21,7 @@ from qpert.data.datasets import load_dataset
 from qpert.errors import UnsupportedModelError
 from qpert.eval.metrics import retrieval_metrics
 from qpert.eval.pipeline import EvalOptions, evaluate
-from qpert.models.registry import LoadedModel, retriever_of
+from qpert.models.registry import LoadedModel, family_of, retriever_of
 from qpert.models.tiny import randomize, tiny_processor
 from qpert.scoring import score
 from test_blip import tiny_blip
@@ -248,3 +248,20 @@ def test_cli_eval_coca_defaults_to_itc_and_refuses_itm(bench, tmp_path):
     assert "ITC only" in out.stdout and json.loads((tmp_path / "r.json").read_text())["settings"]["itm"] is False
     out = qpert_cli(*common, "--itm")
     assert out.returncode == 2 and "no image-text matching (ITM) head" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_vision_encoder_is_what_image_tokens_runs_outside_qpert(loaded, images):
+    """What ``compile_vision_encoder`` compiles: a stack that ``image_tokens`` runs once per batch and that holds
+    none of the cross-attentions Q-Pert hooks (their per-batch state must stay out of compiled code)."""
+    model, retriever = loaded.model, retriever_of(loaded.model)
+    encoder = retriever.vision_encoder(model)
+    inside = {id(m) for m in encoder.modules()}
+    sites = family_of(model).sites(model)
+    assert sites and not any(id(site.module) in inside for site in sites)
+    calls = []
+    hook = encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        retriever.image_tokens(model, retriever.preprocess(model, loaded.processor, images))
+    finally:
+        hook.remove()
+    assert calls == [1]

@@ -14,6 +14,7 @@ import qpert
 from qpert.scoring import score
 from qpert.search.catalog import Catalog, CatalogUpdate
 from qpert.search.detectors import DetectorOptions, TransformersDetector, load_detector
+from qpert.search import indexer
 from qpert.search.indexer import IndexSettings, build_index
 from qpert.search.searcher import PhotoIndex
 from qpert.search.vectors import VectorIndex
@@ -51,11 +52,16 @@ def catalog_state(index_dir):
         catalog.close()
 
 
-def test_search_matches_scoring_every_photo_directly(models, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-vision-encoder"])
+def test_search_matches_scoring_every_photo_directly(models, tmp_path, compiled, monkeypatch):
     photos = photo_folder(tmp_path / "photos", count=6)
+    compiled_encoders = []
+    monkeypatch.setattr(indexer, "compile_vision_encoder",
+                        lambda model, real=indexer.compile_vision_encoder: compiled_encoders.append(real(model)))
     report = build_index(photos, tmp_path / "index", settings_for(models), device="cpu", batch_size=4,
-                         progress=False)
+                         progress=False, compile_vision=compiled)
     assert (report.added, report.photos, report.skipped) == (6, 6, [])
+    assert len(compiled_encoders) == compiled
     index = PhotoIndex(tmp_path / "index", device="cpu")
     detector = load_detector(str(models[1]), DetectorOptions(score_threshold=0.0, max_boxes=3))
     paths = sorted(index.photos_dir / r.path for r in index.rows.values())

@@ -35,6 +35,7 @@ from ..config import QPertConfig
 from ..core import Subspaces
 from ..data.boxes import BoxSet
 from ..data.datasets import RetrievalDataset
+from ..models.compiling import compile_vision_encoder
 from ..models.registry import LoadedModel, retriever_of
 from ..object_baseline import object_masks, object_similarities
 from ..scoring import resolve_itm
@@ -58,6 +59,7 @@ class EvalOptions:
     progress: bool = True
     keep_scores: bool = False     # keep each method's final T2I score matrix (for reports)
     object_baseline: bool = False  # add the "object-embedding" method (the paper's Table F ablation)
+    compile_vision: bool = False  # torch.compile the vision encoder (qpert.compile_vision_encoder)
 
 
 @dataclass
@@ -99,6 +101,8 @@ class _Run:
         n = dataset.num_images
         self.shards = [range(s, min(s + options.shard_size, n)) for s in range(0, n, options.shard_size)]
         self.handle: QPertHandle = attach(self.model, QPertConfig())
+        if options.compile_vision:  # lazy: a run whose vision tokens are all cached never compiles
+            compile_vision_encoder(self.model)
         self._recent_subspaces: dict[str, Subspaces] = {}
 
     def bar(self, total: int, desc: str, unit: str):
@@ -347,7 +351,7 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
         "num_images": int(readable.sum()), "num_texts": int(keep_txt.sum()), "itm": run.itm, "k": options.k,
         "dtype": str(run.dtype).replace("torch.", ""), "device": str(run.device),
         "methods": {n: (c.to_dict() if c else None) for n, c in methods.items()},
-        "object_baseline": options.object_baseline,
+        "object_baseline": options.object_baseline, "compiled": options.compile_vision,
         "seconds": round(time.time() - started, 1),
     }
     return EvalResult(metrics, settings, skipped, scores)

@@ -50,5 +50,6 @@ BLIP = ModelFamily(
     token_layout=blip2_token_layout,
     retriever=Retriever(class_names=("BlipForImageTextRetrieval",), image_tokens=vision_tokens,
                         image_embeddings=image_embeddings, text_embeddings=text_embeddings, itc_scores=cosine_scores,
-                        itm_scores=itm_scores, tokenize=bert_tokenize, preprocess=preprocess),
+                        itm_scores=itm_scores, tokenize=bert_tokenize, preprocess=preprocess,
+                        vision_encoder=lambda model: model.vision_model),
 )

@@ -80,5 +80,5 @@ BLIP2 = ModelFamily(
     retriever=Retriever(class_names=("Blip2ForImageTextRetrieval",), image_tokens=image_tokens,
                         image_embeddings=image_embeddings, text_embeddings=text_embeddings, itc_scores=itc_scores,
                         itm_scores=itm_scores, tokenize=bert_tokenize, preprocess=preprocess,
-                        roi_embeddings=roi_embeddings),
+                        roi_embeddings=roi_embeddings, vision_encoder=lambda model: model.vision_model),
 )

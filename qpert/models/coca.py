@@ -118,5 +118,6 @@ COCA = ModelFamily(
     name="coca", class_names=("CoCa",), sites=coca_sites, token_layout=coca_token_layout,
     retriever=Retriever(class_names=("CoCa",), image_tokens=image_tokens, image_embeddings=image_embeddings,
                         text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
-                        preprocess=preprocess, key_tokens=key_tokens, roi_embeddings=roi_embeddings),
+                        preprocess=preprocess, key_tokens=key_tokens, roi_embeddings=roi_embeddings,
+                        vision_encoder=lambda model: _visual(model).transformer),
 )

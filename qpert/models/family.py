@@ -66,6 +66,8 @@ class Retriever:
         baseline (``qpert.object_baseline``); None when the ITC embedding pools nothing (BLIP's CLS).
     load_processor(source) -> the processor ``tokenize`` and ``preprocess`` take, where
         ``AutoProcessor.from_pretrained(source)`` is not it (InternVL-G).
+    vision_encoder(model) -> the transformer stack inside ``image_tokens``: most of the encoding
+        time and none of Q-Pert's hooks, so ``qpert.compile_vision_encoder`` can compile it.
     class_names: the family's classes that carry these heads.
     """
 
@@ -76,6 +78,7 @@ class Retriever:
     itc_scores: Callable[[Tensor, Tensor], Tensor]
     tokenize: Callable[[nn.Module, Any, Sequence[str]], tuple[Tensor, Tensor]]
     preprocess: Callable[[nn.Module, Any, Sequence[Image.Image]], Any]
+    vision_encoder: Callable[[nn.Module], nn.Module]
     itm_scores: Optional[Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]] = None
     key_tokens: Callable[[nn.Module, Tensor], Tensor] = _same_tokens
     roi_embeddings: Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]] = None

@@ -157,5 +157,5 @@ INTERNVL = _QLLaMAFamily(
     retriever=Retriever(class_names=("InternVLModel", "InternVL_G"), image_tokens=image_tokens,
                         image_embeddings=image_embeddings, text_embeddings=text_embeddings, itc_scores=cosine_scores,
                         tokenize=tokenize, preprocess=preprocess, load_processor=load_processor,
-                        roi_embeddings=roi_embeddings),
+                        roi_embeddings=roi_embeddings, vision_encoder=lambda model: model.vision_model),
 )

@@ -97,5 +97,6 @@ SIGLIP = ModelFamily(
     token_layout=siglip_token_layout,
     retriever=Retriever(class_names=("SiglipModel",), image_tokens=vision_tokens, image_embeddings=image_embeddings,
                         text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
-                        preprocess=preprocess, roi_embeddings=roi_embeddings),
+                        preprocess=preprocess, roi_embeddings=roi_embeddings,
+                        vision_encoder=lambda model: _vision(model).encoder),
 )

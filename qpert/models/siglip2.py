@@ -97,5 +97,6 @@ SIGLIP2_NAFLEX = ModelFamily(
     token_layout=naflex_token_layout,
     retriever=Retriever(class_names=("Siglip2Model",), image_tokens=image_tokens, image_embeddings=image_embeddings,
                         text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
-                        preprocess=preprocess, key_tokens=key_tokens, roi_embeddings=roi_embeddings),
+                        preprocess=preprocess, key_tokens=key_tokens, roi_embeddings=roi_embeddings,
+                        vision_encoder=lambda model: _vision(model).encoder),
 )

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from ..cli_options import ALPHA, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE, WEIGHT, qpert_config
+from ..cli_options import (ALPHA, COMPILE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE, WEIGHT,
+                           qpert_config)
 
 INDEX_DEVICE = typer.Option("auto", help="auto (a GPU when there is one, per rank under torchrun), cpu, cuda, cuda:1.")
 DETECTOR = typer.Option(
@@ -38,7 +39,7 @@ def index(
                                            "re-indexing with other Q-Pert settings without re-encoding."),
     device: str = INDEX_DEVICE, dtype: Optional[str] = DTYPE,
     batch_size: int = typer.Option(8, help="Photos per detector / vision forward."),
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    compile_vision: bool = COMPILE, trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Index a photo folder: detect objects, store baseline and Q-Pert embeddings in FAISS + SQLite.
 
@@ -60,7 +61,8 @@ def index(
         annotations=str(annotations.resolve()) if annotations else None, faiss=faiss, itm_features=itm_features,
         dtype=dtype, trust_remote_code=trust_remote_code)
     try:
-        report = build_index(photos, index_dir, settings, device=device, batch_size=batch_size)
+        report = build_index(photos, index_dir, settings, device=device, batch_size=batch_size,
+                             compile_vision=compile_vision)
     except KeyboardInterrupt:
         typer.secho("interrupted: the previous index is intact; run the same command again to resume", err=True)
         raise typer.Exit(130)

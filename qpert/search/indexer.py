@@ -29,6 +29,7 @@ from ..attach import attach
 from ..config import QPertConfig
 from ..errors import IndexBusyError
 from ..eval.cache import FeatureStore, content_key, model_fingerprint
+from ..models.compiling import compile_vision_encoder
 from ..models.registry import LoadedModel, load_model, retriever_of
 from . import distributed
 from .annotations import annotated_detections, read_annotations
@@ -123,7 +124,8 @@ class Indexer:
     """One update of an index (the three phases of the module docstring); under torchrun, one per rank."""
 
     def __init__(self, photos_dir: Path, index_dir: Path, settings: IndexSettings, device: str = "auto",
-                 batch_size: int = 8, progress: bool = True, ranks: Optional[distributed.Ranks] = None):
+                 batch_size: int = 8, progress: bool = True, ranks: Optional[distributed.Ranks] = None,
+                 compile_vision: bool = False):
         if batch_size < 1:
             raise ValueError(f"the batch size must be at least 1, got {batch_size}")
         self.photos_dir = Path(photos_dir).resolve()
@@ -139,6 +141,8 @@ class Indexer:
         self.loaded: LoadedModel = load_model(settings.model, device=self.device, dtype=settings.dtype,
                                               trust_remote_code=settings.trust_remote_code)
         self.retriever = retriever_of(self.loaded.model)
+        if compile_vision:
+            compile_vision_encoder(self.loaded.model)
         self.detector: Optional[Detector] = None if settings.detector == NO_DETECTOR else \
             load_detector(settings.detector, settings.detector_options, self.device)
         self.annotations = read_annotations(Path(settings.annotations)) if settings.annotations else {}
@@ -368,8 +372,11 @@ class Indexer:
 
 
 def build_index(photos_dir: Path, index_dir: Optional[Path] = None, settings: Optional[IndexSettings] = None,
-                device: str = "auto", batch_size: int = 8, progress: bool = True) -> IndexReport:
+                device: str = "auto", batch_size: int = 8, progress: bool = True,
+                compile_vision: bool = False) -> IndexReport:
     """Create or update the index of ``photos_dir`` (default location: ``photos_dir/.qpert-index``).
+
+    ``compile_vision`` compiles the vision encoder (``qpert.compile_vision_encoder``), for large collections on a GPU.
 
     Under ``torchrun`` every rank takes a share of the photos and rank 0 writes the index.
     """
@@ -379,7 +386,8 @@ def build_index(photos_dir: Path, index_dir: Optional[Path] = None, settings: Op
     ranks = distributed.start()
     try:
         with _exclusive(index_dir, ranks.is_main):
-            return Indexer(photos_dir, index_dir, settings or IndexSettings(), device, batch_size, progress, ranks).run()
+            return Indexer(photos_dir, index_dir, settings or IndexSettings(), device, batch_size, progress, ranks,
+                           compile_vision).run()
     finally:
         distributed.stop(ranks)
 

@@ -1,0 +1,22 @@
+"""Optional ``torch.compile`` of a retrieval model's vision encoder."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .registry import retriever_of
+
+
+def compile_vision_encoder(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
+    """Compile, in place, the vision transformer that turns pixels into the tokens Q-Pert reads.
+
+    Only this stack is compiled: it is most of the image-encoding time and holds none of Q-Pert's
+    hooks. The cross-attention and ITM passes stay eager: their hooks read per-batch Python state
+    (boxes, subspaces), on which compiled code would break its graph or recompile. Weights,
+    ``state_dict`` keys and feature-cache keys are unchanged; the first batches of each new shape
+    pay the compilation. ``mode`` is ``torch.compile``'s (e.g. ``"max-autotune"``). Returns the module.
+    """
+    encoder = retriever_of(model).vision_encoder(model)
+    encoder.compile(mode=mode)
+    return encoder
