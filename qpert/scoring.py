@@ -66,10 +66,10 @@ def score(loaded: LoadedModel, images: Sequence[Image.Image], boxes: Sequence[Bo
         if itm:
             img_idx = torch.arange(len(images)).repeat_interleave(len(texts))
             txt_idx = torch.arange(len(texts)).repeat(len(images))
-            pair = (model, tokens[img_idx], ids[txt_idx], mask[txt_idx])
-            base = retriever.itm_scores(*pair).cpu().view(len(images), len(texts))
+            pair = (model, tokens, ids[txt_idx], mask[txt_idx])
+            base = retriever.itm_scores(*pair, image_index=img_idx).cpu().view(len(images), len(texts))
             with handle.objects(subspaces=subspaces.select(img_idx)):
-                pert = retriever.itm_scores(*pair).cpu().view(len(images), len(texts))
+                pert = retriever.itm_scores(*pair, image_index=img_idx).cpu().view(len(images), len(texts))
             results["baseline"].itm = base + results["baseline"].itc
             results["qpert"].itm = pert + results["qpert"].itc
         if object_baseline:

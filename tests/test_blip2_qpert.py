@@ -1,11 +1,14 @@
 """Q-Pert on a tiny random Blip2ForImageTextRetrieval (the real transformers class)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 import qpert
 from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
+from qpert.adapters import find_bert_cross_attentions
 from qpert.models import blip2 as B
 from reference import ReferenceQPert
 from qpert.models.tiny import randomize, tiny_blip2
@@ -65,6 +68,34 @@ def test_detach_restores_model(model, inputs):
         with handle.objects(BOXES, SIZES):
             pass
     qpert.attach(model).detach()  # attachable again
+
+
+def test_itm_projects_each_images_keys_and_values_once(model, inputs):
+    """Pairs given as ``image_index`` into per-image tokens: each cross-attention's key and value linears see one
+    row per distinct image, and the logits equal those of per-pair tokens, with and without Q-Pert."""
+    handle = qpert.attach(model, qpert.QPertConfig(alpha=6.0, threshold=0.95))
+    try:
+        tokens = B.image_tokens(model, inputs["pixel_values"])
+        subspaces = handle.compute_subspaces(tokens, BOXES, SIZES)
+        pairs_img, pairs_txt = torch.tensor([2, 0, 2, 1, 0, 2, 2]), torch.tensor([0, 1, 2, 0, 0, 1, 0])
+        ids, mask = inputs["input_ids"][pairs_txt], inputs["attention_mask"][pairs_txt]
+        key = find_bert_cross_attentions(model.qformer)[0].module.key
+        rows = []
+        hook = key.register_forward_hook(lambda _m, args, out: rows.append((args[0].shape[0], out.shape[0])))
+        results = {}
+        contexts = {"baseline": nullcontext, "qpert": lambda: handle.objects(subspaces=subspaces.select(pairs_img))}
+        for name, objects in contexts.items():
+            with objects():
+                results[name] = (B.itm_scores(model, tokens, ids, mask, image_index=pairs_img),
+                                 B.itm_scores(model, tokens[pairs_img], ids, mask))
+        hook.remove()
+        assert rows == [(3, 3), (7, 7)] * 2
+        for shared, per_pair in results.values():
+            torch.testing.assert_close(shared, per_pair, atol=1e-6, rtol=0)
+        assert (results["qpert"][0] - results["baseline"][0]).abs().max() > 1e-3
+        assert not key._forward_hooks and not key._forward_pre_hooks
+    finally:
+        handle.detach()
 
 
 def test_cached_subspaces_reused_for_many_texts(model, inputs):

@@ -249,10 +249,10 @@ class _Run:
         out = []
         for s in range(0, len(chunk), self.options.itm_batch_size):
             part = chunk[s:s + self.options.itm_batch_size]
-            local = (part[:, 0] - shard.start).to(self.device)
+            local = part[:, 0] - shard.start
             with self._objects(config, shard, tokens, None, pairs=local):
-                out.append(self.retriever.itm_scores(self.model, tokens["tokens"][local], ids[part[:, 1]],
-                                                     mask[part[:, 1]]).cpu())
+                out.append(self.retriever.itm_scores(self.model, tokens["tokens"], ids[part[:, 1]], mask[part[:, 1]],
+                                                     image_index=local).cpu())
             bar.update(len(part))
         return torch.cat(out)
 

@@ -7,6 +7,8 @@ changes BLIP's retrieval only through ITM re-ranking). The retrieval functions c
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -14,6 +16,7 @@ from torch.nn import functional as F
 from ..adapters import find_bert_cross_attentions
 from .blip2 import blip2_token_layout
 from .family import ModelFamily, Retriever, cosine_scores
+from .pair_batching import pairs_of_images
 from .processing import bert_tokenize, pixel_values as preprocess, vision_tokens
 
 
@@ -32,13 +35,15 @@ def text_embeddings(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 @torch.no_grad()
-def itm_scores(model: nn.Module, tokens: torch.Tensor, input_ids: torch.Tensor,
-               attention_mask: torch.Tensor) -> torch.Tensor:
-    """(P,) ITM positive-class logit of the [CLS] token for P (image, text) pairs (Q-Pert applies here)."""
+def itm_scores(model: nn.Module, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(P,) ITM positive-class logit of the [CLS] token for P (image, text) pairs (Q-Pert applies here):
+    text p with image ``image_index[p]`` of ``tokens`` (default: row p)."""
     device = model.itm_head.weight.device
-    image_mask = torch.ones(tokens.shape[:-1], dtype=torch.long, device=tokens.device)
-    out = model.text_encoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             encoder_hidden_states=tokens, encoder_attention_mask=image_mask).last_hidden_state
+    with pairs_of_images(model.text_encoder, tokens, image_index) as pair_tokens:
+        image_mask = torch.ones(pair_tokens.shape[:-1], dtype=torch.long, device=pair_tokens.device)
+        out = model.text_encoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 encoder_hidden_states=pair_tokens, encoder_attention_mask=image_mask).last_hidden_state
     return model.itm_head(out[:, 0, :])[:, 1].float()
 
 

@@ -6,6 +6,8 @@ and matches it against any number of texts; they compute exactly what
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -13,6 +15,7 @@ from torch.nn import functional as F
 from ..adapters import find_bert_cross_attentions
 from ..core import TokenLayout
 from .family import ModelFamily, Retriever
+from .pair_batching import pairs_of_images
 from .processing import bert_tokenize, pixel_values as preprocess
 from .processing import vision_tokens as image_tokens  # (B, N, C): what the Q-Former cross-attends to
 
@@ -57,17 +60,20 @@ def itc_scores(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def itm_scores(model: nn.Module, tokens: torch.Tensor, input_ids: torch.Tensor,
-               attention_mask: torch.Tensor) -> torch.Tensor:
-    """(P,) ITM positive-class logit, averaged over query tokens, for P (image, text) pairs."""
+def itm_scores(model: nn.Module, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(P,) ITM positive-class logit, averaged over query tokens, for P (image, text) pairs: text p with
+    image ``image_index[p]`` of ``tokens`` (default: row p)."""
     device = model.query_tokens.device
-    queries = model.query_tokens.expand(tokens.shape[0], -1, -1)
-    mask = torch.cat([torch.ones(queries.shape[:-1], dtype=torch.long, device=device), attention_mask.to(device)], 1)
-    embeds = model.embeddings(input_ids=input_ids.to(device), query_embeds=queries)
-    image_mask = torch.ones(tokens.shape[:-1], dtype=torch.long, device=tokens.device)
-    out = model.qformer(query_embeds=embeds, query_length=queries.shape[1], attention_mask=mask,
-                        encoder_hidden_states=tokens, encoder_attention_mask=image_mask,
-                        return_dict=True).last_hidden_state
+    with pairs_of_images(model.qformer, tokens, image_index) as pair_tokens:
+        queries = model.query_tokens.expand(pair_tokens.shape[0], -1, -1)
+        mask = torch.cat([torch.ones(queries.shape[:-1], dtype=torch.long, device=device), attention_mask.to(device)],
+                         1)
+        embeds = model.embeddings(input_ids=input_ids.to(device), query_embeds=queries)
+        image_mask = torch.ones(pair_tokens.shape[:-1], dtype=torch.long, device=pair_tokens.device)
+        out = model.qformer(query_embeds=embeds, query_length=queries.shape[1], attention_mask=mask,
+                            encoder_hidden_states=pair_tokens, encoder_attention_mask=image_mask,
+                            return_dict=True).last_hidden_state
     logits = model.itm_head(out[:, : queries.shape[1], :].to(model.itm_head.weight.dtype))
     return logits.mean(dim=1)[:, 1].float()
 

@@ -54,8 +54,9 @@ class Retriever:
         Q-Pert acts here when the family's cross-attention is in the image path.
     text_embeddings(model, input_ids, attention_mask) -> (T, D) normalized ITC text embeddings.
     itc_scores(image_emb, text_emb) -> (B, T) float scores; only their order per query matters.
-    itm_scores(model, tokens, input_ids, attention_mask) -> (P,) matching logits of P pairs,
-        or None when the family has no ITM head (no re-ranking then).
+    itm_scores(model, tokens, input_ids, attention_mask, image_index=None) -> (P,) matching logits of
+        P pairs (text p with image ``image_index[p]`` of ``tokens``, default row p; pairs sharing an image
+        share its key / value projections), or None when the family has no ITM head (no re-ranking then).
     tokenize(model, processor, texts) -> (input_ids, attention_mask).
     preprocess(model, processor, images) -> pixels for ``image_tokens``: pixel_values, or whatever else the
         vision tower takes (SigLIP 2 NaFlex: the processor's patches, padding mask and grid shapes).
@@ -79,7 +80,7 @@ class Retriever:
     tokenize: Callable[[nn.Module, Any, Sequence[str]], tuple[Tensor, Tensor]]
     preprocess: Callable[[nn.Module, Any, Sequence[Image.Image]], Any]
     vision_encoder: Callable[[nn.Module], nn.Module]
-    itm_scores: Optional[Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]] = None
+    itm_scores: Optional[Callable[..., Tensor]] = None
     key_tokens: Callable[[nn.Module, Tensor], Tensor] = _same_tokens
     roi_embeddings: Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]] = None
     load_processor: Optional[Callable[[str], Any]] = None
