@@ -42,7 +42,7 @@ class _Objects:
     subspaces: Optional[Subspaces]
     source: Optional[torch.Tensor] = None  # image tokens the on-the-fly subspaces were built from
     current: Optional[Subspaces] = None
-    any_active: Optional[bool] = None      # read once per block (or pass), not per layer: no GPU sync per layer
+    any_active: Optional[bool] = None      # set once per block (or pass), never per layer; see _image_tokens_hook
 
 
 class QPertHandle:
@@ -162,8 +162,9 @@ class QPertHandle:
                 self._check_batch(tokens, len(state.subspaces))
                 if state.subspaces.active.device != tokens.device:
                     state.subspaces = state.subspaces.to(tokens.device)
-                if state.any_active is None:
-                    state.any_active = bool(state.subspaces.active.any())
+                if state.any_active is None:  # on a GPU, reading the flags would stall its queue once per pass;
+                    # perturbing anyway is exact, since rows of inactive images come back bit-identical
+                    state.any_active = tokens.device.type != "cpu" or bool(state.subspaces.active.any())
                 return state.any_active
             if state.source is not tokens:  # first cross-attention of this pass: all layers at once
                 self._check_batch(tokens, len(state.boxes))

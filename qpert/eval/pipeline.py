@@ -150,7 +150,7 @@ class _Run:
             with self.bar(len(ids), "text features", "text") as bar:
                 for s in range(0, len(ids), 256):
                     emb = self.retriever.text_embeddings(self.model, ids[s:s + 256], mask[s:s + 256])
-                    parts.append(emb.float().cpu())
+                    parts.append(emb.float())  # kept on the device: no wait per batch
                     bar.update(len(parts[-1]))
             self.store.save("text", key, {"emb": torch.cat(parts)})
         return self.store.load("text", key)["emb"], ids, mask
@@ -252,9 +252,9 @@ class _Run:
             local = part[:, 0] - shard.start
             with self._objects(config, shard, tokens, None, pairs=local):
                 out.append(self.retriever.itm_scores(self.model, tokens["tokens"], ids[part[:, 1]], mask[part[:, 1]],
-                                                     image_index=local).cpu())
+                                                     image_index=local))  # kept on the device: no wait per batch
             bar.update(len(part))
-        return torch.cat(out)
+        return torch.cat(out).cpu()
 
     # ---------------------------------------------------------------------------- object-embedding baseline
     def object_similarities(self, text_emb: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
