@@ -14,6 +14,16 @@ A model trained so under-attends small objects, which is the gap Q-Pert's boxes 
     python scripts/train_shapes_blip2.py --steps 3000 --itm-start 2600 --mention-small 0.5 --threads 1 \
         --out qpert/assets/blip2-shapes
 
+A second phase starts from a saved checkpoint (``--init-from``; pass the first phase's final
+temperature with ``--temp``, since the checkpoint does not hold it) and trains ITM with a chosen
+weight on ITC (``--itc-weight``, 0: ITM alone), part of the model (``--train itm-head`` leaves ITC
+untouched) and kind of negatives (``--random-negatives``); every run reports ITM's accuracy on
+validation pairs. No second phase tried so far makes ITM re-ranking help (TRAINING.md); one of them:
+
+    python scripts/train_shapes_blip2.py --init-from qpert/assets/blip2-shapes --temp 0.065 --seed 1 \
+        --itm-start 0 --itc-weight 0.1 --random-negatives 0.5 --lr 3e-4 --warmup 50 --steps 500 \
+        --mention-small 0.5 --threads 1 --out /tmp/itm-phase
+
 Use ``--threads 1`` on a machine whose other cores are busy: PyTorch's CPU threads wait on
 each other and two threads competing with another process ran ~15x slower than one.
 """
@@ -77,12 +87,11 @@ def build_model(seed: int) -> Blip2ForImageTextRetrieval:
 
 
 # ------------------------------------------------------------------ training forwards (with gradients)
-def encode_images(model: Blip2ForImageTextRetrieval, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
-    tokens = model.vision_model(pixel_values=pixel_values).last_hidden_state
+def encode_images(model: Blip2ForImageTextRetrieval, tokens: Tensor) -> Tensor:
     queries = model.query_tokens.expand(tokens.shape[0], -1, -1)
     out = model.qformer(query_embeds=queries, encoder_hidden_states=tokens,
                         encoder_attention_mask=torch.ones(tokens.shape[:-1], dtype=torch.long)).last_hidden_state
-    return tokens, F.normalize(model.vision_projection(out), dim=-1)
+    return F.normalize(model.vision_projection(out), dim=-1)
 
 
 def encode_texts(model: Blip2ForImageTextRetrieval, ids: Tensor, mask: Tensor) -> Tensor:
@@ -101,26 +110,47 @@ def itm_logits(model: Blip2ForImageTextRetrieval, tokens: Tensor, ids: Tensor, m
 
 
 def losses(model: Blip2ForImageTextRetrieval, log_temp: Tensor, pixel_values: Tensor, ids: Tensor, mask: Tensor,
-           same: Tensor, generator: torch.Generator, with_itm: bool = True) -> tuple[Tensor, Tensor]:
-    """ITC and ITM losses of one batch; ``same[i, j]``: image i and text j describe the same content."""
-    tokens, image_emb = encode_images(model, pixel_values)
-    text_emb = encode_texts(model, ids, mask)
-    sim = torch.einsum("iqd,td->iqt", image_emb, text_emb).amax(dim=1) / log_temp.exp()
-    target = torch.arange(sim.shape[0])
-    itc = (F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)) / 2
+           same: Tensor, generator: torch.Generator, with_itc: bool = True, with_itm: bool = True,
+           random_negatives: float = 0.0) -> tuple[Tensor, Tensor, float]:
+    """ITC and ITM losses of one batch and ITM's accuracy; ``same[i, j]``: image i and text j describe the same content.
+
+    Without ``with_itc`` the ITC similarities are computed without gradients, for the hard negatives only.
+    """
+    tokens = model.vision_model(pixel_values=pixel_values).last_hidden_state
+    with torch.set_grad_enabled(with_itc and torch.is_grad_enabled()):
+        image_emb, text_emb = encode_images(model, tokens), encode_texts(model, ids, mask)
+        sim = torch.einsum("iqd,td->iqt", image_emb, text_emb).amax(dim=1) / log_temp.exp()
+        target = torch.arange(sim.shape[0])
+        itc = (F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)) / 2
     if not with_itm:
-        return itc, torch.zeros(())
-    with torch.no_grad():  # hard negatives, as in BLIP-2: sampled in proportion to ITC similarity
-        weights_i2t = F.softmax(sim, dim=1).masked_fill(same, 0) + 1e-6 * ~same
-        weights_t2i = F.softmax(sim.t(), dim=1).masked_fill(same.t(), 0) + 1e-6 * ~same.t()
-        neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
-        neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+        return itc, torch.zeros(()), float("nan")
+    neg_text, neg_image = negatives(sim.detach(), same, generator, random_negatives)
     pair_tokens = torch.cat([tokens, tokens, tokens[neg_image]])
     pair_ids = torch.cat([ids, ids[neg_text], ids])
     pair_mask = torch.cat([mask, mask[neg_text], mask])
     labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long()
-    itm = F.cross_entropy(itm_logits(model, pair_tokens, pair_ids, pair_mask), labels)
-    return itc, itm
+    logits = itm_logits(model, pair_tokens, pair_ids, pair_mask)
+    return itc, F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean().item()
+
+
+def negatives(sim: Tensor, same: Tensor, generator: torch.Generator, random_fraction: float) -> tuple[Tensor, Tensor]:
+    """One negative text per image and one negative image per text.
+
+    BLIP-2 samples them in proportion to ITC similarity (hard negatives). With ``random_fraction`` > 0 each
+    is instead drawn uniformly with that probability: in the second-phase runs (TRAINING.md) ITM's loss
+    left its prior sooner with half of them uniform than with a fifth.
+    """
+    def weights(s: Tensor, matching: Tensor) -> Tensor:
+        hard = F.softmax(s, dim=1).masked_fill(matching, 0) + 1e-6 * ~matching
+        if random_fraction == 0.0:
+            return hard
+        uniform = (~matching).float()
+        return (1 - random_fraction) * hard / hard.sum(1, keepdim=True) + random_fraction * uniform / uniform.sum(
+            1, keepdim=True)
+
+    neg_text = torch.multinomial(weights(sim, same), 1, generator=generator).squeeze(1)
+    neg_image = torch.multinomial(weights(sim.t(), same.t()), 1, generator=generator).squeeze(1)
+    return neg_text, neg_image
 
 
 def web_caption(scene: Scene, rng: np.random.Generator, mention_small: float) -> tuple[str, list[SceneObject]]:
@@ -180,6 +210,34 @@ def evaluate(model: Blip2ForImageTextRetrieval, processor: Blip2Processor, seed:
     return results
 
 
+@torch.no_grad()
+def itm_accuracy(model: Blip2ForImageTextRetrieval, processor: Blip2Processor, seed: int,
+                 count: int) -> dict[str, float]:
+    """ITM accuracy (%) on ``count`` scenes of stream ``seed``, one benchmark caption each, per kind of pair.
+
+    The matching image, a random other image, and the other image that ITC ranks highest for the text:
+    re-ranking ITC's top k needs the last kind rejected, which random negatives alone do not test.
+    """
+    model.eval()
+    scenes = make_scenes(seed, count, SCENES)
+    content = [frozenset((o.colour, o.shape, o.position) for o in s.objects) for s in scenes]
+    same = torch.tensor([[a == b for b in content] for a in content])
+    pixels = processor.image_processor([Image.fromarray(s.image) for s in scenes], return_tensors="pt").pixel_values
+    tokens = blip2.image_tokens(model, pixels)
+    tok = processor.tokenizer([s.captions[0] for s in scenes], padding="longest", return_tensors="pt")
+    itc = blip2.itc_scores(blip2.image_embeddings(model, tokens),
+                           blip2.text_embeddings(model, tok.input_ids, tok.attention_mask))
+    images = {"positive": torch.arange(count),
+              "random negative": torch.multinomial((~same).float(), 1, generator=torch.Generator().manual_seed(seed))
+              .squeeze(1),
+              "hard negative": itc.masked_fill(same, -torch.inf).argmax(dim=0)}
+    accuracy = {}
+    for kind, image in images.items():
+        said_match = itm_logits(model, tokens[image], tok.input_ids, tok.attention_mask).argmax(1) == 1
+        accuracy[kind] = 100 * (said_match if kind == "positive" else ~said_match).float().mean().item()
+    return accuracy
+
+
 def table(results: dict[str, RetrievalMetrics]) -> str:
     rows = ["| run | T2I R@1 | T2I R@5 | small T2I R@1 | small T2I R@5 | large T2I R@1 | I2T R@1 | T2I mR@1 |",
             "|---|---|---|---|---|---|---|---|"]
@@ -190,6 +248,18 @@ def table(results: dict[str, RetrievalMetrics]) -> str:
         rows.append(f"| {name} | {t['R@1']:.1f} | {t['R@5']:.1f} | {t['small_R@1']:.1f} | {t['small_R@5']:.1f} "
                     f"| {large:.1f} | {m.i2t['R@1']:.1f} | {t['mR@1']:.1f} |")
     return "\n".join(rows)
+
+
+def trainable(model: Blip2ForImageTextRetrieval, part: str) -> list[torch.nn.Parameter]:
+    """The parameters a phase trains; the others are frozen.
+
+    ``itm-head`` leaves ITC exactly as it was: every Q-Former weight is used by ITC's query-only or
+    text-only pass as well as by ITM's joint pass (BLIP-2 shares them all), so the head is the only
+    part of the model that ITM has to itself.
+    """
+    for name, param in model.named_parameters():
+        param.requires_grad_(part == "all" or name.startswith("itm_head."))
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def main() -> None:
@@ -207,51 +277,75 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0, 8.0], help="Q-Pert scales")
     parser.add_argument("--mention-small", type=float, default=1.0,
                         help="probability that a training caption names each small shape (1: all, as the benchmark)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="a second phase: start from this saved checkpoint instead of a fresh initialization")
+    parser.add_argument("--train", choices=("all", "itm-head"), default="all",
+                        help="parameters to train; itm-head leaves ITC untouched")
+    parser.add_argument("--itc-weight", type=float, default=1.0, help="weight of the ITC loss (0: ITM alone)")
+    parser.add_argument("--random-negatives", type=float, default=0.0,
+                        help="probability that an ITM negative is drawn uniformly instead of by ITC similarity")
+    parser.add_argument("--temp", type=float, default=0.07,
+                        help="initial ITC temperature (the checkpoint does not store it; --init-from should pass the "
+                             "first phase's final value)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="save the checkpoint here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, processor = build_model(args.seed), shapes_processor()
-    log_temp = torch.nn.Parameter(torch.tensor(math.log(0.07)))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "query_tokens" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "query_tokens" not in n)] + [log_temp]
+    if args.init_from:
+        model = Blip2ForImageTextRetrieval.from_pretrained(args.init_from, use_safetensors=True)
+    else:
+        model = build_model(args.seed)
+    processor = shapes_processor()
+    log_temp = torch.nn.Parameter(torch.tensor(math.log(args.temp)), requires_grad=args.train == "all")
+    params = trainable(model, args.train)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and "query_tokens" not in n]
+    rest = [p for n, p in named if not (p.ndim >= 2 and "query_tokens" not in n)]
+    rest += [log_temp] if log_temp.requires_grad else []
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
                                   lr=args.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / args.steps))))
     generator = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{sum(p.numel() for p in params)} trained", flush=True)
 
     start = time.time()
     for step in range(args.steps):
         model.train()
         pixel_values, ids, mask, same = batch(processor, args.seed, step, args.batch, rng, args.mention_small)
-        itc, itm = losses(model, log_temp, pixel_values, ids, mask, same, generator, step >= args.itm_start)
+        itc, itm, itm_acc = losses(model, log_temp, pixel_values, ids, mask, same, generator, args.itc_weight > 0,
+                                   step >= args.itm_start, args.random_negatives)
         optimizer.zero_grad(set_to_none=True)
-        (itc + itm).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (args.itc_weight * itc + itm).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         with torch.no_grad():
             log_temp.clamp_(math.log(0.01), math.log(0.5))
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  itc {itc.item():.3f}  itm {itm.item():.3f}  temp {log_temp.exp().item():.3f}  "
-                  f"{time.time() - start:.0f}s", flush=True)
+            print(f"step {step:5d}  itc {itc.item():.3f}  itm {itm.item():.3f} (acc {itm_acc:.2f})  "
+                  f"temp {log_temp.exp().item():.3f}  {time.time() - start:.0f}s", flush=True)
         if args.eval_every and step and step % args.eval_every == 0:
             m = evaluate(model, processor, args.val_seed, 300, ())["baseline"].t2i
             print(f"  val300 T2I R@1 {m['R@1']:.1f} R@5 {m['R@5']:.1f} small R@1 {m['small_R@1']:.1f}", flush=True)
     train_time = time.time() - start
 
     results = evaluate(model, processor, args.val_seed, args.val_count, tuple(args.alphas))
-    print(f"trained {args.steps} steps in {train_time / 60:.1f} min\n{table(results)}", flush=True)
+    itm_val = itm_accuracy(model, processor, args.val_seed, args.val_count)
+    print(f"trained {args.steps} steps in {train_time / 60:.1f} min\n{table(results)}\nITM accuracy (%): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in itm_val.items()), flush=True)
     if args.out:
+        summary = {"train_seconds": round(train_time), "args": {k: str(v) for k, v in vars(args).items()},
+                   "temperature": round(log_temp.exp().item(), 4), "itm_accuracy": itm_val,
+                   "validation": {name: m.to_dict() for name, m in results.items()}}
+        if args.init_from:  # read before saving: --out may be --init-from
+            summary["init_from"] = json.loads((args.init_from / "training_log.json").read_text())
         args.out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(args.out)
         processor.save_pretrained(args.out)
-        summary = {"train_seconds": round(train_time), "args": {k: str(v) for k, v in vars(args).items()},
-                   "validation": {name: m.to_dict() for name, m in results.items()}}
         (args.out / "training_log.json").write_text(json.dumps(summary, indent=1))
 
 
