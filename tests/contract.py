@@ -4,9 +4,11 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import pytest
 import torch
 
 import qpert
+from qpert.models.compiling import has_cpp_compiler
 
 #: Boxes per image of a 3-image batch: several objects, one reaching outside the image, a tiny one.
 BOXES = [
@@ -15,6 +17,9 @@ BOXES = [
     [[-20.0, 5.0, 40.0, 140.0], [50.0, 50.0, 53.0, 52.0]],
 ]
 SIZES = [(100, 120), (100, 100), (120, 80)]  # (height, width)
+
+#: torch.compile generates C++; .ci/run installs g++, elsewhere these tests skip with this reason.
+needs_cpp_compiler = pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile needs a C++ compiler (g++)")
 
 
 def assert_detach_restores(model: torch.nn.Module, forward: Callable[[], torch.Tensor], boxes, sizes) -> None:

@@ -24,6 +24,7 @@ from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.registry import LoadedModel
 from qpert.models.tiny import randomize, tiny_blip2, tiny_processor
 from qpert.scoring import score
+from contract import needs_cpp_compiler
 from test_eval_pipeline import WORDS, bench  # noqa: F401  (bench is a fixture)
 
 DEVICE = os.environ.get("QPERT_TEST_DEVICE", "cuda")
@@ -75,7 +76,8 @@ def test_float32_on_the_device_matches_the_cpu(tmp_path):
         assert torch.equal(dev[f"qpert/{kind}"][2], dev[f"baseline/{kind}"][2]), kind
 
 
-@pytest.mark.parametrize("half,compiled", [("fp16", False), ("bf16", False), ("bf16", True)],
+@pytest.mark.parametrize("half,compiled", [("fp16", False), ("bf16", False),
+                                           pytest.param("bf16", True, marks=needs_cpp_compiler)],
                          ids=["fp16", "bf16", "bf16-compiled"])
 def test_half_precision_agrees_with_float32(half, compiled, tmp_path):
     """Also with the vision encoder torch.compile'd (``--compile``): the same tolerances hold."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from qpert.eval import cache as cache_module
 from qpert.eval.metrics import retrieval_metrics
 from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.tiny import tiny_blip2, tiny_processor
+from contract import needs_cpp_compiler
 from processes import kill_when
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 210), "green": (30, 190, 40), "yellow": (230, 220, 40)}
@@ -129,10 +131,11 @@ def test_pipeline_matches_plain_per_pair_reference(bench, itm):
         itm, "Q-Pert should change some ITC ranking on this fixture"
 
 
-def test_compiled_vision_encoder_scores_as_eager(bench):
+@needs_cpp_compiler
+def test_compiled_vision_encoder_scores_as_eager(bench, tmp_path):
     """``compile_vision``: the vision encoder runs through torch.compile (inductor, here on the CPU) and the
     evaluation gives the eager run's scores (ranks may swap on this random model's near-ties); the Q-Former with
-    Q-Pert's hooks stays eager."""
+    Q-Pert's hooks stays eager. ``qpert eval --compile`` reaches it."""
     root, model_dir = bench
     dataset = load_dataset("flickr30k", root, split="test")
     boxes = flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids)
@@ -149,6 +152,17 @@ def test_compiled_vision_encoder_scores_as_eager(bench):
     for name in methods:
         np.testing.assert_allclose(results[True].scores[name], results[False].scores[name], rtol=1e-4, atol=1e-5)
     assert not np.allclose(results[True].scores["qpert"], results[True].scores["baseline"])
+    out = qpert_cli("eval", "--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root), "--no-cache",
+                    "--no-itm", "--compile", "--output", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["compiled"] is True
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_error(bench, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    with pytest.raises(OSError, match="needs a C\\+\\+ compiler"):
+        qpert.compile_vision_encoder(qpert.load_model(str(bench[1])).model)
 
 
 def test_killed_run_resumes_without_recomputing(bench, tmp_path, monkeypatch):
@@ -218,10 +232,9 @@ def test_cli_eval_and_tune_end_to_end(bench, tmp_path):
     root, model_dir = bench
     common = ["--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root),
               "--cache-dir", str(tmp_path / "cache"), "--k", "3"]
-    out = qpert_cli("eval", *common, "--boxes", "entities", "--itm", "--compile", "--output", str(tmp_path / "r.json"))
+    out = qpert_cli("eval", *common, "--boxes", "entities", "--itm", "--output", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["settings"]["compiled"] is True
     for method in ("baseline", "qpert"):
         for d in ("t2i", "i2t"):
             assert set(data[method][d]) >= {"R@1", "R@5", "R@10", "mR@1", "mR@5", "mR@10", "small_R@1",

@@ -18,6 +18,7 @@ from qpert.search import indexer
 from qpert.search.indexer import IndexSettings, build_index
 from qpert.search.searcher import PhotoIndex
 from qpert.search.vectors import VectorIndex
+from contract import needs_cpp_compiler
 from processes import kill_when
 from search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
 
@@ -52,7 +53,8 @@ def catalog_state(index_dir):
         catalog.close()
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-vision-encoder"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_cpp_compiler)],
+                         ids=["eager", "compiled-vision-encoder"])
 def test_search_matches_scoring_every_photo_directly(models, tmp_path, compiled, monkeypatch):
     photos = photo_folder(tmp_path / "photos", count=6)
     compiled_encoders = []

@@ -1,11 +1,18 @@
 """Optional ``torch.compile`` of a retrieval model's vision encoder."""
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Optional
 
 from torch import nn
 
 from .registry import retriever_of
+
+
+def has_cpp_compiler() -> bool:
+    """torch.compile's code generation builds C++ (on the CPU, and Triton's launchers on a GPU)."""
+    return any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++"))
 
 
 def compile_vision_encoder(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
@@ -17,6 +24,9 @@ def compile_vision_encoder(model: nn.Module, mode: Optional[str] = None) -> nn.M
     ``state_dict`` keys and feature-cache keys are unchanged; the first batches of each new shape
     pay the compilation. ``mode`` is ``torch.compile``'s (e.g. ``"max-autotune"``). Returns the module.
     """
+    if not has_cpp_compiler():
+        raise OSError("torch.compile needs a C++ compiler (g++, clang++ or $CXX) and none was found: install one "
+                      "(e.g. apt-get install g++) or run without --compile")
     encoder = retriever_of(model).vision_encoder(model)
     encoder.compile(mode=mode)
     return encoder
