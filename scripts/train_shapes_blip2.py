@@ -24,6 +24,18 @@ validation pairs. No second phase tried so far makes ITM re-ranking help (TRAINI
         --itm-start 0 --itc-weight 0.1 --random-negatives 0.5 --lr 3e-4 --warmup 50 --steps 500 \
         --mention-small 0.5 --threads 1 --out /tmp/itm-phase
 
+``--counterfactual-negatives P`` adds near misses on the text side: with probability P an
+image's negative text is, instead of one sampled by ITC similarity, its own caption with one attribute
+(colour, shape or position) of one named shape changed to another value of the scene vocabulary that
+no shape of the image has (so the altered caption is false of it). Default 0: off, and the runs above
+reproduce bit for bit (no extra random numbers are drawn). Negative images stay ITC-sampled: the scene
+generator cannot render a given object list. ITM then learns to reject the altered captions, but
+re-ranking images by it still costs R@1 against ITC alone (runs d1-d4 in TRAINING.md), e.g.:
+
+    python scripts/train_shapes_blip2.py --init-from qpert/assets/blip2-shapes --temp 0.065 --seed 1 \
+        --itm-start 0 --itc-weight 0.1 --random-negatives 0.2 --counterfactual-negatives 0.5 --lr 3e-4 \
+        --warmup 50 --steps 600 --mention-small 0.5 --threads 1 --out /tmp/itm-counterfactual
+
 Use ``--threads 1`` on a machine whose other cores are busy: PyTorch's CPU threads wait on
 each other and two threads competing with another process ran ~15x slower than one.
 """
@@ -33,7 +45,9 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -47,7 +61,7 @@ from qpert.eval.metrics import RetrievalMetrics, retrieval_metrics
 from qpert.models import blip2
 from qpert.models.tiny import SPECIAL_TOKENS
 from qpert.synthetic import Scene, SceneConfig, SceneObject, make_scenes, vocabulary
-from qpert.synthetic.scenes import caption
+from qpert.synthetic.scenes import COLOURS, POSITIONS, SHAPES, caption
 
 SCENES = SceneConfig()
 
@@ -111,10 +125,13 @@ def itm_logits(model: Blip2ForImageTextRetrieval, tokens: Tensor, ids: Tensor, m
 
 def losses(model: Blip2ForImageTextRetrieval, log_temp: Tensor, pixel_values: Tensor, ids: Tensor, mask: Tensor,
            same: Tensor, generator: torch.Generator, with_itc: bool = True, with_itm: bool = True,
-           random_negatives: float = 0.0) -> tuple[Tensor, Tensor, float]:
+           random_negatives: float = 0.0, counterfactual: Optional[tuple[Tensor, Tensor, Tensor]] = None
+           ) -> tuple[Tensor, Tensor, float]:
     """ITC and ITM losses of one batch and ITM's accuracy; ``same[i, j]``: image i and text j describe the same content.
 
     Without ``with_itc`` the ITC similarities are computed without gradients, for the hard negatives only.
+    ``counterfactual`` = (use, ids, mask): where ``use[i]``, image i's negative text is the altered caption
+    ``ids[i]`` (one attribute of one named shape changed) instead of the ITC-sampled one.
     """
     tokens = model.vision_model(pixel_values=pixel_values).last_hidden_state
     with torch.set_grad_enabled(with_itc and torch.is_grad_enabled()):
@@ -125,9 +142,14 @@ def losses(model: Blip2ForImageTextRetrieval, log_temp: Tensor, pixel_values: Te
     if not with_itm:
         return itc, torch.zeros(()), float("nan")
     neg_text, neg_image = negatives(sim.detach(), same, generator, random_negatives)
+    neg_ids, neg_mask = ids[neg_text], mask[neg_text]
+    if counterfactual is not None:
+        use, cf_ids, cf_mask = counterfactual
+        neg_ids = torch.where(use[:, None], cf_ids, neg_ids)
+        neg_mask = torch.where(use[:, None], cf_mask, neg_mask)
     pair_tokens = torch.cat([tokens, tokens, tokens[neg_image]])
-    pair_ids = torch.cat([ids, ids[neg_text], ids])
-    pair_mask = torch.cat([mask, mask[neg_text], mask])
+    pair_ids = torch.cat([ids, neg_ids, ids])
+    pair_mask = torch.cat([mask, neg_mask, mask])
     labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long()
     logits = itm_logits(model, pair_tokens, pair_ids, pair_mask)
     return itc, F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean().item()
@@ -166,20 +188,53 @@ def web_caption(scene: Scene, rng: np.random.Generator, mention_small: float) ->
     return caption(named, rng), named
 
 
+def counterfactual_caption(scene: Scene, named: list[SceneObject], rng: np.random.Generator) -> str:
+    """A caption of ``named`` with one attribute of one of them changed so that it is false of ``scene``.
+
+    The attribute (colour, shape or position) and its new value are drawn uniformly among the changes whose
+    (colour, shape, position) is held by no shape of the scene: a near miss, the caption of a scene that
+    differs from this one in that one shape's attribute.
+    """
+    content = {(o.colour, o.shape, o.position) for o in scene.objects}
+    options = [(i, field, value) for i, o in enumerate(named)
+               for field, values in (("colour", COLOURS), ("shape", SHAPES), ("position", POSITIONS))
+               for value in values if value != getattr(o, field)
+               and (value if field == "colour" else o.colour, value if field == "shape" else o.shape,
+                    value if field == "position" else o.position) not in content]
+    i, field, value = options[rng.integers(len(options))]
+    altered = list(named)
+    altered[i] = replace(named[i], **{field: value})
+    return caption(altered, rng)
+
+
 def batch(processor: Blip2Processor, seed: int, step: int, size: int, rng: np.random.Generator,
-          mention_small: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Scenes ``step * size ..`` of the training stream, one random caption each, and which pairs match."""
+          mention_small: float = 1.0, counterfactual: float = 0.0
+          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[tuple[Tensor, Tensor, Tensor]]]:
+    """Scenes ``step * size ..`` of the training stream, one random caption each, and which pairs match.
+
+    With ``counterfactual`` > 0 also (use, ids, mask) for ``losses``: per image an altered caption
+    (``counterfactual_caption``), used as its ITM negative text with probability ``counterfactual``.
+    """
     scenes = make_scenes(seed, size, SCENES, start=step * size)
     ip = processor.image_processor
     images = torch.from_numpy(np.stack([s.image for s in scenes])).float().permute(0, 3, 1, 2) / 255.0
     pixel_values = (images - torch.tensor(ip.image_mean)[:, None, None]) / torch.tensor(ip.image_std)[:, None, None]
     texts, named = zip(*(web_caption(s, rng, mention_small) for s in scenes))
-    tok = processor.tokenizer(list(texts), padding="longest", return_tensors="pt")
+    cf = None
+    if counterfactual > 0.0:  # no random numbers drawn otherwise: runs without it stay bit-identical
+        altered = [counterfactual_caption(s, list(objs), rng) for s, objs in zip(scenes, named)]
+        use = torch.from_numpy(rng.random(len(scenes)) < counterfactual)
+        tok = processor.tokenizer(list(texts) + altered, padding="longest", return_tensors="pt")
+        n = len(scenes)
+        cf = (use, tok.input_ids[n:], tok.attention_mask[n:])
+        tok = {"input_ids": tok.input_ids[:n], "attention_mask": tok.attention_mask[:n]}
+    else:
+        tok = processor.tokenizer(list(texts), padding="longest", return_tensors="pt")
     content = [frozenset((o.colour, o.shape, o.position) for o in s.objects) for s in scenes]
     said = [frozenset((o.colour, o.shape, o.position) for o in objs) for objs in named]
     # text j also describes image i: a complete caption must match exactly, a partial one need only be true of it
     same = torch.tensor([[t == c or (mention_small < 1.0 and t <= c) for t in said] for c in content])
-    return pixel_values, tok.input_ids, tok.attention_mask, same
+    return pixel_values, tok["input_ids"], tok["attention_mask"], same, cf
 
 
 # ------------------------------------------------------------------ evaluation with qpert's own pieces
@@ -284,6 +339,9 @@ def main() -> None:
     parser.add_argument("--itc-weight", type=float, default=1.0, help="weight of the ITC loss (0: ITM alone)")
     parser.add_argument("--random-negatives", type=float, default=0.0,
                         help="probability that an ITM negative is drawn uniformly instead of by ITC similarity")
+    parser.add_argument("--counterfactual-negatives", type=float, default=0.0,
+                        help="probability that an image's ITM negative text is its own caption with one attribute of "
+                             "one named shape changed (a near miss) instead of one sampled by ITC similarity")
     parser.add_argument("--temp", type=float, default=0.07,
                         help="initial ITC temperature (the checkpoint does not store it; --init-from should pass the "
                              "first phase's final value)")
@@ -315,9 +373,10 @@ def main() -> None:
     start = time.time()
     for step in range(args.steps):
         model.train()
-        pixel_values, ids, mask, same = batch(processor, args.seed, step, args.batch, rng, args.mention_small)
+        pixel_values, ids, mask, same, cf = batch(processor, args.seed, step, args.batch, rng, args.mention_small,
+                                                  args.counterfactual_negatives)
         itc, itm, itm_acc = losses(model, log_temp, pixel_values, ids, mask, same, generator, args.itc_weight > 0,
-                                   step >= args.itm_start, args.random_negatives)
+                                   step >= args.itm_start, args.random_negatives, cf)
         optimizer.zero_grad(set_to_none=True)
         (args.itc_weight * itc + itm).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
