@@ -283,3 +283,29 @@ def test_cli_run_killed_by_sigkill_resumes_identically(bench, tmp_path):
     assert resumed.returncode == 0 and clean.returncode == 0, resumed.stderr + clean.stderr
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("resumed.json", "clean.json"))
     assert a["baseline"] == b["baseline"] and a["qpert"] == b["qpert"]
+
+
+def test_a_second_run_on_the_cache_keeps_the_first_runs_temporaries(tmp_path):
+    """Two `qpert eval` sharing a cache: the one starting second removes only temporaries whose writer is gone
+    (here a killed run's), never those another live process is still writing."""
+    root = tmp_path / "cache"
+    final = root / "tokens" / "live.safetensors"
+    final.parent.mkdir(parents=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, torch; from pathlib import Path; from safetensors.torch import save; "
+                               "from qpert.atomic import atomic_write\n"
+                               f"with atomic_write(Path({str(final)!r})) as f:\n"
+                               "    f.write(save({'x': torch.arange(3.0)})); print('writing', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        (live,) = final.parent.glob("live.safetensors.tmp*")
+        dead = root / "tokens" / "dead.safetensors.tmp999"   # what a kill -9 mid-write leaves
+        dead.write_bytes(b"half a file")
+        cache_module.FeatureStore(root)                       # the second run starts
+        assert live.exists() and not dead.exists()
+        writer.stdin.close()
+        assert writer.wait(timeout=60) == 0
+    finally:
+        writer.kill()
+    assert not live.exists() and torch.equal(cache_module.load_file(final)["x"], torch.arange(3.0))

@@ -1,20 +1,23 @@
 """On-disk feature cache: one safetensors file per (kind, key), written atomically.
 
 A run killed at any point leaves only complete files under their final names (each is
-written to a temporary name, flushed, then renamed), so a resumed run skips what is done and
-never reads a half-written file. Keys are content hashes of everything the value depends on.
+written to a temporary name, flushed, then renamed: ``qpert.atomic``), so a resumed run skips
+what is done and never reads a half-written file. A run starting removes the temporaries of
+killed runs, never those of another run still writing to the same cache. Keys are content
+hashes of everything the value depends on.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from ..atomic import atomic_write, remove_stale_temporaries
 
 
 def model_fingerprint(model: torch.nn.Module) -> Any:
@@ -41,8 +44,7 @@ class FeatureStore:
         self._memory: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
         if self.root is not None and writer:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("*/*.tmp*"):  # left by a killed run: never read, now removed
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(self.root, "*/*.tmp*")  # left by killed runs: never read, now removed
 
     def _path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.safetensors"
@@ -69,8 +71,5 @@ class FeatureStore:
             return
         path = self._path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        save_file(tensors, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            f.write(save(tensors))
