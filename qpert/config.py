@@ -1,6 +1,7 @@
 """Q-Pert hyper-parameters (DESIGN.md §1)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Union
 
@@ -48,8 +49,8 @@ class QPertConfig:
             raise ValueError(f"an integer threshold is a fixed rank and must be >= 1, got {t}")
         if isinstance(t, float) and not 0.0 < t < 1.0:
             raise ValueError(f"a float threshold is a contribution ratio and must lie in (0, 1), got {t}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
-            raise ValueError(f"alpha must be a real number, got {self.alpha!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):  # inf, nan: NaN scores
+            raise ValueError(f"alpha must be a finite real number, got {self.alpha!r}")
 
     @property
     def enabled(self) -> bool:

@@ -1,7 +1,10 @@
 """Photo search: index a folder with a tiny BLIP-2 and a tiny DETR, search it, update it, break it."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 
@@ -433,3 +436,210 @@ def indexer_manifest(index_dir):
     from qpert.search.indexer import read_manifest
 
     return read_manifest(index_dir)["settings"]
+
+
+def test_file_names_with_terminal_escapes_are_printed_escaped(models, tmp_path):
+    photos = photo_folder(tmp_path / "photos", count=1)
+    write_photo(photos / "\x1b[2J\x1b[31mred\x1b[0m.jpg", seed=5)
+    write_photo(photos / "bell\x07\u202egnp.png", seed=6)
+    index_cli("index", str(photos), "--model", str(models[0]), "--detector", "none", "--device", "cpu")
+    out = index_cli("search", str(photos / ".qpert-index"), "a red square", "--device", "cpu")
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout and "\u202e" not in out.stdout
+    assert "\\x1b[2J\\x1b[31mred\\x1b[0m.jpg" in out.stdout and "bell\\x07\\u202egnp.png" in out.stdout
+    data = json.loads(index_cli("search", str(photos / ".qpert-index"), "a red square", "--device", "cpu",
+                                "--json").stdout)
+    assert "\x1b[2J\x1b[31mred\x1b[0m.jpg" in {h["path"] for h in data["results"]}  # JSON keeps it exact
+
+
+def test_a_file_name_that_is_not_utf8_is_indexed_losslessly(models, tmp_path):
+    photos = photo_folder(tmp_path / "photos", count=2)
+    raw = b"caf\xe9 \xff.jpg"   # Latin-1 and a stray byte: no UTF-8 can say it
+    write_photo(photos / os.fsdecode(raw), seed=5, fmt="JPEG")
+    report = build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu",
+                         progress=False)
+    assert (report.added, report.photos, report.skipped) == (3, 3, [])
+    index = PhotoIndex(tmp_path / "index", device="cpu")
+    (row,) = [r for r in index.rows.values() if r.path.endswith(".jpg") and "album" not in r.path]
+    assert os.fsencode(index.photos_dir / row.path) == os.fsencode(photos.resolve()) + b"/" + raw
+    photo, _ = index.open_photo(row.id)
+    with photo:
+        assert photo.read() == (photos / os.fsdecode(raw)).read_bytes()
+    index.close()
+    again = build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu",
+                        progress=False)
+    assert (again.unchanged, again.added, again.removed) == (3, 0, 0)
+    out = index_cli("search", str(tmp_path / "index"), "a red square", "--device", "cpu")
+    assert "caf\\xe9 \\xff.jpg" in out.stdout
+
+
+def test_an_unreadable_folder_is_skipped_and_its_photos_are_kept(models, tmp_path, monkeypatch, caplog):
+    """A folder the indexer may not read (lost+found, another user's) is named in a warning; the rest is indexed,
+    and what was indexed from it before stays (it may be readable again later)."""
+    photos = photo_folder(tmp_path / "photos", count=4)
+    settings = settings_for(models, detector="none")
+    build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    write_photo(photos / "album0" / "new.jpg", seed=20)
+    (photos / "lost+found").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, (str, os.PathLike)) and os.path.basename(path) in ("album1", "lost+found"):  # as root
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    monkeypatch.undo()
+    assert (report.added, report.removed, report.photos) == (1, 0, 5)
+    assert sorted(report.skipped) == [("album1/", "unreadable folder (Permission denied)"),
+                                      ("lost+found/", "unreadable folder (Permission denied)")]
+    assert "album1/" in caplog.text and "lost+found/" in caplog.text and "Permission denied" in caplog.text
+    assert "skipped album1/: unreadable folder" in report.summary()
+
+
+def test_a_folder_nested_deeper_than_the_recursion_limit_is_scanned(tmp_path):
+    from qpert.search.photos import scan_photos
+
+    deep = tmp_path / "photos"
+    deep.mkdir()
+    for _ in range(1100):   # deeper than Python's default recursion limit (1000)
+        deep /= "d"
+        os.mkdir(deep)
+    try:
+        write_photo(deep / "bottom.jpg", seed=1)
+        write_photo(tmp_path / "photos" / "top.png", seed=2)
+        scan = scan_photos(tmp_path / "photos")
+        assert [p.path.rsplit("/", 1)[-1] for p in scan.photos] == ["bottom.jpg", "top.png"]
+        assert scan.photos[0].path.count("/") == 1100 and scan.unreadable == []
+    finally:  # bottom up: shutil.rmtree (pytest's clean-up of old runs) recurses, and would fail here
+        (deep / "bottom.jpg").unlink(missing_ok=True)
+        while deep != tmp_path / "photos":
+            deep.rmdir()
+            deep = deep.parent
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_found(models, tmp_path):
+    """cp -p, rsync -t, exiftool -P keep the modification time; the change time and inode give them away."""
+    photos = photo_folder(tmp_path / "photos", count=3)
+    settings = settings_for(models, detector="none")
+    build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    before, *_ = catalog_state(tmp_path / "index")
+    target = photos / "album0" / "photo0.jpg"
+    old, stat = target.read_bytes(), target.stat()
+    Image.open(target).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "other.jpg", quality=50)
+    new = (tmp_path / "other.jpg").read_bytes()
+    assert len(new) <= len(old) and new != old
+    new += b"\0" * (len(old) - len(new))   # same size (JPEG decoders ignore what follows the image)
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes(new)
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(copy, target)                                 # as rsync -t does: same size, same mtime
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    report = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    after, *_ = catalog_state(tmp_path / "index")
+    assert (report.updated, report.unchanged) == (1, 2)
+    assert after["album0/photo0.jpg"][0] != before["album0/photo0.jpg"][0]
+
+
+def test_rehash_checks_every_photo_and_skipped_files_are_retried(models, tmp_path, monkeypatch):
+    from qpert.search import photos as photos_module
+
+    photos = photo_folder(tmp_path / "photos", count=3)
+    settings = settings_for(models, detector="none")
+    hashed, unreadable = [], {"photo1.png"}
+    real_hash = photos_module.content_hash
+
+    def content_hash(path):
+        hashed.append(path.name)
+        if path.name in unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_hash(path)
+
+    monkeypatch.setattr(indexer, "content_hash", content_hash)
+    first = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    assert first.photos == 2 and [p for p, _ in first.skipped] == ["album1/photo1.png"]
+    unreadable.clear()   # chmod-ed back: size, mtime and all unchanged
+    retried = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    assert (retried.added, retried.photos, retried.skipped) == (1, 3, []), "an unchanged skipped file is retried"
+
+    catalog = Catalog(tmp_path / "index" / "catalog.sqlite")   # a stored hash that no longer matches the bytes
+    with catalog.db:
+        catalog.db.execute("UPDATE photos SET sha256='0' WHERE path='album0/photo2.webp'")
+    catalog.close()
+    hashed.clear()
+    quick = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    assert hashed == [] and quick.unchanged == 3
+    full = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False, rehash=True)
+    assert sorted(hashed) == ["photo0.jpg", "photo1.png", "photo2.webp"]
+    assert (full.updated, full.unchanged) == (1, 2)
+    out = index_cli("index", str(photos), "--index", str(tmp_path / "index"), "--model", str(models[0]),
+                    "--detector", "none", "--alpha", "4", "--device", "cpu", "--rehash")
+    assert "3 unchanged" in out.stdout
+
+
+def test_searches_read_the_index_while_an_update_holds_the_catalog(models, tmp_path, monkeypatch):
+    """A large merge is one long write transaction: searches started meanwhile read the last committed index."""
+    photos = photo_folder(tmp_path / "photos", count=3)
+    build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu", progress=False)
+    writer = Catalog(tmp_path / "index" / "catalog.sqlite")
+    try:
+        writer.db.execute("BEGIN EXCLUSIVE")   # what a merge that spills its cache to the file holds
+        writer.db.execute("DELETE FROM photos")
+        index = PhotoIndex(tmp_path / "index", device="cpu")
+        assert len(index.search("a red square", k=10, itm=True)) == 3
+        index.close()
+    finally:
+        writer.db.rollback()
+        writer.close()
+
+
+def test_a_catalog_locked_too_long_is_a_clear_error(models, tmp_path, monkeypatch):
+    from qpert.errors import IndexBusyError
+    from qpert.search import catalog as catalog_module
+
+    photos = photo_folder(tmp_path / "photos", count=2)
+    build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu", progress=False)
+    monkeypatch.setattr(catalog_module, "BUSY_SECONDS", 0.2)
+    holder = sqlite3.connect(tmp_path / "index" / "catalog.sqlite")
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")   # a lock even WAL readers wait for
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(IndexBusyError, match="stayed locked by another process"):
+            PhotoIndex(tmp_path / "index", device="cpu")
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_temporaries_of_a_killed_merge_are_removed_at_the_next_run(models, tmp_path):
+    from qpert.atomic import atomic_write
+
+    photos = photo_folder(tmp_path / "photos", count=2)
+    index_dir = tmp_path / "index"
+    settings = settings_for(models, detector="none")
+    build_index(photos, index_dir, settings, device="cpu", progress=False)
+    stale = [index_dir / "qpert.faiss.tmp4242.faiss", index_dir / "baseline.owners.npy.tmp4242-0a1b2c3d",
+             index_dir / "index.json.tmp"]
+    for path in stale:   # as kill -9 during the FAISS and manifest writes leaves them
+        path.write_bytes(b"\0" * 100_000)
+    with atomic_write(index_dir / "other.json") as live:   # another process still writing: kept
+        live.write(b"{}")
+        build_index(photos, index_dir, settings, device="cpu", progress=False)
+        assert not [p for p in stale if p.exists()]
+        assert len(list(index_dir.glob("other.json.tmp*"))) == 1
+    assert (index_dir / "other.json").read_bytes() == b"{}" and not list(index_dir.glob("*.tmp*"))
+
+
+def test_non_finite_alpha_is_refused_and_an_overflow_never_stored(models, tmp_path):
+    with pytest.raises(ValueError, match="finite"):
+        qpert.QPertConfig(alpha=float("inf"))
+    with pytest.raises(ValueError, match="finite"):
+        qpert.QPertConfig(alpha=float("nan"))
+    photos = photo_folder(tmp_path / "photos", count=2)
+    out = index_cli("index", str(photos), "--model", str(models[0]), "--detector", "none", "--alpha", "inf",
+                    check=False)
+    assert out.returncode == 2 and "error: Invalid value for '--alpha'" in out.stderr
+    with pytest.raises(ValueError, match="non-finite image embeddings"):
+        build_index(photos, tmp_path / "index", settings_for(models, qpert=qpert.QPertConfig(alpha=1e308)),
+                    device="cpu", progress=False)
+    assert not (tmp_path / "index" / "catalog.sqlite").exists() or catalog_state(tmp_path / "index")[0] == {}

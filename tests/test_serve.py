@@ -1,16 +1,21 @@
 """``qpert serve``: the JSON API and photo route over HTTP, Ctrl-C, and the page in headless Chromium."""
 from __future__ import annotations
 
+import dataclasses
+import errno
 import http.client
 import io
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.error import HTTPError
@@ -159,7 +164,7 @@ def test_photos_are_served_by_id_with_their_type(served):
 
 
 def test_thumbnails_are_small_upright_jpegs(served, tmp_path):
-    from qpert.search import server as server_module
+    from qpert.search import thumbnails
 
     for row in served.index.rows.values():
         if row.id == served.link_id:
@@ -170,8 +175,9 @@ def test_thumbnails_are_small_upright_jpegs(served, tmp_path):
         assert thumb.format == "JPEG" and (thumb.width, thumb.height) == (row.width, row.height)  # small already
     big = tmp_path / "big.png"
     Image.new("RGB", (1600, 900), (10, 20, 30)).save(big)
-    small = Image.open(io.BytesIO(server_module._thumbnail(big, 0)))
-    assert (small.width, small.height) == (server_module.THUMB_SIZE, 216)
+    with open(big, "rb") as f:
+        small = Image.open(io.BytesIO(thumbnails.make_thumbnail(f)))
+    assert (small.width, small.height) == (thumbnails.SIZE, 216)
     status, _, body = get(f"{served.url}thumb/{served.link_id}")
     assert status == 404 and json.loads(body) == {"error": "no such photo"}
 
@@ -213,6 +219,261 @@ def test_foreign_host_header_is_refused(served):
     """DNS rebinding: a page on another site must not read a localhost server's photos."""
     assert raw_get(served.url, "/api/info", host="evil.example:80")[0] == 403
     assert raw_get(served.url, "/api/info", host=f"localhost:{urlsplit(served.url).port}")[0] == 200
+
+
+@pytest.mark.parametrize("host", [
+    "127.0.0.1.evil.example", "127.0.0.1.evil.example:80", "127.evil.example", "127.0.0.1evil", "localhost.evil.example",
+    "localhost.", "evil.localhost", "[::1].evil.example", "127.1", "2130706433", "0x7f.0.0.1", "127.0.0.1:", "",
+    "evil.example", "127.0.0.1 evil", "[::2]",
+])
+def test_host_names_that_only_look_like_loopback_are_refused(served, host):
+    status, headers, body = raw_get(served.url, "/api/info", host=host)
+    assert status == 403 and json.loads(body) == {"error": "unknown Host header"}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:{port}", "localhost", "LocalHost:{port}", "127.0.0.2:{port}",
+                                  "[::1]", "[::1]:{port}", "[0:0::1]:{port}"])
+def test_exact_loopback_names_are_answered(served, host):
+    assert raw_get(served.url, "/api/info", host=host.format(port=urlsplit(served.url).port))[0] == 200
+
+
+def test_allowed_host_names_are_answered_and_no_others(served):
+    server = make_server(served.index, allowed_hosts=["Photos.Local", "fe80::1"])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for host, status in [("photos.local", 200), ("photos.local:8765", 200), ("[fe80::1]:80", 200),
+                             ("localhost", 200), ("photos.local.evil.example", 403), ("evil.example", 403)]:
+            assert raw_get(server.url, "/api/info", host=host)[0] == status, host
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_every_interface_needs_allowed_hosts_and_still_checks_them(served):
+    """--host 0.0.0.0 does not switch the Host check off: it needs the names to answer, and refuses others."""
+    with pytest.raises(ValueError, match="--allow-host"):
+        make_server(served.index, host="0.0.0.0")
+    server = make_server(served.index, host="0.0.0.0", allowed_hosts=["photos.local"])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        assert raw_get(url, "/api/info", host="evil.example")[0] == 403
+        assert raw_get(url, "/api/info", host="photos.local")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serving_on_every_interface_warns_of_the_exposure(index_dir):
+    command = [sys.executable, "-m", "qpert", "serve", str(index_dir), "--host", "0.0.0.0", "--port", "0",
+               "--allow-host", "photos.local", "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        warning = next(line for line in process.stderr if line.startswith("warning: "))
+        url = re.search(r"http://0\.0\.0\.0:(\d+)/", process.stdout.readline())
+        assert "reachable from other machines" in warning and "photos.local" in warning and url, warning
+        assert raw_get(f"http://127.0.0.1:{url.group(1)}/", "/api/info", host="evil.example")[0] == 403
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0
+
+
+@pytest.mark.parametrize("path", ["/", "/api/info", f"/api/search?q={QUERY.replace(' ', '+')}", "/api/search",
+                                  "/photo/{id}", "/thumb/{id}", "/photo/999999", "/nothing"])
+def test_answers_may_not_be_embedded_by_other_sites(served, path):
+    photo_id = next(r.id for r in served.index.rows.values() if r.id != served.link_id)
+    _, headers, _ = raw_get(served.url, path.format(id=photo_id), host="localhost")
+    assert headers["Cross-Origin-Resource-Policy"] == "same-origin"
+    assert headers["X-Content-Type-Options"] == "nosniff" and "default-src 'self'" in headers["Content-Security-Policy"]
+
+
+@pytest.fixture
+def fresh(index_dir, tmp_path):
+    """A small index of its own (the test changes its photos or files), with the served index's tiny BLIP-2."""
+    photos = photo_folder(tmp_path / "photos", count=3)
+    settings = IndexSettings(model=str(index_dir.parent / "model"), detector="none", qpert=QPertConfig(alpha=4))
+    build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    return SimpleNamespace(photos=photos, index_dir=tmp_path / "index", settings=settings)
+
+
+@contextmanager
+def serving(index_dir: Path, **options):
+    index = PhotoIndex(index_dir, device="cpu")
+    server = make_server(index, **options)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        index.close()
+
+
+def test_a_photo_swapped_for_a_link_never_serves_the_outside_file(fresh, tmp_path):
+    """The photo is opened once and checked on its descriptor: swapping in a link between a path check
+    and the read (a race the attacker can run in a loop) must not leak the file it points to."""
+    secret = tmp_path / "outside" / "secret.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes(b"SECRET " * 1000)
+    photo = fresh.photos / "album0" / "photo0.jpg"
+    original = photo.read_bytes()
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            link = photo.with_name(".link")
+            link.symlink_to(secret)
+            os.replace(link, photo)
+            copy = photo.with_name(".copy")
+            copy.write_bytes(original)
+            os.replace(copy, photo)
+
+    with serving(fresh.index_dir) as server:
+        photo_id = next(r.id for r in server.index.rows.values() if r.path == "album0/photo0.jpg")
+        swapper = threading.Thread(target=swap, daemon=True)
+        swapper.start()
+        url = urlsplit(server.url)
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        answers = []
+        try:
+            for _ in range(1000):
+                connection.request("GET", f"/photo/{photo_id}")
+                response = connection.getresponse()
+                answers.append((response.status, response.read()))
+        finally:
+            stop.set()
+            swapper.join()
+            connection.close()
+    assert not [body for _, body in answers if b"SECRET" in body], "the file outside the folder was served"
+    assert {status for status, _ in answers} <= {200, 404}
+    assert any(status == 200 and body == original for status, body in answers)
+
+
+def test_idle_and_half_sent_connections_are_closed_and_do_not_take_threads(fresh):
+    with serving(fresh.index_dir, request_timeout=1.0, idle_timeout=0.5) as server:
+        threads = threading.active_count()
+        host, port = server.server_address[:2]
+        idle = [socket.create_connection((host, port), timeout=20) for _ in range(30)]
+        for s in idle[::2]:  # half of them start a request and never finish it
+            s.sendall(b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        time.sleep(0.5)
+        assert threading.active_count() <= threads, "a thread per connection"
+        started = time.monotonic()
+        for s in idle:
+            assert s.recv(1024) == b"", "the server keeps an idle connection open"
+            s.close()
+        assert time.monotonic() - started < 15
+        status, _, body = raw_get(server.url, "/api/info", host="localhost")
+        assert status == 200 and json.loads(body)["photos"] == 3
+
+
+def test_out_of_file_descriptors_does_not_spin_the_accept_loop(fresh, monkeypatch):
+    calls = []
+
+    def accept(self):
+        calls.append(time.monotonic())
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with serving(fresh.index_dir) as server:
+        monkeypatch.setattr(socket.socket, "accept", accept)
+        waiting = socket.create_connection(server.server_address[:2])   # the listening socket stays readable
+        time.sleep(1.0)
+        monkeypatch.undo()
+        waiting.close()
+    assert 1 <= len(calls) <= 30, f"{len(calls)} accept() calls in a second"
+
+
+def big_jpeg(path: Path, seed: int, size: tuple[int, int] = (4000, 3000)) -> Path:
+    """A 12-Mpx camera-size JPEG (a gradient with a square: cheap to make, still a real photo)."""
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    x, y = 100 * seed, 50 * seed
+    image.paste((200, 30, 30), (x, y, x + size[0] // 4, y + size[1] // 4))
+    image.save(path, quality=90)
+    return path
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Every image decode (Pillow's load) in this process: the pixels decoded and how many ran at once."""
+    from PIL import ImageFile
+
+    real_load = ImageFile.ImageFile.load
+    record = SimpleNamespace(sizes=[], running=0, most=0, lock=threading.Lock())
+
+    def load(image):
+        if image.tile:   # a decode still to do, not a no-op on a loaded image
+            with record.lock:
+                record.sizes.append(image.size)
+                record.running += 1
+                record.most = max(record.most, record.running)
+            try:
+                time.sleep(0.2)
+                return real_load(image)
+            finally:
+                with record.lock:
+                    record.running -= 1
+        return real_load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return record
+
+
+def test_thumbnails_of_camera_photos_are_decoded_small_few_at_a_time_and_cached(fresh, decodes):
+    for i in range(4):
+        big_jpeg(fresh.photos / f"camera{i}.jpg", seed=i)
+    build_index(fresh.photos, fresh.index_dir, fresh.settings, device="cpu", progress=False)
+    with serving(fresh.index_dir) as server:
+        rows = [r for r in server.index.rows.values() if r.path.startswith("camera")]
+        decodes.sizes.clear()
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda r: get(f"{server.url}thumb/{r.id}"), rows))
+    assert all(status == 200 for status, _, _ in answers)
+    for _, _, body in answers:
+        assert max(Image.open(io.BytesIO(body)).size) == 384
+    assert len(decodes.sizes) == 4 and max(w * h for w, h in decodes.sizes) <= 4000 * 3000 // 16, decodes.sizes
+    assert decodes.most <= 2, f"{decodes.most} photos decoded at once"
+    cached = sorted((fresh.index_dir / "thumbnails").iterdir())
+    assert [p.name for p in cached] == sorted(f"{r.sha256}-384.jpg" for r in rows)
+    assert sorted(p.read_bytes() for p in cached) == sorted(body for _, _, body in answers)
+
+    decodes.sizes.clear()   # a new server (another run) finds them on disk
+    with serving(fresh.index_dir) as server:
+        assert [get(f"{server.url}thumb/{r.id}")[0] for r in rows] == [200] * 4
+    assert decodes.sizes == []
+
+
+def test_an_edited_photo_gets_a_new_thumbnail(fresh):
+    with serving(fresh.index_dir) as server:
+        row = next(r for r in server.index.rows.values() if r.path == "album0/photo0.jpg")
+        before = get(f"{server.url}thumb/{row.id}")[2]
+        write_photo(fresh.photos / "album0" / "photo0.jpg", seed=1234)   # not re-indexed yet
+        after = get(f"{server.url}thumb/{row.id}")[2]
+    assert after != before
+    assert Image.open(io.BytesIO(after)).size == Image.open(fresh.photos / "album0" / "photo0.jpg").size
+
+
+def test_a_running_server_follows_a_new_index(fresh):
+    """`qpert index` run again while `qpert serve` runs: the server answers from the new index (ITM included)."""
+    with serving(fresh.index_dir) as server:
+        assert search(SimpleNamespace(url=server.url), q=QUERY, k=10, itm=1)[0] == 200
+        (fresh.photos / "album1" / "photo1.png").unlink()
+        write_photo(fresh.photos / "new" / "added.jpg", seed=77)
+        write_photo(fresh.photos / "album0" / "photo0.jpg", seed=78)   # changed: its old tokens are collected
+        build_index(fresh.photos, fresh.index_dir, dataclasses.replace(fresh.settings, qpert=QPertConfig(alpha=2)),
+                    device="cpu", progress=False)
+        status, data = search(SimpleNamespace(url=server.url), q=QUERY, k=10, itm=1)
+        info = json.loads(get(server.url + "api/info")[2])
+    assert status == 200, data
+    assert sorted(h["path"] for h in data["qpert"]) == ["album0/photo0.jpg", "album0/photo2.webp", "new/added.jpg"]
+    assert info["photos"] == 3 and info["qpert"]["alpha"] == 2
+    reference = PhotoIndex(fresh.index_dir, device="cpu")
+    try:
+        assert data["qpert"] == [h.to_json() for h in reference.search(QUERY, k=10, itm=True)]
+    finally:
+        reference.close()
 
 
 def test_page_and_its_files_are_served(served):

@@ -10,9 +10,11 @@ from typing import Optional
 import typer
 
 from ..cli_options import (ALPHA, COMPILE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE, WEIGHT,
-                           qpert_config)
+                           check_device, finite, qpert_config)
+from ..terminal import printable
 
-INDEX_DEVICE = typer.Option("auto", help="auto (a GPU when there is one, per rank under torchrun), cpu, cuda, cuda:1.")
+INDEX_DEVICE = typer.Option("auto", callback=check_device,
+                            help="auto (a GPU when there is one, per rank under torchrun), cpu, cuda, cuda:1.")
 DETECTOR = typer.Option(
     "torchvision:fasterrcnn_resnet50_fpn_v2",
     help="Where boxes come from: torchvision:<model> (COCO weights), hf:<hub id or folder> (DETR, RT-DETR, YOLOS, "
@@ -24,9 +26,9 @@ def index(
     photos: Path = typer.Argument(..., metavar="PHOTOS", help="Folder of photos (JPEG, PNG, WebP; subfolders included, hidden ones not)."),
     index_dir: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: PHOTOS/.qpert-index)."),
     model: str = MODEL, detector: str = DETECTOR,
-    detector_threshold: float = typer.Option(0.5, help="Keep detections scoring at least this."),
+    detector_threshold: float = typer.Option(0.5, callback=finite, help="Keep detections scoring at least this."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated detector labels to keep (default: all)."),
-    max_boxes: int = typer.Option(10, help="Keep at most this many boxes per photo, best first."),
+    max_boxes: int = typer.Option(10, min=1, help="Keep at most this many boxes per photo, best first."),
     prompts: Optional[str] = typer.Option(None, help="Comma-separated things an open-vocabulary detector (OWLv2, "
                                                      "OWL-ViT) looks for, e.g. 'a person,a dog,a red kite'."),
     annotations: Optional[Path] = typer.Option(None, help="COCO instances JSON with boxes for some photos (file_name "
@@ -38,12 +40,15 @@ def index(
                                       help="Keep each photo's vision tokens (fp16) for `search --itm` and for "
                                            "re-indexing with other Q-Pert settings without re-encoding."),
     device: str = INDEX_DEVICE, dtype: Optional[str] = DTYPE,
-    batch_size: int = typer.Option(8, help="Photos per detector / vision forward."),
+    batch_size: int = typer.Option(8, min=1, help="Photos per detector / vision forward."),
     compile_vision: bool = COMPILE, trust_remote_code: bool = TRUST_REMOTE_CODE,
+    rehash: bool = typer.Option(False, "--rehash", help="Hash every photo, not only those whose size, modification "
+                                                        "time, change time or inode differ from the index's."),
 ) -> None:
     """Index a photo folder: detect objects, store baseline and Q-Pert embeddings in FAISS + SQLite.
 
     Re-running updates the index: new and changed photos are added, deleted ones removed, the rest skipped.
+    A photo is hashed again (SHA-256) when its size, mtime, ctime or inode changed, or with --rehash.
 
     New Q-Pert settings (--alpha, --weight, --threshold) re-embed from the stored boxes and tokens.
 
@@ -62,13 +67,13 @@ def index(
         dtype=dtype, trust_remote_code=trust_remote_code)
     try:
         report = build_index(photos, index_dir, settings, device=device, batch_size=batch_size,
-                             compile_vision=compile_vision)
+                             compile_vision=compile_vision, rehash=rehash)
     except KeyboardInterrupt:
         typer.secho("interrupted: the previous index is intact; run the same command again to resume", err=True)
         raise typer.Exit(130)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         typer.echo(report.summary())
-        typer.echo(f"index: {Path(index_dir) if index_dir else photos / '.qpert-index'}")
+        typer.echo(f"index: {printable(str(Path(index_dir) if index_dir else photos / '.qpert-index'))}")
 
 
 def _names(text: Optional[str]) -> tuple[str, ...]:
@@ -78,9 +83,9 @@ def _names(text: Optional[str]) -> tuple[str, ...]:
 def search(
     index_dir: Path = typer.Argument(..., metavar="INDEX", help="Index folder built by `qpert index`."),
     query: str = typer.Argument(..., help="What to look for, e.g. \"a man with rollerblades\"."),
-    k: int = typer.Option(10, "-k", "--k", help="How many photos to return."),
+    k: int = typer.Option(10, "-k", "--k", min=1, max=10_000, help="How many photos to return."),
     itm: bool = typer.Option(False, "--itm", help="Re-rank the best candidates by ITM + ITC (with Q-Pert)."),
-    candidates: int = typer.Option(32, help="With --itm: how many ITC candidates are re-ranked."),
+    candidates: int = typer.Option(32, min=1, max=10_000, help="With --itm: how many ITC candidates are re-ranked."),
     no_qpert: bool = typer.Option(False, "--no-qpert", help="Rank with the baseline model (no Q-Pert)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     device: str = INDEX_DEVICE,
@@ -99,21 +104,35 @@ def search(
         return
     typer.echo(f"{len(hits)} of {len(index)} photos, {'Q-Pert' if not no_qpert else 'baseline'}"
                f"{', ITM + ITC' if itm else ', ITC'}:")
-    for h in hits:
-        labels = ", ".join(sorted({b["label"] for b in h.boxes}))
-        typer.echo(f"{h.rank:3d}. {h.score:8.4f}  {index.photos_dir / h.path}" + (f"   [{labels}]" if labels else ""))
+    for h in hits:  # names and labels come from outside: escape what could drive the terminal
+        labels = printable(", ".join(sorted({b["label"] for b in h.boxes})))
+        typer.echo(f"{h.rank:3d}. {h.score:8.4f}  {printable(str(index.photos_dir / h.path))}"
+                   + (f"   [{labels}]" if labels else ""))
+
+
+def _host_names(values: list[str]) -> list[str]:
+    from .server import host_name
+
+    try:
+        return [host_name(v) for v in values]
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def serve(
     index_dir: Path = typer.Argument(..., metavar="INDEX", help="Index folder built by `qpert index`."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (localhost only by default)."),
-    port: int = typer.Option(8765, help="Port."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (localhost only by default; 0.0.0.0: every "
+                                               "interface, with --allow-host)."),
+    port: int = typer.Option(8765, min=0, max=65535, help="Port (0: any free one)."),
+    allow_host: list[str] = typer.Option([], "--allow-host", callback=_host_names,
+                                         help="A name or address browsers use to reach the page besides localhost "
+                                              "(repeat for several); requests naming other hosts are refused."),
     device: str = INDEX_DEVICE,
 ) -> None:
     """A search page for an index on http://HOST:PORT: results with boxes, baseline vs Q-Pert side by side."""
     from .server import serve as run_server
 
-    run_server(index_dir, host=host, port=port, device=device)
+    run_server(index_dir, host=host, port=port, device=device, allowed_hosts=allow_host)
     # Stopped cleanly: leave without interpreter teardown, where a handler thread still unwinding
     # through native (C++) frames was seen to abort the process (SIGABRT) once in many stops.
     sys.stdout.flush()

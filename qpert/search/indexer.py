@@ -2,9 +2,12 @@
 
 Three phases keep every update atomic and resumable:
 
-1. plan: compare the folder with the catalog by file stat (the same plan on every rank);
-2. compute: each rank takes every world-th planned photo, hashes it, and writes what it found to
-   ``staging/`` (one file per photo, atomically), so a killed run resumes where it stopped;
+1. plan: compare the folder with the catalog by file stat (the same plan on every rank): a photo
+   whose size, mtime, ctime or inode changed (or every photo, with ``rehash``) is looked at
+   again, and so is every file skipped before;
+2. compute: each rank takes every world-th planned photo, hashes it (SHA-256: same bytes, nothing
+   to recompute), and writes what it found to ``staging/`` (one file per photo, atomically), so a
+   killed run resumes where it stopped;
 3. merge (rank 0): one SQLite transaction applies every result, then the FAISS files are rebuilt
    and ``staging/`` is cleared. Until that commit the previous index is untouched and usable.
 """
@@ -25,9 +28,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write, remove_stale_temporaries
 from ..attach import attach
 from ..config import QPertConfig
-from ..errors import IndexBusyError
+from ..errors import IndexBusyError, IndexDamagedError
+from ..terminal import printable
 from ..eval.cache import FeatureStore, content_key, model_fingerprint
 from ..models.compiling import compile_vision_encoder
 from ..models.registry import LoadedModel, load_model, retriever_of
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "index.json"
 CATALOG = "catalog.sqlite"
+THUMBNAILS = "thumbnails"   # the search page's cache, one JPEG per photo content
 FORMAT = 1
 #: ``--detector none``: index without boxes (Q-Pert then leaves every photo as the baseline sees it).
 NO_DETECTOR = "none"
@@ -91,12 +97,33 @@ class IndexReport:
             return f"no photos found (JPEG, PNG or WebP; {self.removed} removed from the index)"
         text = (f"{self.photos} photos indexed: {self.added} added, {self.updated} updated, {self.removed} removed, "
                 f"{self.unchanged} unchanged, {len(self.skipped)} skipped ({self.seconds:.1f} s)")
-        return text + "".join(f"\n  skipped {path}: {why}" for path, why in self.skipped)
+        return text + "".join(f"\n  skipped {printable(path)}: {printable(why)}" for path, why in self.skipped)
 
 
 def read_manifest(index_dir: Path) -> Optional[dict]:
+    """``index.json``, or None when there is none; ``IndexDamagedError`` when it is not one qpert wrote."""
     path = Path(index_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("photos"), str):
+            raise ValueError("no photo folder")
+        settings = manifest["settings"]
+    except (ValueError, KeyError) as e:  # bad JSON included
+        raise IndexDamagedError(f"{path} is damaged or was not written by qpert ({type(e).__name__}: {e}); "
+                                "delete the index folder and run `qpert index` again") from e
+    settings_from_json(settings, path)
+    return manifest
+
+
+def settings_from_json(d: dict, where: Path) -> IndexSettings:
+    """Stored settings, or ``IndexDamagedError`` saying where they are unreadable."""
+    try:
+        return IndexSettings.from_json(d)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise IndexDamagedError(f"{where} is damaged or was not written by qpert ({type(e).__name__}: {e}); "
+                                "delete the index folder and run `qpert index` again") from e
 
 
 def _check_compatible(manifest: Optional[dict], photos_dir: Path, settings: IndexSettings) -> None:
@@ -125,7 +152,7 @@ class Indexer:
 
     def __init__(self, photos_dir: Path, index_dir: Path, settings: IndexSettings, device: str = "auto",
                  batch_size: int = 8, progress: bool = True, ranks: Optional[distributed.Ranks] = None,
-                 compile_vision: bool = False):
+                 compile_vision: bool = False, rehash: bool = False):
         if batch_size < 1:
             raise ValueError(f"the batch size must be at least 1, got {batch_size}")
         self.photos_dir = Path(photos_dir).resolve()
@@ -133,10 +160,13 @@ class Indexer:
         self.settings = settings
         self.batch_size = batch_size
         self.progress = progress
+        self.rehash = rehash
         self.ranks = ranks or distributed.Ranks()
         self.device = self.ranks.device(device)
         _check_compatible(read_manifest(self.index_dir), self.photos_dir, settings)
         self.index_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.index_dir, self.index_dir / THUMBNAILS):  # what killed runs and servers were writing
+            remove_stale_temporaries(folder)
         self.ranks.barrier()
         self.loaded: LoadedModel = load_model(settings.model, device=self.device, dtype=settings.dtype,
                                               trust_remote_code=settings.trust_remote_code)
@@ -156,21 +186,23 @@ class Indexer:
     # ------------------------------------------------------------------------------------ plan
     def plan(self, catalog: Catalog) -> tuple[list[_Work], list[str], int, list[tuple[str, str]]]:
         """(photos to look at, catalog paths whose file is gone, photos unchanged by stat,
-        (path, reason) of files skipped before and unchanged since)."""
-        files = scan_photos(self.photos_dir, exclude=self.index_dir)
+        (path, reason) of the folders and files that could not be read).
+
+        Photos in a folder that cannot be read now are kept as they are, not removed."""
+        scan = scan_photos(self.photos_dir, exclude=self.index_dir)
         rows, skipped = catalog.photos(), catalog.skipped()
-        work, unchanged, still_skipped = [], 0, []
-        for f in files:
+        work, unchanged = [], 0
+        for f in scan.photos:
             row = rows.get(f.path)
-            if row and (row.size, row.mtime_ns) == (f.size, f.mtime_ns) and row.settings == self.settings_key:
+            if not self.rehash and row and row.stat_key == f.stat_key and row.settings == self.settings_key:
                 unchanged += 1
-            elif f.path in skipped and skipped[f.path][:2] == (f.size, f.mtime_ns):
-                still_skipped.append((f.path, skipped[f.path][2]))  # the same unreadable file: not retried
-            else:
+            else:  # new, changed, skipped before (retried every run), or to be hashed anyway
                 work.append(_Work(f, row))
-        present = {f.path for f in files}
-        gone = sorted(p for p in list(rows) + list(skipped) if p not in present)
-        return work, gone, unchanged, still_skipped
+        present = {f.path for f in scan.photos}
+        unreadable = tuple(scan.unreadable_folders())
+        gone = sorted(p for p in list(rows) + list(skipped)
+                      if p not in present and not (unreadable and p.startswith(unreadable)))
+        return work, gone, unchanged, scan.unreadable
 
     # ------------------------------------------------------------------------------------ compute
     def result_key(self, sha: str) -> str:
@@ -217,7 +249,7 @@ class Indexer:
                 images.append(load_photo(self.photos_dir / item.file.path))
                 ready.append((item, sha))
             except UnreadablePhotoError as e:
-                log.warning("skipping %s", e)
+                log.warning("skipping %s", printable(str(e)))
                 outcomes[item.file.path] = {"status": "skipped", "reason": str(e).split(": ", 1)[-1]}
         if ready:
             detections = self._detections(ready, images)
@@ -289,6 +321,12 @@ class Indexer:
                 qpert = self.retriever.image_embeddings(model, tokens)
         finally:
             handle.detach()
+        if not torch.isfinite(baseline).all():
+            raise ValueError(f"{self.settings.model} gave non-finite image embeddings (dtype {baseline.dtype}); "
+                             "try --dtype fp32")
+        if not torch.isfinite(qpert).all():  # an overflow: never store vectors no search can rank
+            raise ValueError(f"Q-Pert with alpha={self.settings.qpert.alpha:g} gave non-finite image embeddings "
+                             f"(an overflow in {baseline.dtype}); choose a smaller --alpha")
         shape = (tokens.shape[0], -1, baseline.shape[-1])
         return baseline.float().reshape(shape).cpu(), qpert.float().reshape(shape).cpu()
 
@@ -297,6 +335,7 @@ class Indexer:
               outcomes: dict[str, dict], report: IndexReport) -> None:
         """Apply every rank's results in one transaction, then rebuild FAISS and tidy up."""
         with catalog.update() as update:
+            update.set_settings(self.settings.to_json())   # readers take the vectors' settings from here
             for path in gone:
                 update.remove(path)
             for item in work:
@@ -305,7 +344,7 @@ class Indexer:
                     update.skip(f.path, f.size, f.mtime_ns, outcome["reason"])
                     report.skipped.append((f.path, outcome["reason"]))
                 elif outcome["status"] == "touched":
-                    update.touch(f.path, f.size, f.mtime_ns)
+                    update.touch(f.path, f.stat_key)
                     report.unchanged += 1
                 else:
                     update.put(self._staged(f, outcome["sha"]))
@@ -325,16 +364,21 @@ class Indexer:
     def _staged(self, f: PhotoFile, sha: str) -> NewPhoto:
         staged = self.staging.load("photo", self.result_key(sha))
         height, width = (int(v) for v in staged["size"])
-        return NewPhoto(f.path, f.size, f.mtime_ns, sha, width, height,
+        return NewPhoto(f.path, f.size, f.mtime_ns, f.ctime_ns, f.inode, sha, width, height,
                         Detections.from_json(_from_json_tensor(staged["detections"])), self.settings_key,
                         baseline=staged["baseline"].numpy(), qpert=staged["qpert"].numpy())
 
     def _collect_garbage(self, catalog: Catalog) -> None:
-        """Drop the staged results (now in SQLite) and vision tokens of photos no longer indexed."""
+        """Drop the staged results (now in SQLite), and the vision tokens and thumbnails of photos no
+        longer indexed."""
         shutil.rmtree(self.index_dir / "staging", ignore_errors=True)
-        kept = {self.tokens_key(row.sha256) for row in catalog.photos().values()} if self.settings.itm_features else set()
+        shas = {row.sha256 for row in catalog.photos().values()}
+        kept = {self.tokens_key(sha) for sha in shas} if self.settings.itm_features else set()
         for path in (self.index_dir / "features" / "tokens").glob("*.safetensors"):
             if path.stem not in kept:
+                path.unlink(missing_ok=True)
+        for path in (self.index_dir / THUMBNAILS).glob("*.jpg"):
+            if path.name.split("-", 1)[0] not in shas:
                 path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------ run
@@ -342,11 +386,11 @@ class Indexer:
         started = time.time()
         catalog = Catalog(self.index_dir / CATALOG)
         try:
-            work, gone, unchanged, still_skipped = self.plan(catalog)
+            work, gone, unchanged, unreadable = self.plan(catalog)
             if not self.ranks.all_equal(_plan_hash(work, gone)):
                 raise RuntimeError("the ranks see different photo folders (files changed while starting?); re-run")
             outcomes = self.compute(work)
-            report = IndexReport(unchanged=unchanged, skipped=still_skipped)
+            report = IndexReport(unchanged=unchanged, skipped=list(unreadable))
             if self.ranks.world > 1:
                 outcomes = self._gather(outcomes)
             if self.ranks.is_main:
@@ -373,7 +417,7 @@ class Indexer:
 
 def build_index(photos_dir: Path, index_dir: Optional[Path] = None, settings: Optional[IndexSettings] = None,
                 device: str = "auto", batch_size: int = 8, progress: bool = True,
-                compile_vision: bool = False) -> IndexReport:
+                compile_vision: bool = False, rehash: bool = False) -> IndexReport:
     """Create or update the index of ``photos_dir`` (default location: ``photos_dir/.qpert-index``).
 
     ``compile_vision`` compiles the vision encoder (``qpert.compile_vision_encoder``), for large collections on a GPU.
@@ -387,7 +431,7 @@ def build_index(photos_dir: Path, index_dir: Optional[Path] = None, settings: Op
     try:
         with _exclusive(index_dir, ranks.is_main):
             return Indexer(photos_dir, index_dir, settings or IndexSettings(), device, batch_size, progress, ranks,
-                           compile_vision).run()
+                           compile_vision, rehash).run()
     finally:
         distributed.stop(ranks)
 
@@ -437,6 +481,5 @@ def _from_json_tensor(t: torch.Tensor):
 
 
 def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(value, indent=1).encode())

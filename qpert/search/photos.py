@@ -1,23 +1,33 @@
 """The photo folder side of an index: which files are photos, whether they changed, how to read them."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..terminal import printable
 
 log = logging.getLogger(__name__)
 
 #: What ``qpert index`` picks up (case-insensitive).
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+#: What decoding a file that is not a readable image may raise (Pillow's own kinds included).
+DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
 
 
 class UnreadablePhotoError(ValueError):
     """A file with a photo suffix that does not decode: reported and skipped, never indexed."""
+
+
+class OutsideFolderError(PermissionError):
+    """An opened file that turned out to live outside the photo folder (a link planted or swapped in)."""
 
 
 @dataclass(frozen=True)
@@ -27,44 +37,106 @@ class PhotoFile:
     path: str        # relative, with forward slashes
     size: int
     mtime_ns: int
+    ctime_ns: int    # set by the system on every write, rename or utime: tools that keep mtime cannot keep it
+    inode: int
+
+    @property
+    def stat_key(self) -> tuple[int, int, int, int]:
+        """When any of these differ from the catalog's, the file is hashed again."""
+        return self.size, self.mtime_ns, self.ctime_ns, self.inode
 
 
-def scan_photos(root: Path, exclude: Path | None = None) -> list[PhotoFile]:
+@dataclass
+class FolderScan:
+    """The photos found, and what could not be read (relative folder or file path, reason)."""
+
+    photos: list[PhotoFile] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+
+    def unreadable_folders(self) -> list[str]:
+        return [path for path, _ in self.unreadable if path.endswith("/")]
+
+
+def scan_photos(root: Path, exclude: Path | None = None) -> FolderScan:
     """Every photo under ``root``, sorted by path; hidden folders and ``exclude`` (the index) are skipped,
-    and so are links to files outside ``root`` (the search page serves nothing from outside it)."""
+    and so are links to files outside ``root`` (the search page serves nothing from outside it).
+    A folder or file that cannot be read is reported in ``unreadable`` and the rest is still scanned."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"photo folder {root} does not exist or is not a folder")
-    skip = exclude.resolve() if exclude is not None else None
-    found = []
-    for path in _walk(root, skip):
-        if not path.resolve().is_relative_to(root.resolve()):
-            log.warning("skipping %s: a link to %s, outside the photo folder", path, path.resolve())
+    real_root = root.resolve()
+    skip = _identity(exclude) if exclude is not None else None
+    scan = FolderScan()
+    for entry in _walk(root, skip, scan):
+        relative = Path(entry.path).relative_to(root).as_posix()
+        try:
+            if entry.is_symlink() and not Path(os.path.realpath(entry.path)).is_relative_to(real_root):
+                log.warning("skipping %s: a link to %s, outside the photo folder", printable(entry.path),
+                            printable(os.path.realpath(entry.path)))
+                continue
+            st = entry.stat()
+        except FileNotFoundError:  # deleted while scanning
             continue
-        stat = path.stat()
-        found.append(PhotoFile(path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
-    return sorted(found, key=lambda p: p.path)
+        except OSError as e:
+            _unreadable(scan, relative, e)
+            continue
+        scan.photos.append(PhotoFile(relative, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    scan.photos.sort(key=lambda p: p.path)
+    return scan
 
 
-def _walk(folder: Path, skip: Path | None) -> Iterator[Path]:
-    with os.scandir(folder) as entries:
+def _walk(root: Path, skip: tuple[int, int] | None, scan: FolderScan) -> Iterator[os.DirEntry]:
+    """Photo files under ``root``, folder by folder without recursion (any depth works); folder links
+    are not followed."""
+    folders = [str(root)]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as e:
+            if folder == str(root):  # nothing to index, and no reason to drop what is indexed
+                raise OSError(f"cannot read the photo folder {root} ({e.strerror or e})") from e
+            _unreadable(scan, Path(folder).relative_to(root).as_posix() + "/", e)
+            continue
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            path = Path(entry.path)
-            if entry.is_dir(follow_symlinks=False):
-                if skip is None or path.resolve() != skip:
-                    yield from _walk(path, skip)
-            elif entry.is_file() and path.suffix.lower() in PHOTO_SUFFIXES:
-                yield path
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if skip is None or _identity(entry) != skip:
+                        folders.append(entry.path)
+                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in PHOTO_SUFFIXES:
+                    yield entry
+            except OSError as e:
+                _unreadable(scan, Path(entry.path).relative_to(root).as_posix(), e)
+
+
+def _identity(place: Union[Path, os.DirEntry]) -> tuple[int, int] | None:
+    try:
+        st = place.stat(follow_symlinks=False) if isinstance(place, os.DirEntry) else os.stat(place)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _unreadable(scan: FolderScan, relative: str, error: OSError) -> None:
+    reason = f"unreadable {'folder' if relative.endswith('/') else 'file'} ({error.strerror or error})"
+    log.warning("skipping %s: %s", printable(relative), reason)
+    scan.unreadable.append((relative, reason))
 
 
 def content_hash(path: Path) -> str:
     """SHA-256 of the file's bytes: a modified photo is a new photo, a touched one is not."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        return file_hash(f)
+
+
+def file_hash(f: BinaryIO) -> str:
+    """SHA-256 of an open file's bytes from where it stands to the end."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -74,5 +146,31 @@ def load_photo(path: Path) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             return ImageOps.exif_transpose(im).convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+    except DECODE_ERRORS as e:
         raise UnreadablePhotoError(f"{path}: not a readable image ({e})") from e
+
+
+def open_inside(root: Path, relative: str) -> BinaryIO:
+    """``root / relative`` opened for reading, if the opened file is a regular file inside ``root``.
+
+    The check is made on the open descriptor, not on the path: a link swapped in between a check
+    and a read cannot make it read a file outside the folder. Raises ``OutsideFolderError``
+    (or another ``OSError``) otherwise."""
+    fd = os.open(Path(root) / relative, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OutsideFolderError(f"{relative} is not a regular file")
+        if not _opened_path(fd).is_relative_to(Path(root).resolve()):
+            raise OutsideFolderError(f"{relative} leads outside the photo folder")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _opened_path(fd: int) -> Path:
+    """The real path of an open file: macOS says it through fcntl, Linux through /proc."""
+    if hasattr(fcntl, "F_GETPATH"):
+        return Path(os.fsdecode(fcntl.fcntl(fd, fcntl.F_GETPATH, bytes(1024)).rstrip(b"\0")))
+    return Path(os.readlink(f"/proc/self/fd/{fd}"))

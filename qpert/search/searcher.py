@@ -3,12 +3,14 @@
 The ITC ranking comes from the FAISS vectors of the chosen variant (Q-Pert or baseline). With
 ITM, the best ``candidates`` images are re-scored from their kept vision tokens: Q-Pert's
 subspaces are rebuilt from the stored boxes (cheap), so ITM uses the same Q-Pert as the index.
+An open index follows ``qpert index`` runs made meanwhile (``refresh``), as the search page does.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Optional
 
 import numpy as np
 import torch
@@ -18,7 +20,8 @@ from ..errors import UnsupportedModelError
 from ..eval.cache import FeatureStore
 from ..models.registry import load_model, retriever_of
 from .catalog import Catalog, PhotoRow
-from .indexer import CATALOG, IndexSettings, model_key, read_manifest, tokens_key
+from .indexer import CATALOG, IndexSettings, model_key, read_manifest, settings_from_json, tokens_key
+from .photos import open_inside
 from .vectors import VectorIndex
 
 
@@ -47,37 +50,69 @@ class PhotoIndex:
         if manifest is None:
             raise FileNotFoundError(f"{self.index_dir} is not a qpert index (no index.json); build one with "
                                     "`qpert index PHOTOS_DIR`")
-        self.photos_dir = Path(manifest["photos"])
-        self.settings = IndexSettings.from_json(manifest["settings"])
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
-        catalog = Catalog(self.index_dir / CATALOG)
-        try:
-            self.rows: dict[int, PhotoRow] = {r.id: r for r in catalog.photos().values()}
-            self.vectors = {v: self._vectors(catalog, v) for v in ("baseline", "qpert")}
-        finally:
-            catalog.close()
-        self.loaded = load_model(self.settings.model, device=self.device, dtype=self.settings.dtype,
-                                 trust_remote_code=self.settings.trust_remote_code)
-        self.retriever = retriever_of(self.loaded.model)
-        self.handle = attach(self.loaded.model, self.settings.qpert)
+        self.catalog = Catalog(self.index_dir / CATALOG, readonly=True)
         self.features = FeatureStore(self.index_dir / "features", writer=False)
-        self.model_key = model_key(self.loaded, self.settings)
+        self._reloading = threading.Lock()
+        self.handle = None
+        self.settings: Optional[IndexSettings] = None
+        try:
+            self._load(manifest)
+        except BaseException:
+            self.close()
+            raise
 
-    def _vectors(self, catalog: Catalog, variant: str) -> VectorIndex:
+    def _load(self, manifest: dict) -> None:
+        """Read the catalog, the FAISS indexes and (when they changed) the model and Q-Pert settings."""
+        with self.catalog.snapshot():
+            generation = self.catalog.generation
+            stored = self.catalog.settings()   # committed with the vectors (older catalogs: the manifest's)
+            settings = settings_from_json(stored, self.catalog.path) if stored else \
+                IndexSettings.from_json(manifest["settings"])
+            rows = {r.id: r for r in self.catalog.photos().values()}
+            vectors = {v: self._vectors(v, generation, settings) for v in ("baseline", "qpert")}
+        same_model = self.settings is not None and _model_identity(self.settings) == _model_identity(settings)
+        if self.handle is not None and not (same_model and self.settings.qpert == settings.qpert):
+            self.handle.detach()
+            self.handle = None
+        if not same_model:
+            self.loaded = load_model(settings.model, device=self.device, dtype=settings.dtype,
+                                     trust_remote_code=settings.trust_remote_code)
+            self.retriever = retriever_of(self.loaded.model)
+            self.model_key = model_key(self.loaded, settings)
+        if self.handle is None:
+            self.handle = attach(self.loaded.model, settings.qpert)
+        self.settings, self.rows, self.vectors, self.generation = settings, rows, vectors, generation
+        self.photos_dir = Path(manifest["photos"])
+
+    def _vectors(self, variant: str, generation: int, settings: IndexSettings) -> VectorIndex:
         """The saved FAISS index, rebuilt from the catalog when an interrupted update left it stale."""
-        generation = catalog.generation
         index = VectorIndex.load(self.index_dir, variant, generation)
         if index is None:
-            ids, vectors = catalog.vectors(variant)
-            index = VectorIndex.build(ids, vectors, self.settings.faiss)
+            ids, vectors = self.catalog.vectors(variant)
+            index = VectorIndex.build(ids, vectors, settings.faiss)
         return index
+
+    def refresh(self) -> bool:
+        """Load the index again if ``qpert index`` has committed an update since; True when it did.
+        Cheap when nothing changed (one query), so servers call it before every search."""
+        with self._reloading:
+            if self.catalog.generation == self.generation:
+                return False
+            manifest = read_manifest(self.index_dir)
+            if manifest is None:   # the index folder was deleted: keep answering from memory
+                return False
+            self._load(manifest)
+            return True
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def close(self) -> None:
-        self.handle.detach()
+        if self.handle is not None:
+            self.handle.detach()
+        self.catalog.close()
 
     @torch.no_grad()
     def search(self, query: str, k: int = 10, qpert: bool = True, itm: bool = False,
@@ -94,6 +129,9 @@ class PhotoIndex:
         photo_ids, itc = (a[0] for a in self.vectors["qpert" if qpert else "baseline"].search(text, pool))
         rows = [self.rows[int(i)] for i in photo_ids]
         itm_scores = self._itm(rows, ids, mask, qpert) if itm and rows else None
+        if itm_scores is not None and not np.isfinite(itm_scores).all():
+            raise ValueError(f"ITM re-ranking gave non-finite scores (Q-Pert alpha={self.settings.qpert.alpha:g} "
+                             "overflows this model); search without --itm or re-index with a smaller --alpha")
         order = np.argsort(-(itm_scores + itc), kind="stable") if itm_scores is not None else np.arange(len(rows))
         hits = []
         for rank, j in enumerate(order[:k]):
@@ -129,7 +167,8 @@ class PhotoIndex:
                              "again to repair it") from e
 
     def photo_path(self, photo_id: int) -> Path:
-        """The indexed photo's file; only paths inside the indexed folder ever come out."""
+        """The indexed photo's file; only paths inside the indexed folder ever come out. To read it,
+        use ``open_photo``: a path checked now may be a link to elsewhere by the time it is opened."""
         row = self.rows.get(photo_id)
         if row is None:
             raise KeyError(photo_id)
@@ -137,4 +176,15 @@ class PhotoIndex:
         if not path.is_relative_to(self.photos_dir.resolve()):
             raise KeyError(photo_id)
         return path
+
+    def open_photo(self, photo_id: int) -> tuple[BinaryIO, PhotoRow]:
+        """The indexed photo opened for reading, and its row: ``KeyError`` for an unknown id,
+        ``OSError`` when the file is gone or what was opened is not a file inside the folder."""
+        row = self.rows[photo_id]
+        return open_inside(self.photos_dir, row.path), row
+
+
+def _model_identity(settings: IndexSettings) -> tuple:
+    """What a loaded model depends on: an update changing only Q-Pert settings keeps the model."""
+    return settings.model, settings.dtype, settings.trust_remote_code
 

@@ -8,12 +8,13 @@ little recall for speed on large collections.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from ..atomic import atomic_write
 
 KINDS = ("flat", "hnsw", "ivf")
 
@@ -59,10 +60,15 @@ class VectorIndex:
     def save(self, folder: Path, name: str, generation: int) -> None:
         """``name.faiss`` + ``name.owners.npy`` + ``name.json``; each written atomically, the stamp last."""
         folder = Path(folder)
-        _atomic(folder / f"{name}.faiss", lambda p: faiss.write_index(self.index, str(p)))
-        _atomic(folder / f"{name}.owners.npy", lambda p: np.save(p, self.owners, allow_pickle=False))
+        with atomic_write(folder / f"{name}.faiss") as f:
+            writer = faiss.PyCallbackIOWriter(f.write)   # streamed: a large index is never copied in memory
+            faiss.write_index(self.index, writer)
+            del writer                                   # flushes FAISS's buffer into f
+        with atomic_write(folder / f"{name}.owners.npy") as f:
+            np.save(f, self.owners, allow_pickle=False)
         stamp = {"generation": generation, "per_image": self.per_image, "vectors": int(self.index.ntotal)}
-        _atomic(folder / f"{name}.json", lambda p: Path(p).write_text(json.dumps(stamp)))
+        with atomic_write(folder / f"{name}.json") as f:
+            f.write(json.dumps(stamp).encode())
 
     @classmethod
     def load(cls, folder: Path, name: str, generation: int) -> "VectorIndex | None":
@@ -92,9 +98,3 @@ def _empty(kind: str, dim: int, count: int) -> faiss.Index:
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.nprobe = min(nlist, 16)
     return index
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
