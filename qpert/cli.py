@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -11,9 +12,9 @@ import typer
 
 from . import __version__
 from .cli_options import (ALPHA, COMPILE, DEVICE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE,
-                          WEIGHT, parse_box, qpert_config)
+                          WEIGHT, finite, parse_box, qpert_config)
 from .config import QPertConfig
-from .errors import UnsupportedModelError
+from .errors import QPertError
 from .search.commands import register as register_search_commands
 
 app = typer.Typer(
@@ -24,7 +25,9 @@ app = typer.Typer(
          "cross-attention, the part of each query that lies in the object's key subspace.",
 )
 
-USER_ERRORS = (ValueError, OSError, UnsupportedModelError)
+USER_ERRORS = (QPertError, ValueError, OSError)
+#: click's exceptions, as the installed typer raises them (recent typers ship their own copy of click).
+_CLICK = sys.modules[typer.BadParameter.__module__]
 
 
 @app.command()
@@ -87,11 +90,11 @@ def example(seed: int = typer.Option(0, help="Seed of the random weights and ima
 def demo(
     out: Path = typer.Option(Path("qpert-demo"), help="Folder for the scenes and report.html."),
     seeds: int = typer.Option(1, help="Number of test seeds (the README's table uses 5)."),
-    n_test: int = typer.Option(500, help="Test scenes per seed."),
-    n_val: int = typer.Option(300, help="Validation scenes (alpha is chosen there)."),
+    n_test: int = typer.Option(500, min=1, help="Test scenes per seed."),
+    n_val: int = typer.Option(300, min=1, help="Validation scenes (alpha is chosen there)."),
     model: str = typer.Option("blip2-shapes", help="The shipped toy model, or any BLIP-2 retrieval checkpoint."),
     itm: bool = typer.Option(True, "--itm/--no-itm", help="Re-rank the top k by ITM + ITC."),
-    k: int = typer.Option(10, help="Candidates re-ranked by ITM per query."),
+    k: int = typer.Option(10, min=1, help="Candidates re-ranked by ITM per query."),
 ) -> None:
     """Offline benchmark in about a minute: synthetic scenes, a small trained BLIP-2, baseline vs Q-Pert.
 
@@ -125,7 +128,7 @@ def score_command(
                                             "has an ITM head (BLIP-2, BLIP; not CoCa or SigLIP)."),
     alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    device: str = DEVICE,
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
@@ -147,11 +150,11 @@ def caption_command(
     box: list[str] = typer.Option([], "--box", "-b", help="Object box x0,y0,x1,y1 in image pixels; repeat."),
     model: str = typer.Option("blip2-opt-2.7b", help="A BLIP-2 captioner (Blip2ForConditionalGeneration): "
                                                      "registered name, hub id or local folder."),
-    max_new_tokens: int = typer.Option(30, help="Longest caption, in tokens."),
-    num_beams: int = typer.Option(1, help="Beam width (1: greedy)."),
+    max_new_tokens: int = typer.Option(30, min=1, help="Longest caption, in tokens."),
+    num_beams: int = typer.Option(1, min=1, help="Beam width (1: greedy)."),
     alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    device: str = DEVICE,
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
 ) -> None:
     """Caption one image with and without Q-Pert on the given boxes."""
@@ -177,7 +180,7 @@ def _read_image(path: Path):
         img.load()
     except FileNotFoundError:
         raise typer.BadParameter(f"no such image: {path}")
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise typer.BadParameter(f"{path} is not a readable image ({e})")
     return img
 
@@ -199,17 +202,17 @@ DATA_ROOT = typer.Option(..., help="Folder with flickr30k/ and/or coco/ (and fg/
 BOXES = typer.Option("entities", help="entities[:DIR] (Flickr30K Entities), coco-json:FILE (detector results, "
                                       "COCO format), coco-instances:FILE or coco-entities:FILE.")
 CAPTIONS = typer.Option(None, help="Captions file replacing the default one (e.g. an FG caption JSON).")
-SCORE_THR = typer.Option(0.0, help="With coco-json boxes: keep detections scoring at least this.")
-MAX_BOXES = typer.Option(None, help="With coco-json boxes: keep at most this many per image (best first).")
+SCORE_THR = typer.Option(0.0, callback=finite, help="With coco-json boxes: keep detections scoring at least this.")
+MAX_BOXES = typer.Option(None, min=1, help="With coco-json boxes: keep at most this many per image (best first).")
 ITM = typer.Option(None, "--itm/--no-itm", show_default=False,
                    help="Re-rank each query's top k by ITM + ITC (the paper's protocol); default: when the model has "
                         "an ITM head (BLIP-2, BLIP), ITC only for CoCa and SigLIP.")
-TOP_K = typer.Option(64, "--k", help="Candidates re-ranked by ITM per query.")
-BATCH = typer.Option(16, help="Images per vision / Q-Former forward.")
-ITM_BATCH = typer.Option(128, help="(image, text) pairs per ITM forward.")
+TOP_K = typer.Option(64, "--k", min=1, help="Candidates re-ranked by ITM per query.")
+BATCH = typer.Option(16, min=1, help="Images per vision / Q-Former forward.")
+ITM_BATCH = typer.Option(128, min=1, help="(image, text) pairs per ITM forward.")
 CACHE_DIR = typer.Option(DEFAULT_CACHE, help="Feature cache; a killed run resumes from it.")
 NO_CACHE = typer.Option(False, "--no-cache", help="Keep features in memory only.")
-SHARD = typer.Option(64, help="Images per cache file: the unit of work a resumed run skips.")
+SHARD = typer.Option(64, min=1, help="Images per cache file: the unit of work a resumed run skips.")
 
 
 @app.command("eval")
@@ -275,7 +278,7 @@ def tune(
 
     def floats(text: str) -> list[float]:
         try:
-            return [float(v) for v in text.split(",") if v.strip()]
+            return [finite(float(v)) for v in text.split(",") if v.strip()]
         except ValueError:
             raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}")
 
@@ -318,14 +321,32 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main() -> None:
-    """Entry point: user mistakes end with one clear line, never a stack trace."""
+    """Entry point: user mistakes, found while parsing or later, end with one ``error:`` line and
+    exit status 2, never a stack trace."""
     warnings.showwarning = _show_warning
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
-        app()
+        status = app(prog_name="qpert", standalone_mode=False)
+    except getattr(_CLICK, "NoArgsIsHelpError", ()) as e:  # plain `qpert`: the help
+        e.show()
+        raise SystemExit(e.exit_code)
+    except _CLICK.ClickException as e:  # bad options and arguments, found while parsing
+        hint = f" (see: {e.ctx.command_path} --help)" if isinstance(e, _CLICK.UsageError) and e.ctx else ""
+        _error(e.format_message() + hint)
+        raise SystemExit(e.exit_code)
+    except typer.Abort:
+        typer.secho("Aborted!", err=True)
+        raise SystemExit(1)
     except USER_ERRORS as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        _error(str(e))
         raise SystemExit(2)
+    if isinstance(status, int):  # typer.Exit(code), --help
+        raise SystemExit(status)
+
+
+def _error(message: str) -> None:
+    """One line, whatever the message holds."""
+    typer.secho(f"error: {' '.join(message.split())}", fg=typer.colors.RED, err=True)
 
 
 if __name__ == "__main__":

@@ -171,21 +171,32 @@ def _lavis_records(entries: list[Any], path: Path, images_dir: Path) -> list[_Re
                 f"{path}: entries hold one caption each, as in LAVIS training files; "
                 "use the val/test file, whose entries hold a list of captions per image"
             )
-        records.append(_Record(images_dir / entry["image"], list(entry["caption"])))
+        records.append(_record(path, entry["image"], entry["caption"], images_dir))
     return records
+
+
+def _record(path: Path, image: Any, captions: Any, images_dir: Path) -> _Record:
+    """A record whose image is a file name and whose captions are strings, or a clear error."""
+    if not isinstance(image, str) or not image:
+        raise DatasetLayoutError(f"{path}: an image must be named by a file name, got {image!r:.100}")
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise DatasetLayoutError(f"{path}: the captions of {image} must be a list of strings, got {captions!r:.100}")
+    return _Record(images_dir / image, captions)
 
 
 def _karpathy_records(
     data: dict[str, Any], path: Path, split: str, source: _Source, images_dir: Path
 ) -> list[_Record]:
     records = []
+    if not isinstance(data["images"], list) or not all(isinstance(image, dict) for image in data["images"]):
+        raise DatasetLayoutError(f"{path}: 'images' must be a list of image entries ({{'filename', 'sentences', ...}})")
     for image in data["images"]:
         if image.get("split") != split:
             continue
         try:
             folder = source.karpathy_image_folder or image.get("filepath", "")
             captions = [sentence["raw"] for sentence in image["sentences"]]
-            records.append(_Record(images_dir / folder / image["filename"], captions))
+            records.append(_record(path, image["filename"], captions, images_dir / folder))
         except (KeyError, TypeError) as error:
             raise DatasetLayoutError(
                 f"{path}: Karpathy image entry without 'filename' or 'sentences'[*]['raw']: "
@@ -206,7 +217,7 @@ def _substitute_fg(records: list[_Record], fg_path: Path) -> list[_Record]:
             f"{fg_path}: no FG captions for {len(missing)} of {len(records)} images "
             f"(e.g. {missing[:3]}); FG captions exist only for the Karpathy test split"
         )
-    return [_Record(r.path, list(fg[r.path.stem])) for r in records]
+    return [_record(fg_path, r.path.name, fg[r.path.stem], r.path.parent) for r in records]
 
 
 def _build(

@@ -36,7 +36,10 @@ def resolve_boxes(spec: str, dataset: RetrievalDataset, data_root: Path, score_t
 def read_config_file(path: Union[str, Path]) -> QPertConfig:
     """A config JSON as written by ``qpert tune`` (or a bare QPertConfig dict)."""
     data = json.loads(Path(path).read_text())
-    return QPertConfig.from_dict(data.get("qpert", data))
+    config = data.get("qpert", data) if isinstance(data, dict) else data
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object (from `qpert tune`, or a Q-Pert config), got {config!r:.80}")
+    return QPertConfig.from_dict(config)
 
 
 def evaluate_benchmark(model: str, dataset: str, data_root: Union[str, Path], boxes: str,
