@@ -77,6 +77,16 @@ def score(loaded: LoadedModel, images: Sequence[Image.Image], boxes: Sequence[Bo
             masks = object_masks(handle.layout, boxes, sizes, tokens.shape[1])
             extra = object_similarities(model, retriever, tokens, masks, text_emb, base.itc)
             results["object-embedding"] = Scores(base.itc + extra, None if base.itm is None else base.itm + extra)
+        _check_finite(results, config)
         return results
     finally:
         handle.detach()
+
+
+def _check_finite(results: dict[str, Scores], config: QPertConfig) -> None:
+    """NaN or inf scores rank nothing: say so instead of printing or ranking them."""
+    for name, scores in results.items():
+        if any(t is not None and not torch.isfinite(t).all() for t in (scores.itc, scores.itm)):
+            raise ValueError(f"the {name} scores are not finite" + (
+                f" (Q-Pert with alpha={config.alpha:g} overflows this model; choose a smaller --alpha)"
+                if name == "qpert" else ""))

@@ -169,6 +169,7 @@ BAD_INPUTS = [
     ([*SCORE, "--alpha", "nan"], "finite"),
     ([*SCORE, "--alpha", "1e400"], "finite"),
     ([*SCORE, "--alpha", "x"], "--alpha"),
+    ([*SCORE, "--alpha", "1e308", "--box", "1,1,30,20"], "not finite"),
     pytest.param([*SCORE, "--device", "cuda"], "no CUDA GPU", marks=NO_CUDA),
     ([*SCORE, "--device", "cuda:999"], "cuda:999"),
     ([*SCORE, "--device", "tpu9"], "unknown device"),
