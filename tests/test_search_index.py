@@ -643,3 +643,9 @@ def test_non_finite_alpha_is_refused_and_an_overflow_never_stored(models, tmp_pa
         build_index(photos, tmp_path / "index", settings_for(models, qpert=qpert.QPertConfig(alpha=1e308)),
                     device="cpu", progress=False)
     assert not (tmp_path / "index" / "catalog.sqlite").exists() or catalog_state(tmp_path / "index")[0] == {}
+    build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu", progress=False)
+    index = PhotoIndex(tmp_path / "index", device="cpu")
+    index._itm = lambda rows, *args: np.full(len(rows), np.nan, np.float32)   # as an ITM head overflowing would
+    with pytest.raises(ValueError, match="ITM re-ranking gave non-finite scores"):
+        index.search("a red square", itm=True)
+    index.close()

@@ -48,8 +48,8 @@ REQUEST_TIMEOUT = 20.0   # seconds any read or write of a request may take
 IDLE_TIMEOUT = 2.0       # seconds a connection may wait for its (next) request before it is closed
 LISTEN_BACKLOG = 64      # connections the kernel holds while every worker is busy
 #: A Host header: a DNS name or IPv4 address, or a bracketed IPv6 address, with an optional port.
-HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?")
-DNS_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
+HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::[0-9]{1,5})?")
+DNS_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Content-Security-Policy": "default-src 'self'; img-src 'self'; frame-ancestors 'none'",
