@@ -1,8 +1,8 @@
-"""Q-Pert hyper-parameters (DESIGN.md §1)."""
+"""Q-Pert hyper-parameters (DESIGN.md §1), and which computation of them to run."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any, Literal, Optional, Union
 
 #: Each weight function is affine in the normalized object area a: w(a) = alpha * (c0 + c1 * a).
 #: Keeping only (c0, c1) lets cached subspaces serve every weight function and alpha at once.
@@ -13,8 +13,20 @@ WEIGHT_COEFFICIENTS: dict[str, tuple[float, float]] = {
     "centered": (-0.5, 1.0),
     "inv_centered": (0.5, -1.0),
 }
+#: The official code's ``NORM_AREA_INV`` is -alpha * a (its comment says 1 - a, its code computes -a).
+OFFICIAL_WEIGHT_COEFFICIENTS: dict[str, tuple[float, float]] = {**WEIGHT_COEFFICIENTS, "inv_area": (0.0, -1.0)}
+
+#: A float in (0, 1) is the contribution-ratio threshold tau; an int >= 1 a fixed rank.
+Threshold = Union[float, int]
 
 MODES = ("enhance", "orthogonal")
+Compat = Literal["paper", "official"]
+COMPATS: tuple[str, ...] = ("paper", "official")
+Projector = Literal["paper", "official", "random", "identity"]
+#: paper: U_r U_rᵀ of the object's keys (the paper's equations); official: the official code's Vᵀ D_S V;
+#: random: a random orthonormal subspace of the same rank (control: does the object subspace matter?);
+#: identity: P = I, i.e. plain query scaling q̂ = (1 + w̄) q (control: is it only sharper attention?).
+PROJECTORS: tuple[str, ...] = ("paper", "official", "random", "identity")
 
 
 @dataclass(frozen=True)
@@ -28,19 +40,37 @@ class QPertConfig:
     keep_norm: rescale every perturbed query (per head) back to its original norm.
     mode: ``enhance`` (the paper's Q-Pert) or ``orthogonal`` (OrQ-Pert ablation:
         q - mean_i P_i q; alpha and weight are then unused except alpha=0 meaning off).
+    compat: ``paper`` computes the paper's equations; ``official`` what the official code
+        (NEC-N-SOGI/query-perturbation, which produced the published numbers) computes: its
+        projector Vᵀ D_S V (with deterministic eigenvector signs), ``inv_area`` = -alpha * a, and
+        binarised box masks as token weights (``qpert.core.official``).
+    projector: which projector each object gets (default: the one ``compat`` names); ``random`` and
+        ``identity`` are the ablation controls of ``qpert demo --ablation``. Only ``compat="paper"``
+        takes another projector than its own.
     """
 
     alpha: float = 8.0
     weight: str = "constant"
-    threshold: Union[float, int] = 0.99
+    threshold: Threshold = 0.99
     keep_norm: bool = False
     mode: str = "enhance"
+    compat: str = "paper"
+    projector: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.weight not in WEIGHT_COEFFICIENTS:
             raise ValueError(f"unknown weight function {self.weight!r}; choose one of {sorted(WEIGHT_COEFFICIENTS)}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {list(MODES)}")
+        if self.compat not in COMPATS:
+            raise ValueError(f"unknown compat {self.compat!r}; choose one of {list(COMPATS)}")
+        if self.projector is None:
+            object.__setattr__(self, "projector", self.compat)
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"unknown projector {self.projector!r}; choose one of {list(PROJECTORS)}")
+        if self.compat == "official" and self.projector != "official":
+            raise ValueError("compat='official' runs the official code's own projector; the ablation projectors "
+                             f"({self.projector!r}) run with compat='paper'")
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)):
             raise ValueError(f"threshold must be a float in (0, 1) or an int rank >= 1, got {t!r}")
@@ -58,7 +88,8 @@ class QPertConfig:
     @property
     def weight_coefficients(self) -> tuple[float, float]:
         """(c0, c1) with w(a) = alpha * (c0 + c1 * a)."""
-        c0, c1 = WEIGHT_COEFFICIENTS[self.weight]
+        table = OFFICIAL_WEIGHT_COEFFICIENTS if self.compat == "official" else WEIGHT_COEFFICIENTS
+        c0, c1 = table[self.weight]
         return self.alpha * c0, self.alpha * c1
 
     def weight_of(self, area: float) -> float:
@@ -70,8 +101,19 @@ class QPertConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QPertConfig":
-        known = {"alpha", "weight", "threshold", "keep_norm", "mode"}
+        """Also reads configs saved before ``compat`` and ``projector`` existed (they mean the paper's)."""
+        known = {"alpha", "weight", "threshold", "keep_norm", "mode", "compat", "projector"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown Q-Pert config keys {sorted(unknown)}; expected {sorted(known)}")
         return cls(**d)
+
+
+def compat_dtype(compat: str, dtype: Optional[str]) -> Optional[str]:
+    """The dtype to load a model in: the official code runs in float32, so ``compat="official"``
+    loads models in float32 and refuses another dtype rather than silently differ from it."""
+    if compat != "official":
+        return dtype
+    if dtype not in (None, "fp32"):
+        raise ValueError(f"compat 'official' runs in float32 as the official code does; drop dtype {dtype!r}")
+    return "fp32"

@@ -14,6 +14,7 @@ from torch.utils.hooks import RemovableHandle
 from ..config import QPertConfig
 from ..core import BoxBatch, Layout, Subspaces, TokenLayout, compute_subspaces, perturb_queries, perturbation_matrix
 from ..core.boxes import BoxesLike, prepare_boxes, token_weights
+from ..core.official import official_token_weights
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, QPertHandle]" = weakref.WeakKeyDictionary()
 
@@ -49,14 +50,16 @@ class QPertHandle:
     """Q-Pert attached to one model. Inactive (bit-identical model) outside ``objects(...)``."""
 
     def __init__(self, model: nn.Module, config: QPertConfig, sites: Sequence[CrossAttentionSite], layout: Layout):
-        if len({(s.num_heads, s.head_dim) for s in sites}) != 1:
-            raise ValueError("all attached cross-attention layers must share the number of heads and head size")
         self.model = model
         self.config = config
         self.sites = list(sites)
         self.layout = layout
         self._objects: Optional[_Objects] = None
         self._hooks: list[RemovableHandle] = []
+        geometry: dict[tuple[int, int], list[int]] = {}
+        for index, site in enumerate(self.sites):
+            geometry.setdefault((site.num_heads, site.head_dim), []).append(index)
+        self._layer_groups = list(geometry.values())  # layers whose keys stack into one (B, L, H, N, d) tensor
         for index, site in enumerate(self.sites):
             self._hooks += site.install(self._image_tokens_hook(), self._query_hook(index))
 
@@ -113,14 +116,16 @@ class QPertHandle:
 
     # ----------------------------------------------------------------------------------- internals
     def _check_subspaces(self, subspaces: Subspaces) -> None:
-        b, n_layers, n_heads, d = subspaces.mean_projector.shape[:4]
-        site = self.sites[0]
-        if (n_layers, n_heads, d) != (self.num_layers, site.num_heads, site.head_dim):
-            raise ValueError(f"these subspaces are for {n_layers} layers x {n_heads} heads x {d} dims, the model has "
-                             f"{self.num_layers} x {site.num_heads} x {site.head_dim}")
-        if subspaces.threshold != self.config.threshold:
-            raise ValueError(f"subspaces were built with threshold {subspaces.threshold}, the config has "
-                             f"{self.config.threshold}; recompute them")
+        theirs = [tuple(t.shape[1:3]) for t in subspaces.mean_projector]
+        ours = [(site.num_heads, site.head_dim) for site in self.sites]
+        if theirs != ours:
+            raise ValueError(f"these subspaces are for {len(theirs)} layers of (heads, dims) {sorted(set(theirs))}, "
+                             f"the model has {len(ours)} of {sorted(set(ours))}")
+        config = self.config
+        if subspaces.recipe() != (config.threshold, isinstance(config.threshold, int), config.compat, config.projector):
+            raise ValueError(f"subspaces were built with threshold {subspaces.threshold}, compat {subspaces.compat!r}, "
+                             f"projector {subspaces.projector!r}; the config has {config.threshold}, "
+                             f"{config.compat!r}, {config.projector!r}: recompute them")
 
     def _check_batch(self, image_tokens: torch.Tensor, batch_size: int) -> None:
         if image_tokens.shape[0] != batch_size:
@@ -131,10 +136,10 @@ class QPertHandle:
                              f"expects {self.layout.num_tokens} (grid {self.layout.grid}); were the images "
                              "preprocessed to the model's own input size?")
 
-    def _keys(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L, H, N, d) float32 keys of every attached layer."""
+    def _keys(self, image_tokens: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+        """(B, L, H, N, d) float32 keys of the attached ``layers`` (which share H and d)."""
         keys = []
-        for site in self.sites:
+        for site in (self.sites[i] for i in layers):
             weight, bias = site.key_projection()
             inputs = site.key_inputs(image_tokens) if hasattr(site, "key_inputs") else image_tokens
             k = F.linear(inputs.to(weight.device).float(), weight.float(), None if bias is None else bias.float())
@@ -142,15 +147,25 @@ class QPertHandle:
         return torch.stack(keys, dim=1)
 
     def _subspaces(self, image_tokens: torch.Tensor, batch: BoxBatch) -> Subspaces:
-        weights = token_weights(batch, self.layout, num_tokens=image_tokens.shape[1])
+        config = self.config
+        weigh = official_token_weights if config.compat == "official" else token_weights
+        weights = weigh(batch, self.layout, num_tokens=image_tokens.shape[1])
         areas = batch.areas
         parts = []
         for s in range(0, max(1, len(batch)), IMAGES_PER_CHUNK):
             sl = slice(s, s + IMAGES_PER_CHUNK)
-            covered = (weights[sl].sum((0, 1)) > 0).to(image_tokens.device)  # keys of other tokens are never used
-            keys = self._keys(image_tokens[sl][:, covered])
-            parts.append(compute_subspaces(keys, weights[sl][..., covered.cpu()], areas[sl], batch.valid[sl],
-                                           self.config.threshold))
+            covered = weights[sl].sum((0, 1)) > 0  # keys of other tokens are never used
+            covered[0] |= not covered.any()  # objects covering nothing (kept by compat="official") need one key
+            mean: list[torch.Tensor] = [torch.empty(0)] * self.num_layers
+            area = list(mean)
+            for layers in self._layer_groups:
+                keys = self._keys(image_tokens[sl][:, covered.to(image_tokens.device)], layers)
+                group = compute_subspaces(keys, weights[sl][..., covered], areas[sl], batch.valid[sl],
+                                          config.threshold, projector=config.projector, compat=config.compat)
+                for position, layer in enumerate(layers):
+                    mean[layer], area[layer] = group.mean_projector[position], group.area_projector[position]
+            parts.append(Subspaces(tuple(mean), tuple(area), group.active, group.threshold, group.compat,
+                                   group.projector))
         return Subspaces.cat(parts)
 
     def _image_tokens_hook(self):
@@ -178,7 +193,7 @@ class QPertHandle:
         def on_queries(queries: torch.Tensor) -> torch.Tensor:
             state = self._objects
             subs = state.subspaces if state.subspaces is not None else state.current
-            matrix = perturbation_matrix(subs.mean_projector[:, layer], subs.area_projector[:, layer], self.config)
+            matrix = perturbation_matrix(subs.mean_projector[layer], subs.area_projector[layer], self.config)
             return perturb_queries(queries, matrix, subs.active, self.config.keep_norm)
         return on_queries
 
