@@ -10,9 +10,9 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .cli_options import (ALPHA, COMPILE, DEVICE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE,
-                          WEIGHT, parse_box, qpert_config)
-from .config import QPertConfig
+from .cli_options import (ALPHA, COMPAT, COMPILE, DEVICE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, PROJECTOR, THRESHOLD,
+                          TRUST_REMOTE_CODE, WEIGHT, parse_box, qpert_config)
+from .config import Compat, Projector, QPertConfig, compat_dtype
 from .errors import UnsupportedModelError
 from .search.commands import register as register_search_commands
 
@@ -125,6 +125,7 @@ def score_command(
                                             "has an ITM head (BLIP-2, BLIP; not CoCa or SigLIP)."),
     alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
+    compat: Compat = COMPAT,
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
@@ -133,10 +134,10 @@ def score_command(
     from .models.registry import load_model
     from .scoring import score
 
-    config = qpert_config(alpha, weight, threshold, keep_norm, orthogonal)
+    config = qpert_config(alpha, weight, threshold, keep_norm, orthogonal, compat)
     boxes = [parse_box(b) for b in box]
     img = _read_image(image)
-    loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, device=device, dtype=compat_dtype(compat, dtype), trust_remote_code=trust_remote_code)
     results = score(loaded, [img], [boxes], text, config, itm=itm)
     _print_scores(text, results, f"{loaded.name} on {image} ({img.width}x{img.height}), {len(boxes)} box(es):")
 
@@ -150,7 +151,7 @@ def caption_command(
     max_new_tokens: int = typer.Option(30, help="Longest caption, in tokens."),
     num_beams: int = typer.Option(1, help="Beam width (1: greedy)."),
     alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
-    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
+    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT,
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
 ) -> None:
@@ -158,10 +159,10 @@ def caption_command(
     from .captioning import caption
     from .models.registry import load_model
 
-    config = qpert_config(alpha, weight, threshold, keep_norm, orthogonal)
+    config = qpert_config(alpha, weight, threshold, keep_norm, orthogonal, compat)
     boxes = [parse_box(b) for b in box]
     img = _read_image(image)
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=compat_dtype(compat, dtype))
     captions = caption(loaded, img, boxes, config, max_new_tokens=max_new_tokens, num_beams=num_beams)
     typer.echo(f"{loaded.name} on {image} ({img.width}x{img.height}), {len(boxes)} box(es):")
     typer.echo(f"  baseline: {captions.baseline}")
@@ -198,6 +199,9 @@ DATASET = typer.Option(..., help="flickr30k, coco, flickr30k-fg or coco-fg.")
 DATA_ROOT = typer.Option(..., help="Folder with flickr30k/ and/or coco/ (and fg/) in the documented layout.")
 BOXES = typer.Option("entities", help="entities[:DIR] (Flickr30K Entities), coco-json:FILE (detector results, "
                                       "COCO format), coco-instances:FILE or coco-entities:FILE.")
+BIN_BOXES = typer.Option(None, help="Box source that places images in the mR@K area bins and the small-object subset "
+                                    "(same syntax as --boxes; default: --boxes). The paper bins Flickr30K by "
+                                    "Entities boxes, also for its detector rows.")
 CAPTIONS = typer.Option(None, help="Captions file replacing the default one (e.g. an FG caption JSON).")
 SCORE_THR = typer.Option(0.0, help="With coco-json boxes: keep detections scoring at least this.")
 MAX_BOXES = typer.Option(None, help="With coco-json boxes: keep at most this many per image (best first).")
@@ -215,11 +219,12 @@ SHARD = typer.Option(64, help="Images per cache file: the unit of work a resumed
 @app.command("eval")
 def eval_command(
     model: str = MODEL, dataset: str = DATASET, data_root: Path = DATA_ROOT, boxes: str = BOXES,
+    bin_boxes: Optional[str] = BIN_BOXES,
     split: str = typer.Option("test", help="test or val (Karpathy split)."), captions: Optional[str] = CAPTIONS,
     config: list[Path] = typer.Option([], help="Q-Pert config JSON (from `qpert tune`); repeat to compare several. "
                                                "Overrides --alpha/--weight/--threshold."),
     alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
-    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
+    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT, projector: Optional[Projector] = PROJECTOR,
     itm: Optional[bool] = ITM, k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
     cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD, compile_vision: bool = COMPILE,
@@ -237,15 +242,18 @@ def eval_command(
 
     from .eval.api import evaluate_benchmark, read_config_file
 
-    configs = [read_config_file(c) for c in config] or [qpert_config(alpha, weight, threshold, keep_norm, orthogonal)]
+    configs = [read_config_file(c) for c in config] or [qpert_config(alpha, weight, threshold, keep_norm, orthogonal,
+                                                                       projector=projector)]
     result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
                                 device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
                                 options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
                                                       compile_vision, object_baseline),
-                                trust_remote_code=trust_remote_code)
+                                trust_remote_code=trust_remote_code, compat=compat, bin_boxes=bin_boxes)
     s = result.settings
-    typer.echo(f"{model} on {dataset} {split}: {s['num_images']} images, {s['num_texts']} texts, "
-               f"boxes {s['boxes_summary']}, {'ITC + ITM top-' + str(k) if s['itm'] else 'ITC only'}, {s['seconds']} s")
+    binned = f", binned by {s['bin_boxes']}" if s["bin_boxes"] != s["boxes"] else ""
+    typer.echo(f"{model} on {dataset} {split} ({compat} compat): {s['num_images']} images, {s['num_texts']} texts, "
+               f"boxes {s['boxes_summary']}{binned}, {'ITC + ITM top-' + str(k) if s['itm'] else 'ITC only'}, "
+               f"{s['seconds']} s")
     typer.echo(result.table())
     if output:
         output.write_text(json.dumps(result.to_dict(), indent=2))
@@ -255,6 +263,7 @@ def eval_command(
 @app.command()
 def tune(
     model: str = MODEL, dataset: str = DATASET, data_root: Path = DATA_ROOT, boxes: str = BOXES,
+    bin_boxes: Optional[str] = BIN_BOXES, compat: Compat = COMPAT,
     split: str = typer.Option("val", help="Tune on the validation split, never on test."),
     alphas: Optional[str] = typer.Option(None, help="Comma-separated alphas (default: the model's paper grid)."),
     thresholds: str = typer.Option("0.8,0.85,0.9,0.95,0.99", help="Comma-separated tau values."),
@@ -285,7 +294,7 @@ def tune(
                             device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
                             options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
                                                   compile_vision),
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, compat=compat, bin_boxes=bin_boxes)
     direction, _, key = select_by.partition(" ")
     ranked = sorted(result.metrics, key=lambda n: -(getattr(result.metrics[n], direction)[key] or -1.0))
     typer.echo(f"{'setting':44s} {'t2i R@1':>8s} {'t2i mR@1':>9s} {'i2t R@1':>8s} {'i2t mR@1':>9s}")
@@ -297,7 +306,8 @@ def tune(
     output.write_text(json.dumps({"qpert": best_config, "selected_by": select_by,
                                   "value": getattr(result.metrics[best], direction)[key],
                                   "baseline": getattr(result.metrics["baseline"], direction)[key],
-                                  "model": model, "dataset": dataset, "split": split, "boxes": boxes}, indent=2))
+                                  "model": model, "dataset": dataset, "split": split, "boxes": boxes,
+                                  "bin_boxes": bin_boxes, "compat": compat}, indent=2))
     typer.echo(f"best by {select_by}: {best}; wrote {output} (use: qpert eval --config {output})")
     if results:
         results.write_text(json.dumps(result.to_dict(), indent=2))

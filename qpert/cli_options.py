@@ -1,19 +1,22 @@
 """Options and parsers shared by the ``qpert`` commands (core, evaluation and photo search)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
-from .config import WEIGHT_COEFFICIENTS, QPertConfig
+from .config import WEIGHT_COEFFICIENTS, Compat, Projector, QPertConfig
 
 
-def qpert_config(alpha: float, weight: str, threshold: str, keep_norm: bool, orthogonal: bool) -> QPertConfig:
+def qpert_config(alpha: float, weight: str, threshold: str, keep_norm: bool, orthogonal: bool, compat: Compat = "paper",
+                 projector: Optional[Projector] = None) -> QPertConfig:
     t: float | int
     try:
         t = int(threshold) if threshold.isdigit() else float(threshold)
     except ValueError:
         raise typer.BadParameter(f"--threshold takes a ratio in (0, 1) or an integer rank, got {threshold!r}")
     return QPertConfig(alpha=alpha, weight=weight, threshold=t, keep_norm=keep_norm,
-                       mode="orthogonal" if orthogonal else "enhance")
+                       mode="orthogonal" if orthogonal else "enhance", compat=compat, projector=projector)
 
 
 def parse_box(text: str) -> list[float]:
@@ -38,3 +41,9 @@ DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
 DTYPE = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's).")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the vision encoder: faster on a GPU for large "
                                                 "galleries; the first batches wait for the compiler.")
+COMPAT = typer.Option("paper", help="paper: the paper's equations. official: what the official code (which produced the "
+                           "published numbers) computes: its projector, inv_area = -alpha*a, binarised box masks, "
+                           "box rules and metric conventions, in float32 (README: Reproducing the paper).")
+PROJECTOR = typer.Option(None, help="Ablation control (with --compat paper): official (the official code's projector "
+                              "alone), random (a random subspace of the same rank per object) or identity (plain "
+                              "query scaling by 1 + mean weight). Default: the projector of --compat.")

@@ -182,3 +182,39 @@ def test_config_weight_functions():
     for name, value in expected.items():
         assert QPertConfig(alpha=2.0, weight=name).weight_of(a) == pytest.approx(value)
     assert QPertConfig.from_dict(QPertConfig(alpha=4.0, threshold=3).to_dict()) == QPertConfig(alpha=4.0, threshold=3)
+
+
+def test_identity_projector_is_plain_query_scaling():
+    torch.manual_seed(3)
+    keys = torch.randn(2, 1, 2, 17, 8)
+    weights = torch.zeros(2, 3, 17)
+    weights[0, 0, 1:5], weights[0, 1, 3:12], weights[1, 0, 2:4] = 1.0, 0.5, 1.0
+    areas = torch.tensor([[0.1, 0.4, 0.0], [0.3, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    cfg = QPertConfig(alpha=2.0, weight="inv_area", projector="identity")
+    subs = compute_subspaces(keys, weights, areas, valid, 0.9, projector="identity")
+    q = torch.randn(2, 3, 2, 8)
+    out = perturb_queries(q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], cfg), subs.active,
+                          keep_norm=False)
+    mean_weight = torch.tensor([(cfg.weight_of(0.1) + cfg.weight_of(0.4)) / 2, cfg.weight_of(0.3)])
+    assert torch.allclose(out, q * (1 + mean_weight)[:, None, None, None], atol=1e-5)
+
+
+def test_random_projector_has_the_paper_rank_and_ignores_the_keys():
+    torch.manual_seed(4)
+    keys = torch.randn(2, 2, 3, 17, 8)
+    weights = torch.zeros(2, 1, 17)
+    weights[:, 0, 2:14] = 1.0  # the same box in both images, 12 tokens
+    args = (weights, torch.full((2, 1), 0.2), torch.ones(2, 1, dtype=torch.bool), 0.9)
+    paper = torch.stack(compute_subspaces(keys, *args).mean_projector, 1)
+    rand = torch.stack(compute_subspaces(keys, *args, projector="random").mean_projector, 1)
+    trace = lambda p: p.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    assert torch.allclose(trace(rand), trace(paper), atol=1e-4)  # same rank per object, layer and head
+    assert torch.allclose(rand @ rand, rand, atol=1e-5) and torch.allclose(rand, rand.transpose(-1, -2), atol=1e-6)
+    assert (rand - paper).abs().max() > 0.1
+    other = torch.stack(compute_subspaces(keys * 3 + 1, *args[:3], 8, projector="random").mean_projector, 1)
+    full = torch.stack(compute_subspaces(keys, *args[:3], 8, projector="random").mean_projector, 1)
+    assert torch.allclose(other, full, atol=1e-6)  # same rank (8): the keys do not move a random subspace
+    again = torch.stack(compute_subspaces(keys[1:], weights[1:], *[a[1:] for a in args[1:3]], 0.9,
+                                          projector="random").mean_projector, 1)
+    assert torch.allclose(again[0], rand[1], atol=1e-6)  # an object's subspace does not depend on its batch

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from ..config import QPertConfig
+from ..config import COMPATS, QPertConfig, compat_dtype
 from ..data.boxes import BoxSet, load_boxes
 from ..data.datasets import RetrievalDataset, load_dataset
 from ..models.registry import MODELS, load_model
@@ -43,15 +44,32 @@ def evaluate_benchmark(model: str, dataset: str, data_root: Union[str, Path], bo
                        configs: Sequence[QPertConfig], split: str = "test", captions_file: Optional[str] = None,
                        device: str = "cpu", dtype: Optional[str] = None, score_threshold: float = 0.0,
                        max_boxes: Optional[int] = None, options: Optional[EvalOptions] = None,
-                       trust_remote_code: bool = False) -> EvalResult:
-    """Baseline and every Q-Pert config on a benchmark split, side by side."""
+                       trust_remote_code: bool = False, compat: str = "paper",
+                       bin_boxes: Optional[str] = None) -> EvalResult:
+    """Baseline and every Q-Pert config on a benchmark split, side by side.
+
+    ``compat="official"`` runs what the official code runs (its box rules, projector, weights, token
+    weights and metric conventions, in float32); ``bin_boxes`` (same syntax as ``boxes``) bins the images
+    for mR@K by another box source.
+    """
+    if compat not in COMPATS:
+        raise ValueError(f"unknown compat {compat!r}; choose one of {list(COMPATS)}")
+    dtype = compat_dtype(compat, dtype)
+    if compat == "official":
+        ablations = sorted({c.projector for c in configs if c.projector not in ("paper", "official")})
+        if ablations:
+            raise ValueError(f"the ablation projectors {ablations} run with --compat paper")
+        configs = [replace(c, compat=compat, projector=None) for c in configs]
+    options = replace(options or EvalOptions(), compat=compat)
     data = load_dataset(dataset, Path(data_root), split=split, captions_file=captions_file)
-    box_set = resolve_boxes(boxes, data, Path(data_root), score_threshold, max_boxes)
+    box_set = resolve_boxes(boxes, data, Path(data_root), score_threshold, max_boxes, rules=compat)
+    bin_set = resolve_boxes(bin_boxes, data, Path(data_root), score_threshold, max_boxes, rules=compat) \
+        if bin_boxes else None
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     methods = {"baseline": None}
     for config in configs:
         methods["qpert" if len(configs) == 1 else method_name(config)] = config
-    return evaluate(loaded, data, box_set, methods, options)
+    return evaluate(loaded, data, box_set, methods, options, bin_boxes=bin_set)
 
 
 def tune(model: str, dataset: str, data_root: Union[str, Path], boxes: str, split: str = "val",

@@ -60,6 +60,7 @@ class EvalOptions:
     keep_scores: bool = False     # keep each method's final T2I score matrix (for reports)
     object_baseline: bool = False  # add the "object-embedding" method (the paper's Table F ablation)
     compile_vision: bool = False  # torch.compile the vision encoder (qpert.compile_vision_encoder)
+    compat: str = "paper"         # "official": the official code's metric conventions (and every method's compat)
 
 
 @dataclass
@@ -80,6 +81,8 @@ class EvalResult:
 
 def method_name(config: QPertConfig) -> str:
     extra = ("-keepnorm" if config.keep_norm else "") + ("-orthogonal" if config.mode == "orthogonal" else "")
+    extra += "" if config.projector == config.compat else f"-{config.projector}-projector"
+    extra += "-official" if config.compat == "official" else ""
     return f"qpert-a{config.alpha:g}-{config.weight}-t{config.threshold:g}{extra}"
 
 
@@ -156,16 +159,18 @@ class _Run:
         return self.store.load("text", key)["emb"], ids, mask
 
     # ---------------------------------------------------------------------------- stage 3
-    def subspaces_key(self, shard: range, threshold) -> str:
+    def subspaces_key(self, shard: range, config: QPertConfig) -> str:
         boxes = [self.boxes[i].tolist() for i in shard]
-        return content_key("subspaces", self.tokens_key(shard), boxes, threshold, isinstance(threshold, int))
+        recipe = (config.threshold, isinstance(config.threshold, int), config.compat, config.projector)
+        return content_key("subspaces-v2", self.tokens_key(shard), boxes, *recipe)
 
-    def subspaces(self, shard: range, threshold, tokens: dict[str, torch.Tensor]) -> Subspaces:
-        key = self.subspaces_key(shard, threshold)
+    def subspaces(self, shard: range, config: QPertConfig, tokens: dict[str, torch.Tensor]) -> Subspaces:
+        key = self.subspaces_key(shard, config)
         if key in self._recent_subspaces:
             return self._recent_subspaces[key]
         if not self.store.has("subspaces", key):
-            self.handle.config = QPertConfig(threshold=threshold)
+            self.handle.config = QPertConfig(threshold=config.threshold, compat=config.compat,
+                                             projector=config.projector)
             boxes = [b if ok else [] for b, ok in zip((self.boxes[i] for i in shard), tokens["readable"].tolist())]
             subs = self.handle.compute_subspaces(self.retriever.key_tokens(self.model, tokens["tokens"]), boxes,
                                                  tokens["sizes"].tolist())
@@ -178,12 +183,12 @@ class _Run:
     def method_key(self, shard: range, config: Optional[QPertConfig]) -> str:
         if config is None:
             return content_key("baseline", self.tokens_key(shard))
-        return content_key(self.subspaces_key(shard, config.threshold), config.to_dict())
+        return content_key(self.subspaces_key(shard, config), config.to_dict())
 
     def image_embeddings(self, methods: Methods) -> None:
         todo = [(s, [c for c in methods.values() if not self.store.has("itc", self.method_key(s, c))])
                 for s in self.shards]
-        todo = [(s, sorted(need, key=_by_threshold)) for s, need in todo if need]  # reuse each tau's subspaces
+        todo = [(s, sorted(need, key=_by_subspaces)) for s, need in todo if need]  # reuse each tau's subspaces
         with self.bar(sum(len(s) * len(n) for s, n in todo), "image embeddings", "img") as bar:
             for shard, need in todo:
                 tokens = self.load_tokens(shard)
@@ -200,7 +205,7 @@ class _Run:
         """Context that applies ``config`` to a batch (rows of the shard, or pair image indices)."""
         if config is None:
             return _Nothing()
-        subs = self.subspaces(shard, config.threshold, tokens)
+        subs = self.subspaces(shard, config, tokens)
         self.handle.config = config
         return self.handle.objects(subspaces=subs.select(pairs if pairs is not None else rows))
 
@@ -286,8 +291,9 @@ class _Nothing:
         return False
 
 
-def _by_threshold(config: Optional[QPertConfig]) -> tuple[bool, str]:
-    return config is not None, repr(config.threshold) if config else ""
+def _by_subspaces(config: Optional[QPertConfig]) -> tuple[bool, str]:
+    """Methods sharing subspaces (same threshold and projector) run one after the other."""
+    return config is not None, repr((config.threshold, config.compat, config.projector)) if config else ""
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -309,9 +315,18 @@ def _open_image(path: Path) -> Optional[Image.Image]:
 
 
 def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, methods: Methods,
-             options: Optional[EvalOptions] = None) -> EvalResult:
-    """R@K / mR@K of every method on ``dataset``, all from one shared feature cache."""
+             options: Optional[EvalOptions] = None, bin_boxes: Optional[BoxSet] = None) -> EvalResult:
+    """R@K / mR@K of every method on ``dataset``, all from one shared feature cache.
+
+    ``boxes`` perturb; ``bin_boxes`` (default: the same) place each image in its mR@K area bin, as the
+    paper bins Flickr30K by Entities boxes even for its detector rows.
+    """
     options = options or EvalOptions()
+    mixed = {n: c.compat for n, c in methods.items() if c is not None and c.compat != options.compat}
+    if mixed:
+        raise ValueError(f"methods {sorted(mixed)} use compat {sorted(set(mixed.values()))} but the evaluation runs "
+                         f"compat={options.compat!r}: one evaluation uses one set of conventions")
+    bin_boxes = bin_boxes or boxes
     started = time.time()
     run = _Run(loaded, dataset, boxes, options)
     try:
@@ -326,7 +341,8 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
         keep_txt = readable[dataset.text_to_image]
         remap = np.cumsum(readable) - 1
         text_to_image = remap[dataset.text_to_image[keep_txt]]
-        max_areas = boxes.max_areas([i for i, ok in zip(dataset.image_ids, readable) if ok])
+        max_areas = bin_boxes.max_areas([i for i, ok in zip(dataset.image_ids, readable) if ok],
+                                        convention=options.compat)
         metrics, scores = {}, {}
         runs = [(name, config, False) for name, config in methods.items()]
         runs += [("object-embedding", None, True)] if options.object_baseline else []
@@ -340,14 +356,15 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
             else:
                 t2i = i2t = itc.numpy()
             t2i, i2t = t2i[readable][:, keep_txt], i2t[readable][:, keep_txt]
-            metrics[name] = retrieval_metrics(t2i, text_to_image, max_areas, i2t_scores=i2t)
+            metrics[name] = retrieval_metrics(t2i, text_to_image, max_areas, i2t_scores=i2t,
+                                              convention=options.compat)
             if options.keep_scores:
                 scores[name] = t2i
     finally:
         run.handle.detach()
     settings = {
         "model": loaded.name, "dataset": dataset.name, "split": dataset.split, "boxes": boxes.source,
-        "boxes_summary": boxes.summary(),
+        "boxes_summary": boxes.summary(), "bin_boxes": bin_boxes.source, "compat": options.compat,
         "num_images": int(readable.sum()), "num_texts": int(keep_txt.sum()), "itm": run.itm, "k": options.k,
         "dtype": str(run.dtype).replace("torch.", ""), "device": str(run.device),
         "methods": {n: (c.to_dict() if c else None) for n, c in methods.items()},

@@ -9,8 +9,9 @@ from typing import Optional
 
 import typer
 
-from ..cli_options import (ALPHA, COMPILE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE, WEIGHT,
+from ..cli_options import (ALPHA, COMPAT, COMPILE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE, WEIGHT,
                            qpert_config)
+from ..config import Compat, compat_dtype
 
 INDEX_DEVICE = typer.Option("auto", help="auto (a GPU when there is one, per rank under torchrun), cpu, cuda, cuda:1.")
 DETECTOR = typer.Option(
@@ -32,7 +33,7 @@ def index(
     annotations: Optional[Path] = typer.Option(None, help="COCO instances JSON with boxes for some photos (file_name "
                                                           "relative to PHOTOS): those photos skip the detector."),
     alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
-    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
+    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT,
     faiss: str = typer.Option("flat", help="flat (exact), hnsw or ivf (approximate, for large collections)."),
     itm_features: bool = typer.Option(True, "--itm-features/--no-itm-features",
                                       help="Keep each photo's vision tokens (fp16) for `search --itm` and for "
@@ -57,9 +58,9 @@ def index(
     settings = IndexSettings(
         model=model, detector=detector,
         detector_options=DetectorOptions(detector_threshold, max_boxes, _names(classes), _names(prompts)),
-        qpert=qpert_config(alpha, weight, threshold, keep_norm, orthogonal),
+        qpert=qpert_config(alpha, weight, threshold, keep_norm, orthogonal, compat),
         annotations=str(annotations.resolve()) if annotations else None, faiss=faiss, itm_features=itm_features,
-        dtype=dtype, trust_remote_code=trust_remote_code)
+        dtype=compat_dtype(compat, dtype), trust_remote_code=trust_remote_code)
     try:
         report = build_index(photos, index_dir, settings, device=device, batch_size=batch_size,
                              compile_vision=compile_vision)
