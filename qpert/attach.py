@@ -1,7 +1,7 @@
 """``qpert.attach(model, config)``: the two-line entry point."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import nn
 
@@ -10,11 +10,18 @@ from .config import QPertConfig
 from .models.registry import family_of
 
 
-def attach(model: nn.Module, config: Optional[QPertConfig] = None) -> QPertHandle:
+def attach(model: nn.Module, config: Optional[QPertConfig] = None, *, exclude: Sequence[str] = ()) -> QPertHandle:
     """Hook Q-Pert into every cross-attention over image tokens of ``model``.
 
     The model is unchanged until boxes are given with ``handle.objects(...)``;
-    ``handle.detach()`` removes every hook.
+    ``handle.detach()`` removes every hook. ``exclude`` names cross-attentions to leave alone (a
+    site's name or a prefix of it, e.g. ``"clip_projector"`` for InternVL-G's pooling).
     """
     family = family_of(model)
-    return attach_sites(model, config or QPertConfig(), family.sites(model), family.token_layout(model))
+    sites = family.sites(model)
+    names = [site.name for site in sites]
+    for prefix in exclude:
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            raise ValueError(f"no cross-attention of this model is named {prefix!r}; its sites are {names}")
+    kept = [site for site in sites if not any(site.name == p or site.name.startswith(p + ".") for p in exclude)]
+    return attach_sites(model, config or QPertConfig(), kept, family.token_layout(model))

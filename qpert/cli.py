@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .cli_options import (ALPHA, COMPAT, COMPILE, DEVICE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, PROJECTOR, THRESHOLD,
+from .cli_options import (ALPHA, COMPAT, COMPILE, DEVICE, DTYPE, EXCLUDE_SITE, KEEP_NORM, MODEL, ORTHOGONAL, PROJECTOR, THRESHOLD,
                           TRUST_REMOTE_CODE, WEIGHT, parse_box, qpert_config)
 from .config import Compat, Projector, QPertConfig, compat_dtype
 from .errors import UnsupportedModelError
@@ -29,13 +29,14 @@ USER_ERRORS = (ValueError, OSError, UnsupportedModelError)
 
 @app.command()
 def models() -> None:
-    """List the registered model names, their checkpoints and alpha grids."""
+    """List the registered model names, their checkpoints, alpha grids and ITM re-ranking depth k."""
     from .models.registry import MODELS
 
     for spec in MODELS.values():
         grid = ", ".join(f"{a:g}" for a in spec.alpha_grid)
         source = "(bundled with qpert)" if Path(spec.source).is_absolute() else spec.source
-        typer.echo(f"{spec.name:15s} {source:34s} {spec.image_size:4d}px  alpha [{grid}]  {spec.description}")
+        typer.echo(f"{spec.name:15s} {source:34s} {spec.image_size:4d}px  alpha [{grid}]  k {spec.rerank_k:3d}  "
+                   f"{spec.description}")
 
 
 def _print_scores(texts: list[str], results: dict, title: str) -> None:
@@ -86,31 +87,41 @@ def example(seed: int = typer.Option(0, help="Seed of the random weights and ima
 @app.command()
 def demo(
     out: Path = typer.Option(Path("qpert-demo"), help="Folder for the scenes and report.html."),
-    seeds: int = typer.Option(1, help="Number of test seeds (the README's table uses 5)."),
+    seeds: Optional[int] = typer.Option(None, help="Number of test seeds (default 1, or 5 with --ablation; the "
+                                                   "README's tables use 5)."),
     n_test: int = typer.Option(500, help="Test scenes per seed."),
     n_val: int = typer.Option(300, help="Validation scenes (alpha is chosen there)."),
     model: str = typer.Option("blip2-shapes", help="The shipped toy model, or any BLIP-2 retrieval checkpoint."),
     itm: bool = typer.Option(True, "--itm/--no-itm", help="Re-rank the top k by ITM + ITC."),
     k: int = typer.Option(10, help="Candidates re-ranked by ITM per query."),
+    ablation: bool = typer.Option(False, "--ablation",
+                                  help="Also run the controls (the official code's projector, a random subspace of "
+                                       "the same rank, plain query scaling), each with its own alpha; all 5 test "
+                                       "seeds unless --seeds says otherwise."),
 ) -> None:
     """Offline benchmark in about a minute: synthetic scenes, a small trained BLIP-2, baseline vs Q-Pert.
 
     Writes the scenes in the real Flickr30K/Entities formats, picks alpha on a validation seed,
-    evaluates the test seed(s) and writes an HTML report with the per-size-bin chart.
+    evaluates the test seed(s) and writes an HTML report with the per-size-bin chart. The model is a
+    toy trained on coloured shapes: its numbers show the mechanism, not BLIP-2's.
     """
     from .demo import TEST_SEEDS, run_demo
 
+    seeds = seeds if seeds is not None else (len(TEST_SEEDS) if ablation else 1)
     if not 1 <= seeds <= len(TEST_SEEDS):
         raise typer.BadParameter(f"--seeds takes 1 to {len(TEST_SEEDS)}")
-    result = run_demo(out, model=model, seeds=TEST_SEEDS[:seeds], n_test=n_test, n_val=n_val, itm=itm, k=k)
+    result = run_demo(out, model=model, seeds=TEST_SEEDS[:seeds], n_test=n_test, n_val=n_val, itm=itm, k=k,
+                      ablation=ablation)
     last = list(result.tests.values())[-1]
     from .eval.metrics import format_comparison
 
-    typer.echo(f"{model}: alpha={result.alpha:g} chosen on the validation seed; "
+    typer.echo(f"{model} (a toy model on synthetic shapes): alpha={result.alpha:g} chosen on the validation seed; "
                f"{last.settings['num_images']} test scenes per seed, {'ITC + ITM' if itm else 'ITC'}")
     typer.echo(format_comparison(last.metrics))
     if seeds > 1:
         typer.echo("\n" + result.summary())
+    if ablation:
+        typer.echo("\nAblation (mean ± std over test seeds; only the projector differs):\n" + result.ablation_table())
     typer.echo(f"\nreport: {result.report}")
 
 
@@ -128,7 +139,7 @@ def score_command(
     compat: Compat = COMPAT,
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE, exclude_site: list[str] = EXCLUDE_SITE,
 ) -> None:
     """Score one image against captions with and without Q-Pert."""
     from .models.registry import load_model
@@ -138,7 +149,7 @@ def score_command(
     boxes = [parse_box(b) for b in box]
     img = _read_image(image)
     loaded = load_model(model, device=device, dtype=compat_dtype(compat, dtype), trust_remote_code=trust_remote_code)
-    results = score(loaded, [img], [boxes], text, config, itm=itm)
+    results = score(loaded, [img], [boxes], text, config, itm=itm, exclude_sites=exclude_site)
     _print_scores(text, results, f"{loaded.name} on {image} ({img.width}x{img.height}), {len(boxes)} box(es):")
 
 
@@ -186,13 +197,14 @@ def _read_image(path: Path):
 DEFAULT_CACHE = Path.home() / ".cache" / "qpert"
 
 
-def _eval_options(itm: Optional[bool], k: int, batch_size: int, itm_batch_size: int, cache_dir: Path, no_cache: bool,
-                  shard_size: int, compile_vision: bool, object_baseline: bool = False):
+def _eval_options(itm: Optional[bool], k: Optional[int], batch_size: int, itm_batch_size: int, cache_dir: Path, no_cache: bool,
+                  shard_size: int, compile_vision: bool, exclude_sites: list[str], object_baseline: bool = False):
     from .eval.pipeline import EvalOptions
 
     return EvalOptions(itm=itm, k=k, batch_size=batch_size, itm_batch_size=itm_batch_size,
                        cache_dir=None if no_cache else cache_dir, shard_size=shard_size,
-                       compile_vision=compile_vision, object_baseline=object_baseline)
+                       compile_vision=compile_vision, object_baseline=object_baseline,
+                       exclude_sites=tuple(exclude_sites))
 
 
 DATASET = typer.Option(..., help="flickr30k, coco, flickr30k-fg or coco-fg.")
@@ -208,7 +220,9 @@ MAX_BOXES = typer.Option(None, help="With coco-json boxes: keep at most this man
 ITM = typer.Option(None, "--itm/--no-itm", show_default=False,
                    help="Re-rank each query's top k by ITM + ITC (the paper's protocol); default: when the model has "
                         "an ITM head (BLIP-2, BLIP), ITC only for CoCa and SigLIP.")
-TOP_K = typer.Option(64, "--k", help="Candidates re-ranked by ITM per query.")
+TOP_K = typer.Option(None, "--k", min=1, show_default=False,
+                     help="Candidates re-ranked by ITM per query (default: the model's: 64 for BLIP-2 as in the paper, "
+                          "128 for blip-flickr and 256 for blip-coco as in BLIP's evaluation).")
 BATCH = typer.Option(16, help="Images per vision / Q-Former forward.")
 ITM_BATCH = typer.Option(128, help="(image, text) pairs per ITM forward.")
 CACHE_DIR = typer.Option(DEFAULT_CACHE, help="Feature cache; a killed run resumes from it.")
@@ -225,10 +239,10 @@ def eval_command(
                                                "Overrides --alpha/--weight/--threshold."),
     alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT, projector: Optional[Projector] = PROJECTOR,
-    itm: Optional[bool] = ITM, k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
+    itm: Optional[bool] = ITM, k: Optional[int] = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
     cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD, compile_vision: bool = COMPILE,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE, exclude_site: list[str] = EXCLUDE_SITE,
     object_baseline: bool = typer.Option(False, "--object-baseline",
                                          help="Also score the object-embedding baseline (paper's Table F): model score "
                                               "+ best similarity of the text to an ROI-pooled object embedding."),
@@ -247,12 +261,12 @@ def eval_command(
     result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
                                 device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
                                 options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
-                                                      compile_vision, object_baseline),
+                                                      compile_vision, exclude_site, object_baseline),
                                 trust_remote_code=trust_remote_code, compat=compat, bin_boxes=bin_boxes)
     s = result.settings
     binned = f", binned by {s['bin_boxes']}" if s["bin_boxes"] != s["boxes"] else ""
     typer.echo(f"{model} on {dataset} {split} ({compat} compat): {s['num_images']} images, {s['num_texts']} texts, "
-               f"boxes {s['boxes_summary']}{binned}, {'ITC + ITM top-' + str(k) if s['itm'] else 'ITC only'}, "
+               f"boxes {s['boxes_summary']}{binned}, {'ITC + ITM top-' + str(s['k']) if s['itm'] else 'ITC only'}, "
                f"{s['seconds']} s")
     typer.echo(result.table())
     if output:
@@ -270,10 +284,10 @@ def tune(
     weights: Optional[str] = typer.Option(None, help="Comma-separated weight functions (default: all five)."),
     select_by: str = typer.Option("t2i mR@1", help="Selection metric: '<t2i|i2t> <R@1|mR@1|...>'."),
     itm: bool = typer.Option(False, "--itm/--no-itm", help="Score the grid with ITM re-ranking (slow)."),
-    k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
+    k: Optional[int] = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
     cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD, compile_vision: bool = COMPILE,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE, exclude_site: list[str] = EXCLUDE_SITE,
     output: Path = typer.Option(Path("qpert-best.json"), help="Where the best config goes (for eval --config)."),
     results: Optional[Path] = typer.Option(None, help="Also write every setting's metrics here as JSON."),
 ) -> None:
@@ -293,7 +307,7 @@ def tune(
                             weights=weights.split(",") if weights else None, select_by=select_by,
                             device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
                             options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
-                                                  compile_vision),
+                                                  compile_vision, exclude_site),
                             trust_remote_code=trust_remote_code, compat=compat, bin_boxes=bin_boxes)
     direction, _, key = select_by.partition(" ")
     ranked = sorted(result.metrics, key=lambda n: -(getattr(result.metrics[n], direction)[key] or -1.0))

@@ -47,3 +47,5 @@ COMPAT = typer.Option("paper", help="paper: the paper's equations. official: wha
 PROJECTOR = typer.Option(None, help="Ablation control (with --compat paper): official (the official code's projector "
                               "alone), random (a random subspace of the same rank per object) or identity (plain "
                               "query scaling by 1 + mean weight). Default: the projector of --compat.")
+EXCLUDE_SITE = typer.Option([], "--exclude-site", help="Leave this cross-attention unperturbed (a site name or its "
+                                                     "prefix, e.g. clip_projector for InternVL-G); repeat for several.")

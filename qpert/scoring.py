@@ -38,13 +38,14 @@ def resolve_itm(retriever: Retriever, itm: Optional[bool], model_name: str) -> b
 
 @torch.no_grad()
 def score(loaded: LoadedModel, images: Sequence[Image.Image], boxes: Sequence[BoxesLike], texts: Sequence[str],
-          config: QPertConfig, itm: Optional[bool] = None, object_baseline: bool = False) -> dict[str, Scores]:
+          config: QPertConfig, itm: Optional[bool] = None, object_baseline: bool = False,
+          exclude_sites: Sequence[str] = ()) -> dict[str, Scores]:
     """{"baseline": Scores, "qpert": Scores} for every image x text pair.
 
     Vision tokens and Q-Pert subspaces are computed once per image and reused for every text.
     ``itm=None`` adds ITM + ITC when the model has an ITM head. ``object_baseline`` adds
     "object-embedding": the baseline's scores plus the best object's similarity to the text
-    (the paper's Table F ablation, ``qpert.object_baseline``).
+    (the paper's Table F ablation, ``qpert.object_baseline``). ``exclude_sites`` as ``qpert.attach``'s ``exclude``.
     """
     model, processor = loaded.model, loaded.processor
     retriever = retriever_of(model)
@@ -57,7 +58,7 @@ def score(loaded: LoadedModel, images: Sequence[Image.Image], boxes: Sequence[Bo
     def itc() -> torch.Tensor:
         return retriever.itc_scores(retriever.image_embeddings(model, tokens), text_emb).cpu()
 
-    handle = attach(model, config)
+    handle = attach(model, config, exclude=exclude_sites)
     try:
         subspaces = handle.compute_subspaces(retriever.key_tokens(model, tokens), boxes, sizes)
         results = {"baseline": Scores(itc(), None)}

@@ -132,3 +132,136 @@ class OfficialPort:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+# ---------------------------------------------------------------------------------------------- data
+# entities_loader.py, box_loader.py (get_box_info) and data/prepare_coco_entities.py, line by line.
+import json  # noqa: E402
+import re  # noqa: E402
+import xml.etree.ElementTree as ET  # noqa: E402
+from xml.dom import minidom  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def read_sentence_file(path: str) -> dict:
+    sentence_path = path.replace("Annotations", "Sentences").replace(".xml", ".txt")
+    with open(sentence_path, "r") as f:
+        sentences = f.readlines()
+
+    def extract_word(s):
+        return " ".join(s.split(" ")[1:])[:-1]
+
+    def extract_id(s):
+        return s.split("#")[1].split("/")[0]
+
+    words = {}
+    for sentence in sentences:
+        _words = re.findall(r"\[.*?\]", sentence)
+        items = {extract_id(i): extract_word(i) for i in _words}
+        for k, v in items.items():
+            if words.get(k) is None:
+                words[k] = set([v])
+            else:
+                words[k] |= set([v])
+    return {k: list(v) for k, v in words.items()}
+
+
+def read_annotation_file(xml_path):
+    root = ET.parse(xml_path).getroot()
+    for _size_info in root.find("size"):
+        if _size_info.tag == "width":
+            width = int(str(_size_info.text))
+        elif _size_info.tag == "height":
+            height = int(str(_size_info.text))
+    boxes = {}
+    for objs in root.findall("object"):
+        bndbox = objs.findall("bndbox")
+        if len(bndbox) == 0:
+            continue
+        box_name = ",".join([str(names.text) for names in objs.findall("name")])
+        if box_name not in boxes:
+            boxes[box_name] = []
+        boxes[box_name].append([float(str(bndbox[0].find(n).text)) - 1 for n in ["xmin", "ymin", "xmax", "ymax"]])
+    return height, width, boxes
+
+
+def get_box_info(xml_path) -> BoxInfo:
+    try:
+        height, width, boxes = read_annotation_file(str(xml_path))
+        sentences = read_sentence_file(str(xml_path))
+    except FileNotFoundError:
+        return BoxInfo(areas=[-1.0], boxes=[], img_size=[0, 0])
+    boxes = {k: v for k, v in boxes.items() if any(list(map(sentences.get, k.split(","))))}
+    image_area = height * width
+    bbox = [j for i in list(boxes.values()) for j in i]
+    bbox_area = list(map(lambda x: (x[2] - x[0]) * (x[3] - x[1]) / image_area, bbox))
+    if len(bbox_area) == 0:
+        bbox_area = [0]
+    return BoxInfo(areas=bbox_area, boxes=bbox, img_size=[height, width])
+
+
+def _prettify(elem) -> str:
+    reparsed = minidom.parseString(ET.tostring(elem, "utf-8"))
+    pretty = re.sub(r"[\t ]+\n", "", reparsed.toprettyxml(indent="\t"))
+    return pretty.replace(">\n\n\t<", ">\n\t<")
+
+
+def export_captions(image_ann: dict, image_name: str, root) -> dict:
+    nouns = []
+    for k, v in image_ann.items():
+        nouns.extend(v["detections"].keys())
+    nouns = list(set(nouns))
+    noun2idx = {noun: i for i, noun in enumerate(nouns)}
+    captions = []
+    for caption, v in image_ann.items():
+        nouns = list(v["detections"].keys())
+        caption = re.sub(r"\[.*?\]", "", caption)
+        for i, noun in enumerate(nouns):
+            caption = re.sub(rf"\b{noun}s?\b", f"[/EN#{noun2idx[noun]}/hoge {noun}]", caption)
+        captions.append(caption + " .\n")
+    with open(root / f"COCO_val2014_{int(image_name):012d}.txt", "w") as f:
+        f.writelines(captions)
+    return noun2idx
+
+
+def export_annotations(image_name, img_shapes, image_ann, noun2idx, root) -> None:
+    xml = ET.Element("annotation")
+    ET.SubElement(xml, "filename").text = f"COCO_val2014_{int(image_name):012d}.jpg"
+    size = ET.SubElement(xml, "size")
+    ET.SubElement(size, "width").text = str(img_shapes[image_name][0])
+    ET.SubElement(size, "height").text = str(img_shapes[image_name][1])
+    ET.SubElement(size, "depth").text = "3"
+    pushed_boxs = None
+    for caption, v in image_ann.items():
+        for det_class, boxs in v["detections"].items():
+            for box in boxs:
+                try:
+                    sim = np.abs(pushed_boxs - np.asarray(box[1])).sum(1).min()
+                    if sim < 0.1:
+                        continue
+                except Exception:  # the official code's bare except
+                    pass
+                _box = box[1]
+                obj = ET.SubElement(xml, "object")
+                ET.SubElement(obj, "name").text = str(noun2idx[det_class])
+                bndbox = ET.SubElement(obj, "bndbox")
+                for tag, value in zip(["xmin", "ymin", "xmax", "ymax"], _box):
+                    ET.SubElement(bndbox, tag).text = str(value)
+                pushed_boxs = np.asarray(_box) if pushed_boxs is None else np.vstack((pushed_boxs, _box))
+    with open(root / f"COCO_val2014_{int(image_name):012d}.xml", "w") as f:
+        f.write(_prettify(xml))
+
+
+def prepare_coco_entities(release_json, img_shapes: dict, out_dir, missing_data=()) -> None:
+    """The script's main: Sentences/ and Annotations/ for every image, empty ones for ``missing_data``."""
+    sentence_root, annotation_root = out_dir / "Sentences", out_dir / "Annotations"
+    sentence_root.mkdir(parents=True, exist_ok=True)
+    annotation_root.mkdir(parents=True, exist_ok=True)
+    data = json.loads(release_json.read_text())
+    for image_name, image_ann in data.items():
+        noun2idx = export_captions(image_ann, image_name, sentence_root)
+        export_annotations(image_name, img_shapes, image_ann, noun2idx, annotation_root)
+    for name in missing_data:
+        (sentence_root / f"COCO_val2014_{int(name):012d}.txt").write_text("a caption \n")
+        export_annotations(name, img_shapes, {}, [], annotation_root)

@@ -26,7 +26,7 @@ def tiny_blip(seed: int = 0) -> BlipForImageTextRetrieval:
                            image_size=28, patch_size=7),
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                          vocab_size=120, max_position_embeddings=64, encoder_hidden_size=32,
-                         bos_token_id=2, sep_token_id=3, pad_token_id=0, eos_token_id=3),
+                         bos_token_id=118, sep_token_id=3, pad_token_id=0, eos_token_id=3),  # [DEC] 118, [ENC] 119
         image_text_hidden_size=16,
     )
     torch.manual_seed(seed)
@@ -94,6 +94,7 @@ def test_box_on_one_patch_maps_to_that_token(model):
 def test_registry_and_loading_a_saved_blip(tmp_path, inputs):
     assert {"blip-coco", "blip-flickr"} <= set(MODELS)
     assert MODELS["blip-coco"].source == "Salesforce/blip-itm-large-coco" and MODELS["blip-coco"].image_size == 384
+    assert (MODELS["blip-coco"].rerank_k, MODELS["blip-flickr"].rerank_k, MODELS["blip2-coco"].rerank_k) == (256, 128, 64)
     tiny_blip(seed=5).save_pretrained(tmp_path)
     blip2_processor = tiny_processor(["a", "red", "square"], str(tmp_path))
     BlipProcessor(image_processor=blip2_processor.image_processor,
@@ -107,3 +108,23 @@ def test_registry_and_loading_a_saved_blip(tmp_path, inputs):
             assert torch.isfinite(itm(loaded.model, inputs)).all()
     finally:
         handle.detach()
+
+
+def test_itm_input_starts_with_enc_and_itc_with_cls(model):
+    """BLIP's evaluation replaces [CLS] with [ENC] for ITM only (LAVIS, BLIP's train_retrieval.py)."""
+    from qpert.models import blip
+
+    seen = []
+    hook = model.text_encoder.embeddings.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs.get("input_ids", args[0] if args else None)), with_kwargs=True)
+    ids = torch.tensor([[1, 20, 30, 3], [1, 40, 3, 0]])  # [CLS] = 1 in this vocabulary
+    mask = (ids > 0).long()
+    tokens = model.vision_model(pixel_values=torch.randn(2, 3, 28, 28)).last_hidden_state
+    try:
+        blip.itm_scores(model, tokens, ids, mask)
+        blip.text_embeddings(model, ids, mask)
+    finally:
+        hook.remove()
+    assert blip.enc_token_id(model) == 119
+    assert seen[0][:, 0].tolist() == [119, 119] and torch.equal(seen[0][:, 1:], ids[:, 1:])
+    assert seen[1][:, 0].tolist() == [1, 1] and ids[:, 0].tolist() == [1, 1]  # the caller's ids are not changed

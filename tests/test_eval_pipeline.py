@@ -56,6 +56,9 @@ def bench(tmp_path_factory):
         Image.fromarray(pixels).save(path, quality=95)
         (root / "flickr30k/Annotations").mkdir(parents=True, exist_ok=True)
         (root / "flickr30k/Annotations" / f"{image_id}.xml").write_text(entities_xml(w, h, boxes))
+        (root / "flickr30k/Sentences").mkdir(parents=True, exist_ok=True)  # entity 2 is mentioned only in image 0
+        mentioned = "[/EN#1/other a square]" + (" and [/EN#2/other another]" if n == 0 else "")
+        (root / "flickr30k/Sentences" / f"{image_id}.txt").write_text(mentioned + " .\n")
         entries.append({"image": f"flickr30k-images/{image_id}.jpg",
                         "caption": [caps[0], caps[1], f"{caps[0]} with {caps[1]}", f"a photo of {caps[1]}",
                                     f"{caps[1]} in the corner"]})
@@ -220,6 +223,7 @@ def test_corrupt_image_is_a_counted_logged_skip(bench, tmp_path, caplog):
                       EvalOptions(itm=False, progress=False))
     assert result.skipped_images == [IDS[2]]
     assert result.settings["num_images"] == 6 and result.settings["num_texts"] == 30
+    assert result.settings["k"] == 64  # no k given, no registered spec: BLIP-2's (the paper's) re-ranking depth
     assert "skipping unreadable image" in caplog.text
 
 
@@ -283,3 +287,84 @@ def test_cli_run_killed_by_sigkill_resumes_identically(bench, tmp_path):
     assert resumed.returncode == 0 and clean.returncode == 0, resumed.stderr + clean.stderr
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("resumed.json", "clean.json"))
     assert a["baseline"] == b["baseline"] and a["qpert"] == b["qpert"]
+
+
+def test_bin_boxes_place_images_by_another_source(bench, tmp_path):
+    """Perturb with detector boxes, bin by Entities (the paper's protocol): the bins follow the bin boxes."""
+    root, model_dir = bench
+    dataset = load_dataset("flickr30k", root, split="test")
+    entities = flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids)
+    whole = [{"image_id": int(i), "bbox": [0, 0, 500, 500], "score": 1.0, "category_id": 1} for i in IDS]
+    (tmp_path / "whole.json").write_text(json.dumps(whole))  # one box covering every image: all in the last bin
+    common = ["eval", "--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root), "--no-cache",
+              "--no-itm", "--boxes", f"coco-json:{tmp_path / 'whole.json'}"]
+    out = qpert_cli(*common, "--bin-boxes", "entities", "--output", str(tmp_path / "binned.json"))
+    assert out.returncode == 0, out.stderr
+    assert "binned by flickr30k-entities" in out.stdout
+    binned = json.loads((tmp_path / "binned.json").read_text())
+    assert binned["settings"]["bin_boxes"] == "flickr30k-entities" and binned["settings"]["boxes"] == "detector"
+    expected = np.bincount(np.floor(entities.max_areas(dataset.image_ids) * 10).astype(int), minlength=10) * 5
+    assert binned["baseline"]["t2i"]["bins"]["count"] == expected.tolist()
+    out = qpert_cli(*common, "--output", str(tmp_path / "own.json"))
+    assert out.returncode == 0, out.stderr
+    own = json.loads((tmp_path / "own.json").read_text())
+    assert own["baseline"]["t2i"]["bins"]["count"] == [0] * 9 + [35] and own["settings"]["bin_boxes"] == "detector"
+
+
+def test_bin_boxes_on_a_coco_layout(tmp_path):
+    """COCO images: perturb with COCO instances, bin by detector results (the paper bins COCO by CO-DINO)."""
+    rng = np.random.default_rng(1)
+    entries, instances, detections = [], {"images": [], "annotations": [], "categories": []}, []
+    for n in range(4):
+        image_id = 100 + n
+        name = f"COCO_val2014_{image_id:012d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+            _mkdir(tmp_path / "coco/images/val2014") / name)
+        entries.append({"image": f"val2014/{name}", "caption": [f"a photo of a {w} square" for w in WORDS[4:9]]})
+        instances["images"].append({"id": image_id, "height": 40, "width": 50, "file_name": name})
+        instances["annotations"].append({"id": n, "image_id": image_id, "bbox": [0, 0, 10, 10], "category_id": 1,
+                                         "iscrowd": 0, "area": 100})
+        side = [10, 20, 30, 45][n]  # detector areas 0.04, 0.16, 0.36, 0.81 of the 50 x 40 image
+        detections.append({"image_id": image_id, "bbox": [0, 0, side, side * 40 / 50], "score": 0.9, "category_id": 1})
+    (_mkdir(tmp_path / "coco/annotations") / "coco_karpathy_test.json").write_text(json.dumps(entries))
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    (tmp_path / "codino.json").write_text(json.dumps(detections))
+    model_dir = tmp_path / "model"
+    tiny_blip2(seed=2).save_pretrained(model_dir)
+    tiny_processor(WORDS, str(model_dir)).save_pretrained(model_dir)
+    out = qpert_cli("eval", "--model", str(model_dir), "--dataset", "coco", "--data-root", str(tmp_path),
+                    "--no-cache", "--no-itm", "--boxes", f"coco-instances:{tmp_path / 'instances.json'}",
+                    "--bin-boxes", f"coco-json:{tmp_path / 'codino.json'}", "--output", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["settings"]["bin_boxes"] == "detector" and result["settings"]["boxes"] == "coco-instances"
+    assert result["qpert"]["i2t"]["bins"]["count"] == [1, 1, 0, 1, 0, 0, 0, 0, 1, 0]  # not the instances' 0.05
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_official_compat_end_to_end(bench, tmp_path):
+    """--compat official: official box rules and conventions, float32, its own cache entries."""
+    root, model_dir = bench
+    dataset = load_dataset("flickr30k", root, split="test")
+    common = ["eval", "--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root), "--k", "3",
+              "--cache-dir", str(tmp_path / "cache")]
+    for compat in ("paper", "official", "official"):
+        out = qpert_cli(*common, "--compat", compat, "--output", str(tmp_path / f"{compat}.json"))
+        assert out.returncode == 0, out.stderr
+    official = json.loads((tmp_path / "official.json").read_text())
+    s = official["settings"]
+    assert s["compat"] == "official" and s["dtype"] == "float32" and s["methods"]["qpert"]["compat"] == "official"
+    assert "official rules" in s["boxes_summary"] and official["qpert"]["convention"] == "official"
+    fresh = qpert_cli(*common[:-2], "--no-cache", "--compat", "official", "--output", str(tmp_path / "fresh.json"))
+    assert fresh.returncode == 0, fresh.stderr
+    assert json.loads((tmp_path / "fresh.json").read_text())["qpert"] == official["qpert"]  # cache keyed by compat
+    boxes = flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids, rules="official")
+    assert [len(boxes[i].boxes) for i in IDS] == [2] + [1] * 6  # only the entities the Sentences mention
+    out = qpert_cli(*common, "--compat", "official", "--dtype", "fp16")
+    assert out.returncode == 2 and out.stderr.count("error:") == 1 and "float32" in out.stderr
+    out = qpert_cli(*common, "--compat", "official", "--projector", "random")
+    assert out.returncode == 2 and "--compat paper" in out.stderr and "Traceback" not in out.stderr

@@ -5,8 +5,9 @@ a tiny stand-in with the module structure, attribute names and forward signature
 ``modeling_qllama.py`` (OpenGVLab/InternVL, ``LlamaCrossAttention`` / ``LlamaDecoderLayer`` /
 ``LlamaModel.forward_train``) and of ``InternVLModel`` (``get_image_features``, ``get_text_features``,
 ``encode_image``, ``encode_text``) as far as Q-Pert reads them. The cross-attention forward and the
-encode methods are the real ones' logic; self-attention, MLP and the attention-pooling projectors
-are simplified (a causal mean, a linear, mean + linear), which the retrieval interface never looks into.
+encode methods and the attention pooling (``AttentionPoolingBlock``, ``CrossAttention``) are the real
+ones' logic; self-attention and MLP are simplified (a causal mean, a linear), which the retrieval
+interface never looks into.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from qpert.scoring import score
 from reference_hooks import _perturb_batch, stretch_objects
 
 HIDDEN, VISION, HEADS, LAYERS, QUERIES, IMAGE, PATCH, EMBED = 32, 24, 4, 4, 6, 28, 7, 16
+POOL_HEADS = 2  # attention-pooling heads of 12 dims, beside QLLaMA's 4 x 8: sites of two shapes
 #: A character-level LLaMA tokenizer: unk (also the pad id 0), bos, eos, then one token per character.
 CHARACTERS = "▁abcdefghijklmnopqrstuvwxyz:"
 VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(CHARACTERS)}}
@@ -146,15 +148,48 @@ class InternVisionModel(nn.Module):
         return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=tokens[:, 0])
 
 
-class AttentionPoolingBlock(nn.Module):
-    """(B, N, C) -> (B, out): a mean and a linear stand in for the attention pooling."""
+class CrossAttention(nn.Module):
+    """InternVL's attention-pooling attention: q/k/v weights used through F.linear with separate biases."""
 
-    def __init__(self, dim, out_dim):
+    def __init__(self, dim, num_heads, out_dim):
         super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.q_bias, self.k_bias, self.v_bias = (nn.Parameter(torch.zeros(dim)) for _ in range(3))
+        self.attn_drop = nn.Dropout(0.0)
         self.proj = nn.Linear(dim, out_dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, k=None, v=None):
+        B, N, C = x.shape
+        N_k, N_v = k.shape[1], v.shape[1]
+        q = nn.functional.linear(input=x, weight=self.q.weight, bias=self.q_bias)
+        q = q.reshape(B, N, 1, self.num_heads, -1).permute(2, 0, 3, 1, 4).squeeze(0)
+        k = nn.functional.linear(input=k, weight=self.k.weight, bias=self.k_bias)
+        k = k.reshape(B, N_k, 1, self.num_heads, -1).permute(2, 0, 3, 1, 4).squeeze(0)
+        v = nn.functional.linear(input=v, weight=self.v.weight, bias=self.v_bias)
+        v = v.reshape(B, N_v, 1, self.num_heads, -1).permute(2, 0, 3, 1, 4).squeeze(0)
+        q = q * self.scale
+        attn = (q @ k.transpose(-2, -1))
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, -1)
+        return self.proj_drop(self.proj(x))
+
+
+class AttentionPoolingBlock(nn.Module):
+    """InternVL's ``AttentionPoolingBlock`` (an ``AttentiveBlock``): the mean token queries all tokens."""
+
+    def __init__(self, dim, out_dim, num_heads=POOL_HEADS):
+        super().__init__()
+        self.norm1_q, self.norm1_k, self.norm1_v = (nn.LayerNorm(dim, eps=1e-5) for _ in range(3))
+        self.cross_attn = CrossAttention(dim, num_heads, out_dim)
 
     def forward(self, x):
-        return self.proj(x.mean(1))
+        x_q = self.norm1_q(x.mean(1, keepdim=True) + 0)
+        x_k, x_v = self.norm1_k(x + 0), self.norm1_v(x)
+        return self.cross_attn(x_q, k=x_k, v=x_v).squeeze(1)
 
 
 class InternVLModel(nn.Module):
@@ -242,6 +277,22 @@ class Reference:
         for layer in model.qllama.model.layers:
             if layer.cross_attn is not None:
                 self._hook(layer.cross_attn, objects, cfg)
+        self._hook_pooling(model.clip_projector.cross_attn, objects, cfg)
+
+    def _hook_pooling(self, attn, objects, cfg):
+        """clip_projector: the whole attention recomputed with the reference's perturbed mean-token query."""
+
+        def post(_m, args, kwargs, out):
+            x, k, v = args[0], kwargs["k"], kwargs["v"]
+            heads = attn.num_heads
+            q = nn.functional.linear(x, attn.q.weight, attn.q_bias).unflatten(-1, (heads, -1))
+            keys = nn.functional.linear(k, attn.k.weight, attn.k_bias).unflatten(-1, (heads, -1))
+            values = nn.functional.linear(v, attn.v.weight, attn.v_bias).unflatten(-1, (heads, -1))
+            q = _perturb_batch(q, keys, objects, cfg).to(keys.dtype)
+            weights = torch.einsum("bthd,bnhd->bhtn", q * attn.scale, keys).softmax(-1)
+            return attn.proj(torch.einsum("bhtn,bnhd->bthd", weights, values).flatten(-2))
+
+        self.handles.append(attn.register_forward_hook(post, with_kwargs=True))
 
     def _hook(self, attn, objects, cfg):
         seen = {}
@@ -267,7 +318,7 @@ class Reference:
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
 def test_matches_plain_reference(model, pixels, cfg, repeat_time):
     handle = assert_matches_reference(model, lambda: run(model, pixels, repeat_time), lambda: Reference(model, cfg), cfg)
-    assert handle.num_layers == LAYERS // 2 and handle.layout.num_tokens == 1 + (IMAGE // PATCH) ** 2
+    assert handle.num_layers == LAYERS // 2 + 1 and handle.layout.num_tokens == 1 + (IMAGE // PATCH) ** 2
     handle = qpert.attach(model, qpert.QPertConfig(**cfg))
     try:  # subspaces computed once from the tokens (as an evaluation caches them) perturb the same
         with handle.objects(BOXES, SIZES):
@@ -402,3 +453,26 @@ def test_object_embeddings_read_the_object_tokens_alone(model, pixels):
     changed = tokens.clone()
     changed[0, 4] += 1.0
     assert (internvl.roi_embeddings(model, changed, keep)[0] - roi[0]).abs().max() > 1e-4
+
+
+def test_clip_projector_is_perturbed_unless_excluded(loaded, images):
+    """The supplement's pooling site: its own head shape, it changes the scores, and exclude= leaves it alone."""
+    model, retriever = loaded.model, retriever_of(loaded.model)
+    tokens = retriever.image_tokens(model, retriever.preprocess(model, loaded.processor, images))
+    ids, mask = retriever.tokenize(model, loaded.processor, TEXTS)
+    text = retriever.text_embeddings(model, ids, mask)
+    config = qpert.QPertConfig(**CONFIGS[0])
+    scores = {}
+    for exclude in ((), ("clip_projector",)):
+        handle = qpert.attach(model, config, exclude=exclude)
+        try:
+            subspaces = handle.compute_subspaces(tokens, BOXES, SIZES)
+            with handle.objects(subspaces=subspaces):
+                scores[exclude] = retriever.itc_scores(retriever.image_embeddings(model, tokens), text)
+        finally:
+            handle.detach()
+        shapes = [tuple(t.shape[1:3]) for t in subspaces.mean_projector]
+        assert shapes == [(HEADS, HIDDEN // HEADS)] * (LAYERS // 2) + [(POOL_HEADS, VISION // POOL_HEADS)] * (not exclude)
+    assert (scores[()] - scores[("clip_projector",)]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="no cross-attention of this model is named"):
+        qpert.attach(model, config, exclude=("clip_projectr",))

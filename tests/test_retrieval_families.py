@@ -100,8 +100,10 @@ def forward_itc(model, processor, image, texts) -> torch.Tensor:
 
 
 def forward_itm(model, processor, image, texts) -> torch.Tensor:
-    """(T,) BLIP's ITM logit of one image with each text."""
+    """(T,) BLIP's ITM logit of one image with each text, [ENC] first as BLIP's evaluation feeds it
+    (the tiny BLIP's vocabulary ends with [DEC] = bos, then [ENC])."""
     tok = processor.tokenizer(texts, padding="longest", return_tensors="pt")
+    tok["input_ids"][:, 0] = model.config.text_config.vocab_size - 1
     px = processor.image_processor([image], return_tensors="pt").pixel_values.expand(len(texts), -1, -1, -1)
     return model(pixel_values=px, **tok, use_itm_head=True).itm_score[:, 1]
 

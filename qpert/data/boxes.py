@@ -19,6 +19,10 @@ Sources:
   crowd regions are left out by default, as COCO's own evaluation ignores them.
 * Detector output in COCO results format: ``[{"image_id", "bbox": [x, y, w, h], "score",
   "category_id"}, ...]``, filtered by score and capped per image, highest scores first.
+
+Flickr30K Entities and COCO Entities also load by ``rules="official"``: the box rules of the
+official Q-Pert code (NEC-N-SOGI/query-perturbation c6e0294, ``entities_loader.py``,
+``box_loader.py``, ``data/prepare_coco_entities.py``), which produced the published numbers.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -39,6 +43,7 @@ from qpert.data.datasets import PathLike, RetrievalDataset, normalize_image_id
 logger = logging.getLogger(__name__)
 
 BOX_SOURCES = ("flickr30k-entities", "coco-entities", "coco-instances", "detector")
+Rules = Literal["paper", "official"]
 
 
 class BoxFormatError(ValueError):
@@ -71,18 +76,35 @@ class ImageBoxes:
 
 @dataclass(frozen=True, eq=False)
 class BoxSet:
-    """Boxes for every requested image, and which images the source knew nothing about."""
+    """Boxes for every requested image, and which images the source knew nothing about.
+
+    ``missing``: images with no entry in the source (logged); ``unannotated``: those of them
+    that have no annotation file of their own (Flickr30K Entities), which the official code
+    leaves out of every area bin; ``rules``: the rules that read the source.
+    """
 
     source: str
     images: dict[str, ImageBoxes]
     missing: list[str]
+    rules: str = "paper"
+    unannotated: frozenset[str] = frozenset()
 
     def __getitem__(self, image_id: str) -> ImageBoxes:
         return self.images[image_id]
 
-    def max_areas(self, image_ids: Sequence[str]) -> np.ndarray:
-        """Per-image largest normalized area (NaN: no boxes), the input of the mR@K metrics."""
-        return np.array([self.images[i].max_area() for i in image_ids], dtype=np.float64)
+    def max_areas(self, image_ids: Sequence[str], convention: Rules = "paper") -> np.ndarray:
+        """Per-image largest normalized area, the input of the mR@K metrics.
+
+        An image without boxes is NaN (in no bin) by the paper's convention; the official code
+        gives it area 0 (first bin, small-object subset) unless it has no annotation file.
+        """
+        def area(image_id: str) -> float:
+            largest = self.images[image_id].max_area()
+            if convention == "official" and np.isnan(largest) and image_id not in self.unannotated:
+                return 0.0
+            return largest
+
+        return np.array([area(i) for i in image_ids], dtype=np.float64)
 
     @property
     def num_without_boxes(self) -> int:
@@ -91,8 +113,9 @@ class BoxSet:
     def summary(self) -> str:
         total = len(self.images)
         boxes = sum(len(b.boxes) for b in self.images.values())
+        rules = " (official rules)" if self.rules == "official" else ""
         return (
-            f"{self.source}: {total} images, {boxes} boxes; {self.num_without_boxes} images "
+            f"{self.source}{rules}: {total} images, {boxes} boxes; {self.num_without_boxes} images "
             f"without boxes ({len(self.missing)} of them absent from the source)"
         )
 
@@ -158,24 +181,77 @@ def read_entities_xml(path: PathLike) -> EntitiesAnnotation:
     )
 
 
-def flickr30k_entities_boxes(annotations_dir: PathLike, image_ids: Iterable[str]) -> BoxSet:
-    """Boxes of Flickr30K Entities for ``image_ids``, looked up in the full Annotations folder."""
+def flickr30k_entities_boxes(
+    annotations_dir: PathLike, image_ids: Iterable[str], rules: Rules = "paper"
+) -> BoxSet:
+    """Boxes of Flickr30K Entities for ``image_ids``, looked up in the full Annotations folder.
+
+    ``rules="official"`` reads them as the official Q-Pert code does (:func:`read_entities_official`),
+    which also needs ``Sentences/`` beside ``Annotations/``.
+    """
     annotations_dir = Path(annotations_dir)
     if not annotations_dir.is_dir():
         raise BoxFormatError(
             f"missing Flickr30K Entities annotations folder: {annotations_dir} "
             "(expected <flickr30k_entities>/Annotations/<flickr id>.xml)"
         )
+    sentences_dir = annotations_dir.parent / "Sentences"
+    if rules == "official" and not sentences_dir.is_dir():
+        raise BoxFormatError(
+            f"the official rules keep only boxes whose entity a caption mentions: they need {sentences_dir} "
+            "(Flickr30K Entities Sentences/<flickr id>.txt) beside Annotations/"
+        )
     images, missing = {}, []
     for image_id in image_ids:
         path = annotations_dir / f"{image_id}.xml"
-        if path.is_file():
-            images[image_id] = read_entities_xml(path).boxes
-        else:
+        found = None
+        if rules == "official":
+            found = read_entities_official(path, sentences_dir / f"{image_id}.txt")
+        elif path.is_file():
+            found = read_entities_xml(path).boxes
+        if found is None:
             logger.debug("no Flickr30K Entities annotation %s", path)
             images[image_id] = _no_boxes()
             missing.append(image_id)
-    return _finish("flickr30k-entities", images, missing, annotations_dir)
+        else:
+            images[image_id] = found
+    return _finish("flickr30k-entities", images, missing, annotations_dir, rules, unannotated=missing)
+
+
+def read_entities_official(xml_path: Path, sentences_path: Path) -> Optional[ImageBoxes]:
+    """One image's boxes as the official code reads them (``read_annotation_file`` +
+    ``read_sentence_file`` + ``ImageBoxLoader.get_box_info``); None when either file is missing.
+
+    Every corner is ``value - 1`` (xmax and ymax too), boxes are grouped by the object's joined
+    ``<name>`` ids and a group is kept only if one of its ids is mentioned in a caption, and a box
+    repeated under several objects stays repeated (it counts again in the mean over objects).
+    As everywhere in qpert, boxes are clipped to the image and zero-area boxes are dropped.
+    """
+    if not (xml_path.is_file() and sentences_path.is_file()):
+        return None
+    try:
+        root = ET.parse(xml_path).getroot()
+        height = int(_text(root, "size/height"))
+        width = int(_text(root, "size/width"))
+        groups: dict[str, list[tuple[float, ...]]] = {}
+        for obj in root.findall("object"):
+            bndbox = obj.find("bndbox")
+            if bndbox is None:
+                continue
+            name = ",".join(str(n.text) for n in obj.findall("name"))
+            groups.setdefault(name, []).append(tuple(float(_text(bndbox, t)) - 1 for t in _CORNERS))
+    except (ET.ParseError, ValueError) as error:
+        raise BoxFormatError(f"{xml_path}: not a valid Flickr30K Entities XML ({error})") from error
+    with open(sentences_path, encoding="utf-8") as f:
+        mentioned = _entity_ids(f.read())
+    boxes = [b for name, group in groups.items() if set(name.split(",")) & mentioned for b in group]
+    clipped = [c for c in (_clip(b, height, width) for b in boxes) if c is not None]
+    return ImageBoxes(_as_array(clipped), (height, width))
+
+
+def _entity_ids(text: str) -> set[str]:
+    """Entity ids of the ``[/EN#<id>/...]`` phrases, found as ``read_sentence_file`` finds them."""
+    return {phrase.split("#")[1].split("/")[0] for phrase in re.findall(r"\[.*?\]", text) if "#" in phrase}
 
 
 @dataclass(frozen=True)
@@ -229,11 +305,15 @@ def read_entities_sentences(path: PathLike) -> list[EntitiesSentence]:
 
 
 def coco_entities_boxes(
-    json_path: PathLike, image_ids: Iterable[str], image_paths: Mapping[str, PathLike]
+    json_path: PathLike,
+    image_ids: Iterable[str],
+    image_paths: Mapping[str, PathLike],
+    rules: Rules = "paper",
 ) -> BoxSet:
     """Boxes of COCO Entities: per image, the union of its captions' grounded detections.
 
     Detections are deduplicated by detection id; sizes come from ``image_paths`` headers.
+    ``rules="official"`` keeps what the official preparation keeps (:func:`coco_entities_official`).
     The release file (~400 MB) is read whole, once.
     """
     data = _read_json(json_path)
@@ -246,21 +326,52 @@ def coco_entities_boxes(
             images[image_id] = _no_boxes()
             missing.append(image_id)
             continue
-        detections: dict[Any, tuple[float, ...]] = {}
         try:
-            for caption in by_id[image_id].values():
-                for per_class in caption["detections"].values():
-                    for det_id, box in per_class:
-                        detections.setdefault(det_id, tuple(float(v) for v in box))
-        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            if rules == "official":
+                boxes = coco_entities_official(by_id[image_id])
+            else:
+                detections: dict[Any, tuple[float, ...]] = {}
+                for caption in by_id[image_id].values():
+                    for per_class in caption["detections"].values():
+                        for det_id, box in per_class:
+                            detections.setdefault(det_id, tuple(float(v) for v in box))
+                boxes = list(detections.values())
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as error:
             raise BoxFormatError(
                 f"{json_path}: image {image_id}: expected captions with 'detections' "
                 f"{{class: [[det_id, [x1, y1, x2, y2]], ...]}} ({error!r})"
             ) from error
-        images[image_id] = _image_boxes(
-            list(detections.values()), image_id, json_path, image_paths=image_paths
-        )
-    return _finish("coco-entities", images, missing, json_path)
+        images[image_id] = _image_boxes(boxes, image_id, json_path, image_paths=image_paths)
+    # The official preparation writes an empty annotation for each image the release lacks (five of
+    # the Karpathy test images): with no file missing, they are in the first area bin, not in none.
+    return _finish("coco-entities", images, missing, json_path, rules)
+
+
+def coco_entities_official(captions: Mapping[str, Any]) -> list[tuple[float, ...]]:
+    """One image's boxes as ``data/prepare_coco_entities.py`` writes them and the loader reads them.
+
+    Detections of all captions in file order, each skipped when its L1 distance to a box already
+    written is below 0.1 (the official check only works once two boxes are written, so the second
+    box is never skipped); a box is kept if its noun matched a caption (``\\b<noun>s?\\b``) and so
+    appears in the written Sentences; every corner is then ``value - 1``.
+    """
+    nouns = sorted({noun for caption in captions.values() for noun in caption["detections"]})
+    index = {noun: str(i) for i, noun in enumerate(nouns)}
+    mentioned: set[str] = set()
+    for text, caption in captions.items():
+        text = re.sub(r"\[.*?\]", "", text)
+        for noun in caption["detections"]:
+            text = re.sub(rf"\b{noun}s?\b", f"[/EN#{index[noun]}/hoge {noun}]", text)
+        mentioned |= _entity_ids(text)
+    written: list[tuple[np.ndarray, str]] = []
+    for caption in captions.values():
+        for noun, detections in caption["detections"].items():
+            for detection in detections:
+                box = np.asarray(detection[1], dtype=np.float64).reshape(4)
+                if len(written) >= 2 and min(np.abs(b - box).sum() for b, _ in written) < 0.1:
+                    continue
+                written.append((box, index[noun]))
+    return [tuple(float(v) - 1 for v in box) for box, name in written if name in mentioned]
 
 
 def coco_instances_boxes(
@@ -316,17 +427,20 @@ def detector_boxes(
     )
 
 
-def load_boxes(kind: str, path: PathLike, dataset: RetrievalDataset, **options: Any) -> BoxSet:
+def load_boxes(
+    kind: str, path: PathLike, dataset: RetrievalDataset, rules: Rules = "paper", **options: Any
+) -> BoxSet:
     """Boxes of ``kind`` (one of :data:`BOX_SOURCES`) for every image of ``dataset``.
 
     ``path`` is the Entities Annotations folder or the JSON file; ``options`` go to the
-    source (``score_threshold``, ``max_boxes``, ``include_crowd``).
+    source (``score_threshold``, ``max_boxes``, ``include_crowd``). ``rules`` changes how the two
+    Entities sources are read; COCO instances and detector files have no official rules of their own.
     """
     paths = dict(zip(dataset.image_ids, dataset.image_paths))
     if kind == "flickr30k-entities":
-        return flickr30k_entities_boxes(path, dataset.image_ids, **options)
+        return flickr30k_entities_boxes(path, dataset.image_ids, rules, **options)
     if kind == "coco-entities":
-        return coco_entities_boxes(path, dataset.image_ids, paths, **options)
+        return coco_entities_boxes(path, dataset.image_ids, paths, rules, **options)
     if kind == "coco-instances":
         return coco_instances_boxes(path, dataset.image_ids, **options)
     if kind == "detector":
@@ -409,13 +523,20 @@ def _no_boxes() -> ImageBoxes:
     return ImageBoxes(_as_array([]), None)
 
 
-def _finish(source: str, images: dict[str, ImageBoxes], missing: list[str], where: Any) -> BoxSet:
+def _finish(
+    source: str,
+    images: dict[str, ImageBoxes],
+    missing: list[str],
+    where: Any,
+    rules: Rules = "paper",
+    unannotated: Sequence[str] = (),
+) -> BoxSet:
     if missing:
         logger.warning(
             "%s: %d of %d images have no entry in %s (e.g. %s); they get no boxes",
             source, len(missing), len(images), where, missing[:3],
         )  # fmt: skip
-    return BoxSet(source, images, missing)
+    return BoxSet(source, images, missing, rules, frozenset(unannotated))
 
 
 def _text(element: ET.Element, path: str) -> str:

@@ -18,9 +18,10 @@ BOX_KINDS = {"entities": "flickr30k-entities", "coco-json": "detector", "coco-in
 
 
 def resolve_boxes(spec: str, dataset: RetrievalDataset, data_root: Path, score_threshold: float = 0.0,
-                  max_boxes: Optional[int] = None) -> BoxSet:
-    """``entities`` (ROOT/flickr30k/Annotations or ROOT/flickr30k_entities/Annotations), ``entities:DIR``, ``coco-json:FILE`` (detector
-    results), ``coco-instances:FILE`` or ``coco-entities:FILE``."""
+                  max_boxes: Optional[int] = None, rules: str = "paper") -> BoxSet:
+    """``entities`` (ROOT/flickr30k/Annotations or ROOT/flickr30k_entities/Annotations), ``entities:DIR``,
+    ``coco-json:FILE`` (detector results), ``coco-instances:FILE`` or ``coco-entities:FILE``, read by
+    ``rules`` (``qpert.data.boxes.Rules``)."""
     kind, _, path = spec.partition(":")
     if kind not in BOX_KINDS:
         raise ValueError(f"unknown box source {spec!r}: use entities[:DIR], coco-json:FILE, "
@@ -31,7 +32,7 @@ def resolve_boxes(spec: str, dataset: RetrievalDataset, data_root: Path, score_t
         candidates = [Path(data_root) / "flickr30k" / "Annotations", Path(data_root) / "flickr30k_entities" / "Annotations"]
         path = str(next((c for c in candidates if c.is_dir()), candidates[0]))
     options = {"score_threshold": score_threshold, "max_boxes": max_boxes} if kind == "coco-json" else {}
-    return load_boxes(BOX_KINDS[kind], path, dataset, **options)
+    return load_boxes(BOX_KINDS[kind], path, dataset, rules, **options)
 
 
 def read_config_file(path: Union[str, Path]) -> QPertConfig:

@@ -6,18 +6,25 @@ blocks of gallery rows, so a 5k x 25k score matrix needs no Python loop over que
 Ties count against the query: a negative whose score equals the positive's is ranked ahead
 of it. This is the pessimistic convention, so a degenerate scorer (e.g. all scores equal)
 gets rank = gallery size instead of a flattering rank 1.
+
+``convention="official"`` follows the official Q-Pert code's ``BaseTask`` (``base_task.py``):
+median rank ``np.median(ranks)`` (not floored), and area bins from float32 areas against
+``np.linspace(0, 1, 11)`` edges with ``lower <= area < upper`` (an area of 1.0 is in no bin).
+Ties keep qpert's rule; they only move ranks past the re-ranked top k, where the official
+code's ``argsort`` order among its -100 fillers is arbitrary anyway.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
 KS = (1, 5, 10)
 NUM_BINS = 10
+Convention = Literal["paper", "official"]
 DIRECTIONS = ("t2i", "i2t")
 METRIC_KEYS = (
     "R@1", "R@5", "R@10",
@@ -48,6 +55,7 @@ class RetrievalMetrics:
     empty_bins: list[int]
     num_images_without_boxes: int
     ranks: dict[str, np.ndarray] = field(repr=False)
+    convention: str = "paper"
 
     def to_dict(self) -> dict:
         """JSON-ready dict (plain floats, ints, None, lists); ranks are left out."""
@@ -60,6 +68,7 @@ class RetrievalMetrics:
         out["bin_edges"] = [b / NUM_BINS for b in range(NUM_BINS + 1)]
         out["empty_bins"] = list(self.empty_bins)
         out["num_images_without_boxes"] = self.num_images_without_boxes
+        out["convention"] = self.convention
         return out
 
 
@@ -111,16 +120,27 @@ def recall_at_k(ranks: np.ndarray, k: int) -> float:
     return float(100.0 * np.mean(ranks <= k))
 
 
-def median_rank(ranks: np.ndarray) -> float:
-    """Median rank in the VSE++/SCAN convention: floor(median of 0-based ranks) + 1."""
+def median_rank(ranks: np.ndarray, convention: Convention = "paper") -> float:
+    """Median of 1-based ranks: floor(median of 0-based ranks) + 1 (VSE++/SCAN), or the plain median
+    (official code); they differ by 0.5 when an even number of queries straddles two ranks."""
+    if convention == "official":
+        return float(np.median(ranks))
     return float(np.floor(np.median(ranks - 1)) + 1)
 
 
-def area_bins(max_areas: np.ndarray) -> np.ndarray:
+def area_bins(max_areas: np.ndarray, convention: Convention = "paper") -> np.ndarray:
     """Bin index 0..9 of each image's largest normalized object area; -1 where NaN (no boxes).
 
-    Bin b is [b/10, (b+1)/10); the last bin also holds 1.0.
+    Bin b is [b/10, (b+1)/10); the last bin also holds 1.0. The official convention compares
+    float32 areas with ``np.linspace`` edges and puts 1.0 (and anything outside [0, 1)) in no bin.
     """
+    if convention == "official":
+        areas32 = np.asarray(max_areas, dtype=np.float32)
+        edges = np.linspace(0, 1.0, NUM_BINS + 1)
+        bins = np.full(areas32.shape, -1, dtype=np.int64)
+        for b in range(NUM_BINS):
+            bins[(edges[b] <= areas32) & (areas32 < edges[b + 1])] = b
+        return bins
     areas = np.asarray(max_areas, dtype=np.float64)
     valid = ~np.isnan(areas)
     if np.any((areas[valid] < 0) | (areas[valid] > 1)):
@@ -146,6 +166,7 @@ def retrieval_metrics(
     max_areas: np.ndarray,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     i2t_scores: Optional[np.ndarray] = None,
+    convention: Convention = "paper",
 ) -> RetrievalMetrics:
     """All metrics of the protocol from an (images x texts) score matrix, higher = better.
 
@@ -154,13 +175,13 @@ def retrieval_metrics(
     still ranked against the whole gallery. mR@K is the harmonic mean over non-empty bins;
     empty bins are listed in ``empty_bins`` and reported with a warning. With ITM re-ranking
     each direction has its own matrix (as in BLIP's evaluation): ``scores`` then ranks T2I and
-    ``i2t_scores`` (same shape) ranks I2T.
+    ``i2t_scores`` (same shape) ranks I2T. ``convention`` picks the median and the bins (module doc).
     """
     scores, text_to_image = _check_inputs(scores, text_to_image, block_rows)
     max_areas = np.asarray(max_areas)
     if max_areas.shape != (scores.shape[0],):
         raise ValueError(f"max_areas must have shape ({scores.shape[0]},), got {max_areas.shape}")
-    image_bins = area_bins(max_areas)
+    image_bins = area_bins(max_areas, convention)
     ranks = {
         "t2i": _t2i_ranks(scores, text_to_image, block_rows),
         "i2t": _i2t_ranks(scores if i2t_scores is None else _check_inputs(i2t_scores, text_to_image, block_rows)[0],
@@ -192,7 +213,7 @@ def retrieval_metrics(
             values[f"mR@{k}"] = harmonic_mean(filled) if filled else None
         for k in KS:
             values[f"small_R@{k}"] = per_bin[f"R@{k}"][0]
-        values["median_rank"] = median_rank(r)
+        values["median_rank"] = median_rank(r, convention)
         summary[d] = values
         bin_recall[d] = per_bin
         bin_counts[d] = [int(np.sum(qb == b)) for b in range(NUM_BINS)]
@@ -205,6 +226,7 @@ def retrieval_metrics(
         empty_bins=empty_bins,
         num_images_without_boxes=int(np.sum(image_bins < 0)),
         ranks=ranks,
+        convention=convention,
     )
 
 

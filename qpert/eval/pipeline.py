@@ -36,7 +36,7 @@ from ..core import Subspaces
 from ..data.boxes import BoxSet
 from ..data.datasets import RetrievalDataset
 from ..models.compiling import compile_vision_encoder
-from ..models.registry import LoadedModel, retriever_of
+from ..models.registry import DEFAULT_RERANK_K, LoadedModel, retriever_of
 from ..object_baseline import object_masks, object_similarities
 from ..scoring import resolve_itm
 from .cache import FeatureStore, content_key, model_fingerprint
@@ -51,7 +51,7 @@ Methods = dict[str, Optional[QPertConfig]]
 @dataclass
 class EvalOptions:
     itm: Optional[bool] = None   # ITM + ITC re-ranking; None: whenever the model has an ITM head
-    k: int = 64
+    k: Optional[int] = None      # candidates re-ranked per query; None: the model's (qpert.models.registry)
     batch_size: int = 16          # images per vision / Q-Former forward
     itm_batch_size: int = 128     # (image, text) pairs per ITM forward
     shard_size: int = 64          # images per cache file (the unit of resumption)
@@ -61,6 +61,7 @@ class EvalOptions:
     object_baseline: bool = False  # add the "object-embedding" method (the paper's Table F ablation)
     compile_vision: bool = False  # torch.compile the vision encoder (qpert.compile_vision_encoder)
     compat: str = "paper"         # "official": the official code's metric conventions (and every method's compat)
+    exclude_sites: tuple[str, ...] = ()  # cross-attentions left alone (qpert.attach(exclude=...))
 
 
 @dataclass
@@ -92,6 +93,7 @@ class _Run:
     def __init__(self, loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, options: EvalOptions):
         self.retriever = retriever_of(loaded.model)
         self.itm = resolve_itm(self.retriever, options.itm, loaded.name)
+        self.k = options.k or (loaded.spec.rerank_k if loaded.spec else DEFAULT_RERANK_K)
         self.loaded, self.dataset, self.options = loaded, dataset, options
         self.model = loaded.model
         param = next(self.model.parameters())
@@ -103,7 +105,7 @@ class _Run:
         self.image_keys = [content_key(str(p), *_stat(p)) for p in dataset.image_paths]
         n = dataset.num_images
         self.shards = [range(s, min(s + options.shard_size, n)) for s in range(0, n, options.shard_size)]
-        self.handle: QPertHandle = attach(self.model, QPertConfig())
+        self.handle: QPertHandle = attach(self.model, QPertConfig(), exclude=options.exclude_sites)
         if options.compile_vision:  # lazy: a run whose vision tokens are all cached never compiles
             compile_vision_encoder(self.model)
         self._recent_subspaces: dict[str, Subspaces] = {}
@@ -162,7 +164,8 @@ class _Run:
     def subspaces_key(self, shard: range, config: QPertConfig) -> str:
         boxes = [self.boxes[i].tolist() for i in shard]
         recipe = (config.threshold, isinstance(config.threshold, int), config.compat, config.projector)
-        return content_key("subspaces-v2", self.tokens_key(shard), boxes, *recipe)
+        sites = [site.name for site in self.handle.sites]
+        return content_key("subspaces-v2", self.tokens_key(shard), boxes, sites, *recipe)
 
     def subspaces(self, shard: range, config: QPertConfig, tokens: dict[str, torch.Tensor]) -> Subspaces:
         key = self.subspaces_key(shard, config)
@@ -222,7 +225,7 @@ class _Run:
                    desc: str) -> tuple[np.ndarray, np.ndarray]:
         """Final (I, T) matrices for T2I and I2T: ITM + ITC on each query's top k, -inf elsewhere."""
         n_img, n_txt = itc.shape
-        k_img, k_txt = min(self.options.k, n_img), min(self.options.k, n_txt)
+        k_img, k_txt = min(self.k, n_img), min(self.k, n_txt)
         t2i_top = itc.topk(k_img, dim=0).indices                    # (k, T): images per text
         i2t_top = itc.topk(k_txt, dim=1).indices                    # (I, k): texts per image
         t2i_pairs = torch.stack([t2i_top.flatten(), torch.arange(n_txt).repeat(k_img)], 1)
@@ -233,7 +236,7 @@ class _Run:
         with self.bar(len(pairs), desc, "pair") as bar:
             for shard, lo, hi in zip(self.shards, starts[:-1].tolist(), starts[1:].tolist()):
                 chunk = pairs[lo:hi]
-                key = content_key("itm", self.method_key(shard, config), self.options.k, chunk.tolist())
+                key = content_key("itm", self.method_key(shard, config), self.k, chunk.tolist())
                 if not self.store.has("itm", key):
                     self.store.save("itm", key, {"logits": self._itm(config, shard, chunk, ids, mask, bar)})
                 else:
@@ -365,10 +368,11 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
     settings = {
         "model": loaded.name, "dataset": dataset.name, "split": dataset.split, "boxes": boxes.source,
         "boxes_summary": boxes.summary(), "bin_boxes": bin_boxes.source, "compat": options.compat,
-        "num_images": int(readable.sum()), "num_texts": int(keep_txt.sum()), "itm": run.itm, "k": options.k,
+        "num_images": int(readable.sum()), "num_texts": int(keep_txt.sum()), "itm": run.itm, "k": run.k,
         "dtype": str(run.dtype).replace("torch.", ""), "device": str(run.device),
         "methods": {n: (c.to_dict() if c else None) for n, c in methods.items()},
         "object_baseline": options.object_baseline, "compiled": options.compile_vision,
+        "exclude_sites": list(options.exclude_sites),
         "seconds": round(time.time() - started, 1),
     }
     return EvalResult(metrics, settings, skipped, scores)
