@@ -130,6 +130,16 @@ def test_incremental_update_adds_modifies_removes_and_skips_the_rest(models, tmp
     hits = PhotoIndex(tmp_path / "index", device="cpu").search("a green circle", k=10)
     assert sorted(h.path for h in hits) == sorted(after)
 
+    paper_vectors = catalog_state(tmp_path / "index")[2]  # compat="official": re-embedded, in float32
+    official = settings_for(models, qpert=qpert.QPertConfig(alpha=1.0, compat="official"))
+    assert official.dtype == "fp32"
+    assert build_index(photos, tmp_path / "index", official, device="cpu", progress=False).updated == 5
+    assert not np.allclose(catalog_state(tmp_path / "index")[2], paper_vectors)
+    index = PhotoIndex(tmp_path / "index", device="cpu")
+    assert index.settings.qpert.compat == "official" and len(index.search("a green circle", k=10, itm=True)) == 5
+    with pytest.raises(ValueError, match="float32"):
+        settings_for(models, qpert=qpert.QPertConfig(compat="official"), dtype="fp16")
+
 
 def test_corrupt_photos_are_reported_and_skipped_until_they_change(models, tmp_path):
     photos = photo_folder(tmp_path / "photos", count=3)

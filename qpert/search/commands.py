@@ -11,7 +11,7 @@ import typer
 
 from ..cli_options import (ALPHA, COMPAT, COMPILE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE, WEIGHT,
                            qpert_config)
-from ..config import Compat, compat_dtype
+from ..config import Compat
 
 INDEX_DEVICE = typer.Option("auto", help="auto (a GPU when there is one, per rank under torchrun), cpu, cuda, cuda:1.")
 DETECTOR = typer.Option(
@@ -60,7 +60,7 @@ def index(
         detector_options=DetectorOptions(detector_threshold, max_boxes, _names(classes), _names(prompts)),
         qpert=qpert_config(alpha, weight, threshold, keep_norm, orthogonal, compat),
         annotations=str(annotations.resolve()) if annotations else None, faiss=faiss, itm_features=itm_features,
-        dtype=compat_dtype(compat, dtype), trust_remote_code=trust_remote_code)
+        dtype=dtype, trust_remote_code=trust_remote_code)
     try:
         report = build_index(photos, index_dir, settings, device=device, batch_size=batch_size,
                              compile_vision=compile_vision)

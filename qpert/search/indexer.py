@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..attach import attach
-from ..config import QPertConfig
+from ..config import QPertConfig, compat_dtype
 from ..errors import IndexBusyError
 from ..eval.cache import FeatureStore, content_key, model_fingerprint
 from ..models.compiling import compile_vision_encoder
@@ -64,6 +64,7 @@ class IndexSettings:
     def __post_init__(self) -> None:
         if self.faiss not in KINDS:
             raise ValueError(f"unknown FAISS index kind {self.faiss!r}; choose one of {', '.join(KINDS)}")
+        object.__setattr__(self, "dtype", compat_dtype(self.qpert.compat, self.dtype))  # official: float32
 
     def to_json(self) -> dict:
         d = asdict(self)
