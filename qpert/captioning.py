@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 from .attach import attach
+from .models.family import is_instance
 from .config import QPertConfig
 from .core.boxes import BoxesLike
 from .errors import UnsupportedModelError
 from .models.registry import LoadedModel
 
-CAPTION_CLASSES = ("Blip2ForConditionalGeneration",)
+CAPTION_CLASSES = ("transformers.Blip2ForConditionalGeneration",)
 
 
 @dataclass(frozen=True)
@@ -34,20 +35,17 @@ def caption(loaded: LoadedModel, image: Image.Image, boxes: BoxesLike, config: Q
     Decoding is greedy unless ``generate_kwargs`` say otherwise (``num_beams=5`` as BLIP-2's paper).
     """
     model, processor = loaded.model, loaded.processor
-    if type(model).__name__ not in CAPTION_CLASSES:
+    if not any(is_instance(model, name) for name in CAPTION_CLASSES):
         raise UnsupportedModelError(f"captioning needs {' or '.join(CAPTION_CLASSES)} (e.g. blip2-opt-2.7b); "
                                     f"{loaded.name} is a {type(model).__name__}")
     weight = model.vision_model.embeddings.patch_embedding.weight
     pixels = processor.image_processor([image.convert("RGB")], return_tensors="pt").pixel_values
     pixels = pixels.to(weight.device, weight.dtype)
     options = {"max_new_tokens": max_new_tokens, "do_sample": False, **generate_kwargs}
-    handle = attach(model, config)
-    try:
+    with attach(model, config) as handle:
         base = model.generate(pixel_values=pixels, **options)
         with handle.objects([boxes], [(image.height, image.width)]):
             pert = model.generate(pixel_values=pixels, **options)
-    finally:
-        handle.detach()
     # Decoder-only language models return the image and BOS tokens too: special, so skipped here.
     base_text, pert_text = (processor.batch_decode(ids, skip_special_tokens=True)[0].strip() for ids in (base, pert))
     return Captions(base_text, pert_text)

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
 from . import __version__
-from .cli_options import (ALPHA, COMPAT, COMPILE, DEVICE, DTYPE, EXCLUDE_SITE, KEEP_NORM, MODEL, ORTHOGONAL, PROJECTOR, THRESHOLD,
-                          TRUST_REMOTE_CODE, WEIGHT, parse_box, qpert_config)
-from .config import Compat, Projector, QPertConfig, compat_dtype
-from .errors import UnsupportedModelError
+from .cli_options import (ALPHA, COMPAT, COMPILE, DEVICE, DTYPE, EXCLUDE_SITE, KEEP_NORM, MODEL, ORTHOGONAL, PROJECTOR, RANK,
+                          THRESHOLD, TRUST_REMOTE_CODE, WEIGHT, parse_box, qpert_config)
+from .config import Compat, Projector, QPertConfig, Weight, compat_dtype
+from .errors import QPertError
 from .search.commands import register as register_search_commands
 
 app = typer.Typer(
@@ -24,7 +25,10 @@ app = typer.Typer(
          "cross-attention, the part of each query that lies in the object's key subspace.",
 )
 
-USER_ERRORS = (ValueError, OSError, UnsupportedModelError)
+#: What the command line shows as one line: what the user gave is wrong, or the machine refused (a full disk).
+USER_ERRORS = (QPertError, OSError)
+#: Click's exceptions, or the copy of them typer ships in newer versions.
+_CLICK = sys.modules[typer.BadParameter.__module__]
 
 
 @app.command()
@@ -33,7 +37,7 @@ def models() -> None:
     from .models.registry import MODELS
 
     for spec in MODELS.values():
-        grid = ", ".join(f"{a:g}" for a in spec.alpha_grid)
+        grid = ", ".join(f"{a:g}" for a in spec.alphas)
         source = "(bundled with qpert)" if Path(spec.source).is_absolute() else spec.source
         typer.echo(f"{spec.name:15s} {source:34s} {spec.image_size:4d}px  alpha [{grid}]  k {spec.rerank_k:3d}  "
                    f"{spec.description}")
@@ -134,7 +138,7 @@ def score_command(
     itm: Optional[bool] = typer.Option(None, "--itm/--no-itm", show_default=False,
                                        help="Also compute ITM + ITC (the re-ranking score); default: when the model "
                                             "has an ITM head (BLIP-2, BLIP; not CoCa or SigLIP)."),
-    alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
+    alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
     compat: Compat = COMPAT,
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
@@ -145,7 +149,7 @@ def score_command(
     from .models.registry import load_model
     from .scoring import score
 
-    config = qpert_config(alpha, weight, threshold, keep_norm, orthogonal, compat)
+    config = qpert_config(alpha, weight, threshold, rank, keep_norm, orthogonal, compat)
     boxes = [parse_box(b) for b in box]
     img = _read_image(image)
     loaded = load_model(model, device=device, dtype=compat_dtype(compat, dtype), trust_remote_code=trust_remote_code)
@@ -161,7 +165,7 @@ def caption_command(
                                                      "registered name, hub id or local folder."),
     max_new_tokens: int = typer.Option(30, help="Longest caption, in tokens."),
     num_beams: int = typer.Option(1, help="Beam width (1: greedy)."),
-    alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
+    alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT,
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
@@ -170,7 +174,7 @@ def caption_command(
     from .captioning import caption
     from .models.registry import load_model
 
-    config = qpert_config(alpha, weight, threshold, keep_norm, orthogonal, compat)
+    config = qpert_config(alpha, weight, threshold, rank, keep_norm, orthogonal, compat)
     boxes = [parse_box(b) for b in box]
     img = _read_image(image)
     loaded = load_model(model, device=device, dtype=compat_dtype(compat, dtype))
@@ -237,7 +241,7 @@ def eval_command(
     split: str = typer.Option("test", help="test or val (Karpathy split)."), captions: Optional[str] = CAPTIONS,
     config: list[Path] = typer.Option([], help="Q-Pert config JSON (from `qpert tune`); repeat to compare several. "
                                                "Overrides --alpha/--weight/--threshold."),
-    alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
+    alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT, projector: Optional[Projector] = PROJECTOR,
     itm: Optional[bool] = ITM, k: Optional[int] = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
@@ -256,8 +260,8 @@ def eval_command(
 
     from .eval.api import evaluate_benchmark, read_config_file
 
-    configs = [read_config_file(c) for c in config] or [qpert_config(alpha, weight, threshold, keep_norm, orthogonal,
-                                                                       projector=projector)]
+    configs = [read_config_file(c) for c in config] or [qpert_config(alpha, weight, threshold, rank, keep_norm,
+                                                                       orthogonal, projector=projector)]
     result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
                                 device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
                                 options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
@@ -341,15 +345,30 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
 
 
+def _fail(message: str) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise SystemExit(2)
+
+
 def main() -> None:
-    """Entry point: user mistakes end with one clear line, never a stack trace."""
+    """Entry point: a user mistake (a QPertError, an environment error, an invalid option) ends with one
+    ``error:`` line and exit code 2; anything else is a bug and shows its traceback."""
     warnings.showwarning = _show_warning
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
-        app()
+        code = app(standalone_mode=False)
+    except _CLICK.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            typer.echo(e.ctx.get_help() if e.ctx else str(e))
+            raise SystemExit(2)
+        command = e.ctx.command_path if e.ctx else "qpert"
+        _fail(f"{e.format_message()} (see {command} --help)")
+    except typer.Abort:
+        typer.secho("interrupted", err=True)
+        raise SystemExit(130)
     except USER_ERRORS as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise SystemExit(2)
+        _fail(str(e))
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

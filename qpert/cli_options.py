@@ -5,17 +5,13 @@ from typing import Optional
 
 import typer
 
-from .config import WEIGHT_COEFFICIENTS, Compat, Projector, QPertConfig
+from .config import Compat, Projector, QPertConfig, Weight
 
 
-def qpert_config(alpha: float, weight: str, threshold: str, keep_norm: bool, orthogonal: bool, compat: Compat = "paper",
-                 projector: Optional[Projector] = None) -> QPertConfig:
-    t: float | int
-    try:
-        t = int(threshold) if threshold.isdigit() else float(threshold)
-    except ValueError:
-        raise typer.BadParameter(f"--threshold takes a ratio in (0, 1) or an integer rank, got {threshold!r}")
-    return QPertConfig(alpha=alpha, weight=weight, threshold=t, keep_norm=keep_norm,
+def qpert_config(alpha: float, weight: str, threshold: float, rank: Optional[int], keep_norm: bool, orthogonal: bool,
+                 compat: Compat = "paper", projector: Optional[Projector] = None) -> QPertConfig:
+    """The QPertConfig of a command's options (a bad value is a ConfigError: one ``error:`` line)."""
+    return QPertConfig(alpha=alpha, weight=weight, threshold=threshold, rank=rank, keep_norm=keep_norm,
                        mode="orthogonal" if orthogonal else "enhance", compat=compat, projector=projector)
 
 
@@ -30,8 +26,10 @@ def parse_box(text: str) -> list[float]:
 
 
 ALPHA = typer.Option(8.0, help="Scale alpha of the weight function (paper: 2-10 for BLIP-2). 0 turns Q-Pert off.")
-WEIGHT = typer.Option("constant", help=f"Weight function of the object area: {', '.join(WEIGHT_COEFFICIENTS)}.")
-THRESHOLD = typer.Option("0.99", help="Contribution-ratio threshold tau in (0, 1), or an integer fixed rank.")
+WEIGHT = typer.Option("constant", help="Weight function of the object area a: constant (alpha), area (alpha*a), "
+                                       "inv_area (alpha*(1-a)), centered (alpha*(a-0.5)), inv_centered (alpha*(0.5-a)).")
+THRESHOLD = typer.Option(0.99, help="Contribution-ratio threshold tau in (0, 1) that picks each subspace's rank.")
+RANK = typer.Option(None, min=1, help="A fixed rank for every subspace instead of --threshold.")
 KEEP_NORM = typer.Option(False, "--keep-norm", help="Rescale perturbed queries to their original norm.")
 ORTHOGONAL = typer.Option(False, "--orthogonal", help="OrQ-Pert ablation: remove the object component instead.")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code",

@@ -24,7 +24,7 @@ from .data.boxes import BoxSet, flickr30k_entities_boxes
 from .data.datasets import RetrievalDataset, load_dataset
 from .eval.metrics import NUM_BINS, RetrievalMetrics, format_comparison
 from .eval.pipeline import EvalOptions, EvalResult, evaluate
-from .models.registry import MODELS, load_model
+from .models.registry import MODELS, family_of, load_model
 from .synthetic import write_flickr30k
 
 DEMO_MODEL = "blip2-shapes"
@@ -113,7 +113,7 @@ def _run_demo(out_dir: Path, model: str, seeds: Sequence[int], n_test: int, n_va
               alphas: Optional[Sequence[float]], itm: bool, k: int, progress: bool, ablation: bool) -> DemoResult:
     loaded = load_model(model)
     spec = MODELS.get(model)
-    alphas = alphas or (spec.alpha_grid if spec else (0.5, 1.0, 2.0, 4.0))
+    alphas = alphas or (spec.alphas if spec else family_of(loaded.model).alpha_grid)
     projectors = ABLATION if ablation else {"qpert": "paper"}
     val_data, val_boxes = _split(out_dir / "data" / f"seed{VALIDATION_SEED}", VALIDATION_SEED, n_val, "val")
     grid = {method: {_grid_name(method, a): QPertConfig(alpha=a, weight="constant", threshold=0.99,

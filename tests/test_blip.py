@@ -15,7 +15,7 @@ from reference_hooks import ReferenceHooks, stretch_objects
 CONFIGS = [
     dict(alpha=8.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
     dict(alpha=4.0, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
-    dict(alpha=6.0, weight="centered", threshold=2, keep_norm=False, mode="enhance"),
+    dict(alpha=6.0, weight="centered", rank=2, keep_norm=False, mode="enhance"),
     dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
 ]
 
@@ -60,7 +60,7 @@ def reference(model, cfg):
     return ref
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
 def test_matches_plain_reference(model, inputs, cfg):
     handle = assert_matches_reference(model, lambda: itm(model, inputs), lambda: reference(model, cfg), cfg)
     assert handle.num_layers == 3 and handle.layout.num_tokens == 17

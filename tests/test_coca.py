@@ -26,7 +26,7 @@ SIZES = [(100, 120), (100, 100), (120, 80)]
 CONFIGS = [
     dict(alpha=1.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
     dict(alpha=0.4, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
-    dict(alpha=0.8, weight="centered", threshold=2, keep_norm=False, mode="enhance"),
+    dict(alpha=0.8, weight="centered", rank=2, keep_norm=False, mode="enhance"),
     dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
 ]
 # The pooler's queries are 24-d (embed_dim) and its keys come from 32-d ViT tokens, so the MHA
@@ -61,7 +61,7 @@ def encode(model, pixels):
         return model.encode_image(pixels, normalize=False)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
 def test_matches_plain_reference(model, pixels, cfg):
     def reference():
         ref = ReferenceHooks(shortest_edge_objects(BOXES, SIZES, crop=28, grid=4, patch=7, prefix=1), cfg)
@@ -98,7 +98,7 @@ def test_registry_and_loading_a_saved_coca(tmp_path, pixels):
     spec = MODELS["coca-l14"]
     assert (spec.library, spec.source, spec.pretrained) == ("open_clip", "coca_ViT-L-14",
                                                             "mscoco_finetuned_laion2B-s13B-b90k")
-    assert spec.alpha_grid == (0.2, 0.4, 0.6, 0.8, 1.0)
+    assert spec.alphas == (0.2, 0.4, 0.6, 0.8, 1.0)
     reference = tiny_coca(seed=5)
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": dict(MODEL_CFG, custom_text=True)}))
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "open_clip_model.safetensors")

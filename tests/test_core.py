@@ -92,10 +92,11 @@ def diag_autocorr(eigenvalues, d=6, seed=0):
     return torch.tensor(q @ np.diag(lam) @ q.T, dtype=torch.float32), torch.tensor(q, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("threshold,rank", [(0.3, 1), (0.85, 2), (0.95, 3), (0.999, 3), (2, 2), (10, 4)])
-def test_rank_rule(threshold, rank):
+@pytest.mark.parametrize("threshold,fixed,rank", [(0.3, None, 1), (0.85, None, 2), (0.95, None, 3), (0.999, None, 3),
+                                                  (0.99, 2, 2), (0.5, 10, 4)])
+def test_rank_rule(threshold, fixed, rank):
     c, q = diag_autocorr([4.0, 3.0, 2.0, 1.0])  # contribution ratios 0.4, 0.7, 0.9, 1.0
-    p = projectors(c, threshold)
+    p = projectors(c, threshold, fixed)
     expected = q[:, :rank] @ q[:, :rank].T  # never more directions than the numerical rank (4)
     assert torch.allclose(p, expected, atol=1e-5)
 
@@ -107,7 +108,7 @@ def test_single_object_scales_subspace_component_only():
     weights[0, 0, 3:9] = torch.tensor([1.0, 0.5, 1.0, 0.25, 1.0, 1.0])  # 6 tokens < d = 8
     cfg = QPertConfig(alpha=3.0, weight="area", threshold=0.9)
     area = torch.tensor([[0.4]])
-    subs = compute_subspaces(keys, weights, area, torch.ones(1, 1, dtype=torch.bool), cfg.threshold)
+    subs = compute_subspaces(keys, weights, area, torch.ones(1, 1, dtype=torch.bool), cfg)
     p = subs.mean_projector[0][0, 0]
     assert torch.allclose(p @ p, p, atol=1e-5) and torch.allclose(p, p.T, atol=1e-6)
     ref = projector(keys[0, 0, 0].double().numpy(), weights[0, 0].double().numpy(), 0.9)
@@ -134,14 +135,15 @@ def test_degenerate_inputs_are_nan_free_and_dropped():
     weights = torch.zeros(2, 2, 17)
     weights[0, 1, 5] = 1.0  # image 0: object 0 covers nothing (dropped), object 1 one token (rank 1)
     weights[1, 0, 1:] = 1.0
-    subs = compute_subspaces(keys, weights, torch.full((2, 2), 0.5), torch.ones(2, 2, dtype=torch.bool), 0.99)
+    subs = compute_subspaces(keys, weights, torch.full((2, 2), 0.5), torch.ones(2, 2, dtype=torch.bool), QPertConfig())
     mean = torch.stack(subs.mean_projector, 1)
     assert torch.isfinite(mean).all() and torch.isfinite(torch.stack(subs.area_projector, 1)).all()
     assert subs.active.tolist() == [True, True]
     traces = mean[0].diagonal(dim1=-2, dim2=-1).sum(-1)
     assert torch.allclose(traces, torch.ones_like(traces), atol=1e-5)  # one token -> rank 1, M' = 1
     assert mean[1, 0].abs().sum() == 0  # non-finite keys contribute nothing
-    none = compute_subspaces(keys, torch.zeros(2, 2, 17), torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool), 2)
+    none = compute_subspaces(keys, torch.zeros(2, 2, 17), torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool),
+                             QPertConfig(rank=2))
     assert none.active.tolist() == [False, False] and torch.stack(none.mean_projector).abs().sum() == 0
 
 
@@ -149,7 +151,7 @@ def test_chunking_does_not_change_results():
     torch.manual_seed(1)
     keys = torch.randn(3, 2, 2, 17, 8)
     weights = torch.rand(3, 4, 17) * (torch.rand(3, 4, 17) > 0.5)
-    args = (keys, weights, torch.rand(3, 4), torch.ones(3, 4, dtype=torch.bool), 0.95)
+    args = (keys, weights, torch.rand(3, 4), torch.ones(3, 4, dtype=torch.bool), QPertConfig(threshold=0.95))
     whole, chunked = compute_subspaces(*args), compute_subspaces(*args, chunk_bytes=1)
     for a, b in zip(whole.mean_projector + whole.area_projector, chunked.mean_projector + chunked.area_projector):
         assert torch.allclose(a, b, atol=1e-6)
@@ -163,12 +165,13 @@ def test_subspaces_select_and_cat():
     both = Subspaces.cat([s, picked])
     assert len(both) == 6
     with pytest.raises(ValueError, match="built differently"):
-        Subspaces.cat([s, Subspaces(s.mean_projector, s.area_projector, s.active, 3)])
+        Subspaces.cat([s, Subspaces(s.mean_projector, s.area_projector, s.active, 0.9, 3)])
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(weight="square"), "weight function"), (dict(mode="add"), "mode"), (dict(threshold=1.5), r"\(0, 1\)"),
-    (dict(threshold=0), ">= 1"), (dict(threshold=True), "threshold"), (dict(alpha=float("nan")), "alpha"),
+    (dict(threshold=0), r"\(0, 1\)"), (dict(threshold=True), "threshold"), (dict(alpha=float("nan")), "alpha"),
+    (dict(threshold=2), "rank=k"), (dict(rank=0), ">= 1"), (dict(rank=2.0), "int"), (dict(alpha=float("inf")), "finite"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -181,7 +184,12 @@ def test_config_weight_functions():
                 "inv_centered": 2.0 * (0.5 - a)}
     for name, value in expected.items():
         assert QPertConfig(alpha=2.0, weight=name).weight_of(a) == pytest.approx(value)
-    assert QPertConfig.from_dict(QPertConfig(alpha=4.0, threshold=3).to_dict()) == QPertConfig(alpha=4.0, threshold=3)
+    assert QPertConfig.from_dict(QPertConfig(alpha=4.0, rank=3).to_dict()) == QPertConfig(alpha=4.0, rank=3)
+    assert QPertConfig.from_dict({"alpha": 4.0, "threshold": 3}) == QPertConfig(alpha=4.0, rank=3)  # earlier files
+    with pytest.raises(ValueError, match="neither"):
+        QPertConfig.from_dict({"threshold": 1.0})
+    with pytest.raises(ValueError, match="JSON object"):
+        QPertConfig.from_dict([1, 2])
 
 
 def test_identity_projector_is_plain_query_scaling():
@@ -192,7 +200,7 @@ def test_identity_projector_is_plain_query_scaling():
     areas = torch.tensor([[0.1, 0.4, 0.0], [0.3, 0.0, 0.0]])
     valid = torch.tensor([[True, True, False], [True, False, False]])
     cfg = QPertConfig(alpha=2.0, weight="inv_area", projector="identity")
-    subs = compute_subspaces(keys, weights, areas, valid, 0.9, projector="identity")
+    subs = compute_subspaces(keys, weights, areas, valid, cfg)
     q = torch.randn(2, 3, 2, 8)
     out = perturb_queries(q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], cfg), subs.active,
                           keep_norm=False)
@@ -205,16 +213,16 @@ def test_random_projector_has_the_paper_rank_and_ignores_the_keys():
     keys = torch.randn(2, 2, 3, 17, 8)
     weights = torch.zeros(2, 1, 17)
     weights[:, 0, 2:14] = 1.0  # the same box in both images, 12 tokens
-    args = (weights, torch.full((2, 1), 0.2), torch.ones(2, 1, dtype=torch.bool), 0.9)
-    paper = torch.stack(compute_subspaces(keys, *args).mean_projector, 1)
-    rand = torch.stack(compute_subspaces(keys, *args, projector="random").mean_projector, 1)
+    args = (weights, torch.full((2, 1), 0.2), torch.ones(2, 1, dtype=torch.bool))
+    random_9, random_8 = QPertConfig(threshold=0.9, projector="random"), QPertConfig(rank=8, projector="random")
+    paper = torch.stack(compute_subspaces(keys, *args, QPertConfig(threshold=0.9)).mean_projector, 1)
+    rand = torch.stack(compute_subspaces(keys, *args, random_9).mean_projector, 1)
     trace = lambda p: p.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
     assert torch.allclose(trace(rand), trace(paper), atol=1e-4)  # same rank per object, layer and head
     assert torch.allclose(rand @ rand, rand, atol=1e-5) and torch.allclose(rand, rand.transpose(-1, -2), atol=1e-6)
     assert (rand - paper).abs().max() > 0.1
-    other = torch.stack(compute_subspaces(keys * 3 + 1, *args[:3], 8, projector="random").mean_projector, 1)
-    full = torch.stack(compute_subspaces(keys, *args[:3], 8, projector="random").mean_projector, 1)
+    other = torch.stack(compute_subspaces(keys * 3 + 1, *args, random_8).mean_projector, 1)
+    full = torch.stack(compute_subspaces(keys, *args, random_8).mean_projector, 1)
     assert torch.allclose(other, full, atol=1e-6)  # same rank (8): the keys do not move a random subspace
-    again = torch.stack(compute_subspaces(keys[1:], weights[1:], *[a[1:] for a in args[1:3]], 0.9,
-                                          projector="random").mean_projector, 1)
+    again = torch.stack(compute_subspaces(keys[1:], *[a[1:] for a in args], random_9).mean_projector, 1)
     assert torch.allclose(again[0], rand[1], atol=1e-6)  # an object's subspace does not depend on its batch

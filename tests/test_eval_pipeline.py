@@ -358,7 +358,7 @@ def test_official_compat_end_to_end(bench, tmp_path):
     official = json.loads((tmp_path / "official.json").read_text())
     s = official["settings"]
     assert s["compat"] == "official" and s["dtype"] == "float32" and s["methods"]["qpert"]["compat"] == "official"
-    assert "official rules" in s["boxes_summary"] and official["qpert"]["convention"] == "official"
+    assert "official-code rules" in s["boxes_summary"] and official["qpert"]["convention"] == "official"
     fresh = qpert_cli(*common[:-2], "--no-cache", "--compat", "official", "--output", str(tmp_path / "fresh.json"))
     assert fresh.returncode == 0, fresh.stderr
     assert json.loads((tmp_path / "fresh.json").read_text())["qpert"] == official["qpert"]  # cache keyed by compat

@@ -29,7 +29,7 @@ import qpert
 from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.errors import UnsupportedModelError
 from qpert.models import internvl
-from qpert.models.registry import MODELS, LoadedModel, family_of, retriever_of
+from qpert.models.registry import MODELS, LoadedModel, family_of, retrieval_heads
 from qpert.models.tiny import randomize
 from qpert.scoring import score
 from reference_hooks import _perturb_batch, stretch_objects
@@ -42,7 +42,7 @@ VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(CHAR
 CONFIGS = [
     dict(alpha=1.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
     dict(alpha=0.6, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
-    dict(alpha=0.8, weight="centered", threshold=2, keep_norm=False, mode="enhance"),
+    dict(alpha=0.8, weight="centered", rank=2, keep_norm=False, mode="enhance"),
     dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
 ]
 
@@ -315,7 +315,7 @@ class Reference:
 
 
 @pytest.mark.parametrize("repeat_time", [1, 2])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
 def test_matches_plain_reference(model, pixels, cfg, repeat_time):
     handle = assert_matches_reference(model, lambda: run(model, pixels, repeat_time), lambda: Reference(model, cfg), cfg)
     assert handle.num_layers == LAYERS // 2 + 1 and handle.layout.num_tokens == 1 + (IMAGE // PATCH) ** 2
@@ -358,8 +358,8 @@ def test_family_needs_qllama():
 def test_registry_entry():
     spec = MODELS["internvl-g"]
     assert spec.source == "OpenGVLab/InternVL-14B-224px" and spec.remote_code and spec.image_size == 224
-    assert spec.alpha_grid == (0.2, 0.4, 0.6, 0.8, 1.0)
-    assert spec.family.retriever.load_processor is internvl.load_processor and not spec.family.retriever.has_itm
+    assert spec.alphas == (0.2, 0.4, 0.6, 0.8, 1.0)
+    assert spec.family.retrieval.load_processor is internvl.load_processor and not spec.family.retrieval.has_itm
 
 
 def test_remote_code_is_an_explicit_opt_in(tmp_path):
@@ -410,7 +410,7 @@ def own_itc(model, pixels, ids):
 
 
 def test_tokenize_as_clip_benchmark(loaded):
-    ids, mask = retriever_of(loaded.model).tokenize(loaded.model, loaded.processor, TEXTS)
+    ids, mask = retrieval_heads(loaded.model).tokenize(loaded.model, loaded.processor, TEXTS)
     lengths = mask.sum(1)
     assert ids.shape == (3, 80) and torch.equal(mask, (ids > 0).long())
     assert torch.equal(mask, (torch.arange(80) < lengths[:, None]).long())  # padded on the right
@@ -421,7 +421,7 @@ def test_tokenize_as_clip_benchmark(loaded):
 @pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[3]], ids=lambda c: f"{c['weight']}-{c['mode']}")
 def test_scores_match_own_encoders_and_the_reference(loaded, images, cfg):
     """Baseline: the model's own encoders; Q-Pert: the same with the plain reference in every cross-attention."""
-    model, retriever = loaded.model, retriever_of(loaded.model)
+    model, retriever = loaded.model, retrieval_heads(loaded.model)
     pixels = retriever.preprocess(model, loaded.processor, images)
     ids, _ = retriever.tokenize(model, loaded.processor, TEXTS)
     got = score(loaded, images, BOXES, TEXTS, qpert.QPertConfig(**cfg))
@@ -437,7 +437,7 @@ def test_scores_match_own_encoders_and_the_reference(loaded, images, cfg):
 
 
 def test_preprocess_stretches_to_the_input_size(loaded, images):
-    pixels = retriever_of(loaded.model).preprocess(loaded.model, loaded.processor, images)
+    pixels = retrieval_heads(loaded.model).preprocess(loaded.model, loaded.processor, images)
     assert pixels.shape == (3, 3, IMAGE, IMAGE)
 
 
@@ -457,7 +457,7 @@ def test_object_embeddings_read_the_object_tokens_alone(model, pixels):
 
 def test_clip_projector_is_perturbed_unless_excluded(loaded, images):
     """The supplement's pooling site: its own head shape, it changes the scores, and exclude= leaves it alone."""
-    model, retriever = loaded.model, retriever_of(loaded.model)
+    model, retriever = loaded.model, retrieval_heads(loaded.model)
     tokens = retriever.image_tokens(model, retriever.preprocess(model, loaded.processor, images))
     ids, mask = retriever.tokenize(model, loaded.processor, TEXTS)
     text = retriever.text_embeddings(model, ids, mask)

@@ -17,7 +17,7 @@ from transformers import SiglipImageProcessor, SiglipProcessor
 import qpert
 from qpert.errors import UnsupportedModelError
 from qpert.eval.pipeline import EvalOptions, evaluate
-from qpert.models.registry import LoadedModel, family_of, retriever_of
+from qpert.models.registry import LoadedModel, family_of, retrieval_heads
 from qpert.models.tiny import tiny_blip2, tiny_processor
 from qpert.object_baseline import object_masks, object_similarities
 from qpert.scoring import score
@@ -64,12 +64,12 @@ def images():
 
 
 def tokens_of(loaded, images):
-    retriever = retriever_of(loaded.model)
+    retriever = retrieval_heads(loaded.model)
     return retriever.image_tokens(loaded.model, retriever.preprocess(loaded.model, loaded.processor, images))
 
 
 def test_whole_image_box_is_the_image_without_its_prefix(loaded, images):
-    model, retriever = loaded.model, retriever_of(loaded.model)
+    model, retriever = loaded.model, retrieval_heads(loaded.model)
     layout = family_of(model).token_layout(model)
     tokens = tokens_of(loaded, images)
     masks = object_masks(layout, [[[0, 0, w, h]] for h, w in SIZES], SIZES)[:, 0]
@@ -83,7 +83,7 @@ def test_whole_image_box_is_the_image_without_its_prefix(loaded, images):
 
 
 def test_combined_score_is_model_score_plus_best_object(loaded, images):
-    model, retriever = loaded.model, retriever_of(loaded.model)
+    model, retriever = loaded.model, retrieval_heads(loaded.model)
     name = type(model).__name__.lower()
     results = score(loaded, images, BOXES, TEXTS, CONFIG, object_baseline=True)
     tokens = tokens_of(loaded, images)
@@ -106,7 +106,7 @@ def test_blip_has_no_pooling_to_restrict(tmp_path, images):
     tokens = torch.zeros(1, 17, 32)
     masks = torch.ones(1, 1, 17, dtype=torch.bool)
     with pytest.raises(UnsupportedModelError, match="object-embedding"):
-        object_similarities(model, retriever_of(model), tokens, masks, torch.zeros(2, 16), torch.zeros(1, 2))
+        object_similarities(model, retrieval_heads(model), tokens, masks, torch.zeros(2, 16), torch.zeros(1, 2))
 
 
 def test_pipeline_matches_scoring(bench, tmp_path):

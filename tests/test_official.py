@@ -54,8 +54,9 @@ def test_matches_port_of_official_code(model, inputs, weight, threshold, itm):
         expected = run(model, inputs, itm)
     finally:
         port.remove()
-    got = with_qpert(model, inputs, itm, alpha=4.0, weight=weight, threshold=threshold, compat="official")
-    paper = with_qpert(model, inputs, itm, alpha=4.0, weight=weight, threshold=threshold)
+    rule = dict(rank=threshold) if isinstance(threshold, int) else dict(threshold=threshold)
+    got = with_qpert(model, inputs, itm, alpha=4.0, weight=weight, compat="official", **rule)
+    paper = with_qpert(model, inputs, itm, alpha=4.0, weight=weight, **rule)
     assert (expected - base).abs().max() > 1e-3, "the port must change the outputs"
     assert (got - expected).abs().max() <= 2e-5
     assert (paper - expected).abs().max() > 1e-3, "the official computation must differ from the paper's"
@@ -139,9 +140,8 @@ def test_subspaces_remember_their_recipe(model, inputs):
     try:
         official = handle.compute_subspaces(tokens, BOXES, SIZES)
         assert official.compat == "official" and official.projector == "official"
-        handle.config = qpert.QPertConfig()
         with pytest.raises(ValueError, match="recompute"):
-            with handle.objects(subspaces=official):
+            with handle.objects(subspaces=official, config=qpert.QPertConfig()):
                 pass
         again = qpert.core.Subspaces.from_state_dict(official.state_dict())
         assert again.recipe() == official.recipe()
@@ -156,3 +156,24 @@ def test_compat_validation():
         qpert.QPertConfig(compat="official", projector="random")
     assert qpert.QPertConfig.from_dict({"alpha": 2.0, "weight": "area", "threshold": 0.9, "keep_norm": False,
                                         "mode": "enhance"}).projector == "paper"  # configs saved before compat
+
+
+def test_edge_and_zero_width_boxes_as_the_official_code_reads_them(model, inputs):
+    """The official loaders subtract 1 from every corner: a box at the left or top edge starts at -1, which the
+    official mask slices as the last column or row (an empty mask); a zero-width box is empty too. Both stay
+    objects with the rank-1 projector of a zero matrix, counted in the mean: compat="official" keeps them."""
+    boxes = [[[-1.0, 9.0, 90.2, 80.9], [40.5, 30.2, 119.0, 99.0]], [[20.0, -1.0, 20.0, 60.0]],
+             [[3.0, 20.6, 70.9, 117.5], [10.0, 10.0, 10.0, 50.0]]]
+    port = OfficialPort(model, [box_info(b, *s) for b, s in zip(boxes, SIZES)], 4.0, "area", 0.9)
+    try:
+        expected = run(model, inputs, True)
+    finally:
+        port.remove()
+    handle = qpert.attach(model, qpert.QPertConfig(alpha=4.0, weight="area", threshold=0.9, compat="official"))
+    try:
+        with handle.objects(boxes, SIZES):
+            got = run(model, inputs, True)
+    finally:
+        handle.detach()
+    assert (got - expected).abs().max() <= 2e-5
+    assert (expected - run(model, inputs, True)).abs().max() > 1e-3

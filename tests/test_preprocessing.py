@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import BlipImageProcessor, BlipProcessor, Blip2Processor, SiglipImageProcessor, SiglipProcessor
 
 import qpert
-from qpert.models.registry import retriever_of
+from qpert.models.registry import retrieval_heads
 from qpert.models.tiny import tiny_blip2, tiny_processor
 from test_blip import tiny_blip
 from test_siglip import tiny_siglip
@@ -41,7 +41,7 @@ def save(model, processor, folder) -> qpert.LoadedModel:
 
 
 def preprocess(loaded, image):
-    return retriever_of(loaded.model).preprocess(loaded.model, loaded.processor, [image])[0]
+    return retrieval_heads(loaded.model).preprocess(loaded.model, loaded.processor, [image])[0]
 
 
 def test_blip2_pixels_equal_pil_bicubic(photo, tmp_path):

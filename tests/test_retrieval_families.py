@@ -21,7 +21,7 @@ from qpert.data.datasets import load_dataset
 from qpert.errors import UnsupportedModelError
 from qpert.eval.metrics import retrieval_metrics
 from qpert.eval.pipeline import EvalOptions, evaluate
-from qpert.models.registry import LoadedModel, family_of, retriever_of
+from qpert.models.registry import LoadedModel, family_of, retrieval_heads
 from qpert.models.tiny import randomize, tiny_processor
 from qpert.scoring import score
 from test_blip import tiny_blip
@@ -85,7 +85,7 @@ def forward_itc(model, processor, image, texts) -> torch.Tensor:
     if name == "InternVLModel":
         ids = processor.tokenizer(["summarize:" + t for t in texts], padding="max_length", max_length=80,
                                   padding_side="right", return_tensors="pt").input_ids
-        return own_itc(model, retriever_of(model).preprocess(model, processor, [image]), ids)[0]
+        return own_itc(model, retrieval_heads(model).preprocess(model, processor, [image]), ids)[0]
     if name == "Siglip2Model":
         ids = processor.tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, return_tensors="pt").input_ids
         logits = model(input_ids=ids, **processor.image_processor([image], return_tensors="pt")).logits_per_image[0]
@@ -255,7 +255,7 @@ def test_cli_eval_coca_defaults_to_itc_and_refuses_itm(bench, tmp_path):
 def test_vision_encoder_is_what_image_tokens_runs_outside_qpert(loaded, images):
     """What ``compile_vision_encoder`` compiles: a stack that ``image_tokens`` runs once per batch and that holds
     none of the cross-attentions Q-Pert hooks (their per-batch state must stay out of compiled code)."""
-    model, retriever = loaded.model, retriever_of(loaded.model)
+    model, retriever = loaded.model, retrieval_heads(loaded.model)
     encoder = retriever.vision_encoder(model)
     inside = {id(m) for m in encoder.modules()}
     sites = family_of(model).sites(model)

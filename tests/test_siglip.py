@@ -19,7 +19,7 @@ from reference_hooks import ReferenceHooks, stretch_objects
 CONFIGS = [
     dict(alpha=1.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
     dict(alpha=0.6, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
-    dict(alpha=0.8, weight="area", threshold=2, keep_norm=False, mode="enhance"),
+    dict(alpha=0.8, weight="area", rank=2, keep_norm=False, mode="enhance"),
     dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
 ]
 
@@ -53,7 +53,7 @@ def pooled(model, pixels):
         return model.vision_model(pixel_values=pixels).pooler_output
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
 def test_matches_plain_reference(model, pixels, cfg):
     def reference():
         ref = ReferenceHooks(stretch_objects(BOXES, SIZES, input_size=30, grid=4, patch=7, prefix=0), cfg)

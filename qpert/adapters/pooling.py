@@ -19,17 +19,20 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
+from ..errors import UnsupportedModelError
+from .site import CrossAttentionSite
 
-class AttentionPoolingSite:
+
+class AttentionPoolingSite(CrossAttentionSite):
     """The cross-attention of one attention-pooling block over image tokens."""
 
     def __init__(self, name: str, block: nn.Module):
         attention = block.cross_attn
         for part in ("q", "k", "v", "attn_drop", "proj"):
             if not isinstance(getattr(attention, part, None), nn.Module):
-                raise ValueError(f"{name}: an attention-pooling CrossAttention needs a {part!r} module")
+                raise UnsupportedModelError(f"{name}: an attention-pooling CrossAttention needs a {part!r} module")
         if list(inspect.signature(attention.forward).parameters)[:3] != ["x", "k", "v"]:
-            raise ValueError(f"{name}: expected CrossAttention.forward(x, k, v), as InternVL's")
+            raise UnsupportedModelError(f"{name}: expected CrossAttention.forward(x, k, v), as InternVL's")
         self.name = name
         self.block = block
         self.module = attention

@@ -11,13 +11,16 @@ reproduces its computations so they can be compared with the paper's equations:
   box covers fewer tokens than the head dimension, on the basis LAPACK picks for the zero
   eigenvalues). qpert fixes the signs deterministically: each eigenvector's entry of largest
   magnitude is made positive (the first such entry on ties).
-* rank rule (``get_n_pc``): a float tau keeps indices whose cumulative eigenvalue ratio is below
-  tau, plus the first; an int k keeps the first k. No clamping, no numerical-rank cut.
+* rank rule (``get_n_pc``): a threshold tau keeps indices whose cumulative eigenvalue ratio is
+  below tau, plus the first; a fixed rank k keeps the first k. No clamping, no numerical-rank cut.
 * token weights (``get_key_weight``): a 0/1 mask ``[int(y0):int(y1), int(x0):int(x1)]`` at the
   original image size, resized bilinearly without antialiasing to the model's input (the
   torchvision 0.16 tensor default), binarised (> 0 -> 1) and averaged over each patch.
+* boxes are neither clipped nor dropped (``prepare_boxes(clip=False)``): the Entities loaders'
+  "- 1" turns a box at the image's left or top edge into x0 or y0 = -1, which Python's slicing
+  reads as the last column or row, so its mask is empty; zero-width boxes are empty too.
 * an object whose mask covers no token is kept (its pooled keys are zero; eigh of the zero
-  matrix gives it a rank-1 projector), and counts in the mean over objects.
+  matrix gives it a rank-1 projector onto the last coordinate), and counts in the mean over objects.
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from ..config import Threshold
 from .boxes import BoxBatch, Layout, TokenLayout
 
 
@@ -37,25 +39,25 @@ def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * sign
 
 
-def official_rank_mask(evals: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+def official_rank_mask(evals: torch.Tensor, threshold: float, rank: Optional[int] = None) -> torch.Tensor:
     """(…, d) bool: ``get_n_pc`` on descending eigenvalues (a NaN ratio selects only the first)."""
     selected = torch.zeros_like(evals, dtype=torch.bool)
-    if isinstance(threshold, int):
-        selected[..., :threshold] = True
+    if rank is not None:
+        selected[..., :rank] = True
         return selected
     selected = evals.cumsum(-1) / evals.sum(-1, keepdim=True) < threshold
     selected[..., 0] = True
     return selected
 
 
-def official_projectors(pooled: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+def official_projectors(pooled: torch.Tensor, threshold: float = 0.99, rank: Optional[int] = None) -> torch.Tensor:
     """``Vᵀ D_S V`` from pooled keys (…, T, d), in float32 as the official run."""
     pooled = pooled.float()
     autocorr = pooled.transpose(-1, -2) @ pooled
     finite = torch.isfinite(autocorr).flatten(-2).all(-1)[..., None, None]
     evals, evecs = torch.linalg.eigh(torch.where(finite, autocorr, torch.zeros_like(autocorr)))
     evals, evecs = evals.flip(-1), canonical_signs(evecs.flip(-1))
-    rows = evecs * official_rank_mask(evals, threshold)[..., :, None]  # zero the rows, as _vec[~ev_sel] = 0
+    rows = evecs * official_rank_mask(evals, threshold, rank)[..., :, None]  # zero the rows, as _vec[~ev_sel] = 0
     return rows.transpose(-1, -2) @ rows
 
 
@@ -82,7 +84,7 @@ def official_token_weights(batch: BoxBatch, layout: Layout, num_tokens: Optional
         if not kept:
             continue
         masks = torch.zeros(len(kept), 1, h, w)
-        for row, m in enumerate(kept):
+        for row, m in enumerate(kept):  # Python's slicing, as the official code's: -1 is the last row
             x0, y0, x1, y1 = (int(v) for v in batch.boxes[i, m].tolist())
             masks[row, 0, y0:y1, x0:x1] = 1.0
         binary = (_resize_masks(masks, h, w, fixed) > 0).float()

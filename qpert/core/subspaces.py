@@ -14,7 +14,8 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from ..config import Threshold
+from ..config import QPertConfig
+from ..errors import ConfigError
 from .official import official_projectors
 
 #: Objects per eigen-batch are chosen so the pooled keys stay under this many bytes.
@@ -35,14 +36,15 @@ class Subspaces:
 
     mean_projector (S0) and area_projector (S1): one (B, H, d, d) float32 tensor per attached
     cross-attention layer (layers may differ in heads H and head size d); active: (B,) bool, False
-    for images without kept objects (their queries are left bit-identical); threshold, compat and
-    projector: how they were built (a config asking for another recipe cannot use them).
+    for images without kept objects (their queries are left bit-identical); threshold, rank, compat
+    and projector: the recipe they were built with (a config asking for another cannot use them).
     """
 
     mean_projector: tuple[torch.Tensor, ...]
     area_projector: tuple[torch.Tensor, ...]
     active: torch.Tensor
-    threshold: Threshold
+    threshold: float
+    rank: Optional[int] = None
     compat: str = "paper"
     projector: str = "paper"
 
@@ -53,9 +55,13 @@ class Subspaces:
     def num_layers(self) -> int:
         return len(self.mean_projector)
 
+    def recipe(self) -> tuple:
+        """What decides the operators besides the image and its boxes."""
+        return self.threshold, self.rank, self.compat, self.projector
+
     def _with(self, fn) -> "Subspaces":
         return Subspaces(tuple(fn(t) for t in self.mean_projector), tuple(fn(t) for t in self.area_projector),
-                         fn(self.active), self.threshold, self.compat, self.projector)
+                         fn(self.active), *self.recipe())
 
     def select(self, index: Union[torch.Tensor, Iterable[int], slice]) -> "Subspaces":
         """Rows for a batch of (image, text) pairs, e.g. ``subspaces.select(image_index_of_pair)``."""
@@ -68,28 +74,23 @@ class Subspaces:
     def to(self, device: Union[str, torch.device]) -> "Subspaces":
         return self._with(lambda t: t.to(device))
 
-    def recipe(self) -> tuple:
-        """What decides the operators besides the image and its boxes."""
-        return self.threshold, isinstance(self.threshold, int), self.compat, self.projector
-
     @staticmethod
     def cat(parts: list["Subspaces"]) -> "Subspaces":
         if not parts:
-            raise ValueError("cannot concatenate an empty list of Subspaces")
+            raise ConfigError("cannot concatenate an empty list of Subspaces")
         recipes = {p.recipe() for p in parts}
         if len(recipes) != 1:
-            raise ValueError(f"cannot concatenate subspaces built differently (threshold, compat, projector): {recipes}")
-        first = parts[0]
-        layers = range(first.num_layers)
+            raise ConfigError(f"cannot concatenate subspaces built differently (threshold, rank, compat, projector): "
+                             f"{recipes}")
+        layers = range(parts[0].num_layers)
         return Subspaces(tuple(torch.cat([p.mean_projector[i] for p in parts]) for i in layers),
                          tuple(torch.cat([p.area_projector[i] for p in parts]) for i in layers),
-                         torch.cat([p.active for p in parts]), first.threshold, first.compat, first.projector)
+                         torch.cat([p.active for p in parts]), *parts[0].recipe())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (safetensors-friendly): one pair per layer; the recipe travels as small tensors."""
-        state = {"active": self.active.contiguous(),
-                 "threshold": torch.tensor(float(self.threshold), dtype=torch.float64),
-                 "threshold_is_rank": torch.tensor(isinstance(self.threshold, int)),
+        state = {"active": self.active.contiguous(), "threshold": torch.tensor(self.threshold, dtype=torch.float64),
+                 "rank": torch.tensor(-1 if self.rank is None else self.rank),
                  "compat": _encode(self.compat), "projector": _encode(self.projector)}
         for i, (s0, s1) in enumerate(zip(self.mean_projector, self.area_projector)):
             state[f"mean_projector.{i}"] = s0.clone().contiguous()
@@ -98,13 +99,12 @@ class Subspaces:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "Subspaces":
-        t = float(state["threshold"])
-        threshold: Threshold = int(t) if bool(state["threshold_is_rank"]) else t
+        rank = int(state["rank"])
         layers = sum(1 for k in state if k.startswith("mean_projector."))
         return cls(tuple(state[f"mean_projector.{i}"].float() for i in range(layers)),
                    tuple(state[f"area_projector.{i}"].float() for i in range(layers)),
-                   state["active"].bool(), threshold, _decode(state.get("compat"), "paper"),
-                   _decode(state.get("projector"), "paper"))
+                   state["active"].bool(), float(state["threshold"]), None if rank < 0 else rank,
+                   _decode(state.get("compat"), "paper"), _decode(state.get("projector"), "paper"))
 
 
 def key_autocorrelation(keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -117,21 +117,23 @@ def key_autocorrelation(keys: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return pooled.transpose(-1, -2) @ pooled
 
 
-def _rank_mask(evals: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+def _rank_mask(evals: torch.Tensor, threshold: float, rank: Optional[int]) -> torch.Tensor:
     """(…, n) bool: which of the descending eigenvalues span the K-subspace.
 
-    Directions with numerically zero eigenvalue are never included (a box covering t < d
-    tokens spans at most t directions), so an all-zero input gives an empty subspace.
+    The first ``rank`` directions, or as many as keep the cumulative eigenvalue ratio below
+    ``threshold`` (at least one). Directions with numerically zero eigenvalue are never included
+    (a box covering t < d tokens spans at most t directions), so an all-zero input gives an
+    empty subspace.
     """
     n = evals.shape[-1]
     numerical_rank = (evals > evals[..., :1] * n * torch.finfo(evals.dtype).eps).sum(-1)
-    if isinstance(threshold, int):
-        rank = torch.full_like(numerical_rank, threshold)
+    if rank is not None:
+        kept = torch.full_like(numerical_rank, rank)
     else:
         ratio = evals.cumsum(-1) / evals.sum(-1, keepdim=True).clamp_min(1e-30)
-        rank = (ratio < threshold).sum(-1).clamp_min(1)
-    rank = torch.minimum(rank, numerical_rank)
-    return torch.arange(n, device=evals.device) < rank[..., None]
+        kept = (ratio < threshold).sum(-1).clamp_min(1)
+    kept = torch.minimum(kept, numerical_rank)
+    return torch.arange(n, device=evals.device) < kept[..., None]
 
 
 def _descending_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,14 +145,14 @@ def _descending_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.flip(-1).clamp_min(0), evecs.flip(-1)
 
 
-def projectors(autocorr: torch.Tensor, threshold: Threshold) -> torch.Tensor:
-    """P = U_r U_rᵀ for each (…, d, d) autocorrelation C = U Λ Uᵀ."""
+def projectors(autocorr: torch.Tensor, threshold: float = 0.99, rank: Optional[int] = None) -> torch.Tensor:
+    """P = U_r U_rᵀ for each (…, d, d) autocorrelation C = U Λ Uᵀ (r by ``rank`` or ``threshold``)."""
     evals, evecs = _descending_eigh(autocorr)
-    basis = evecs * _rank_mask(evals, threshold)[..., None, :]
+    basis = evecs * _rank_mask(evals, threshold, rank)[..., None, :]
     return basis @ basis.transpose(-1, -2)
 
 
-def pooled_projectors(pooled: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+def pooled_projectors(pooled: torch.Tensor, threshold: float = 0.99, rank: Optional[int] = None) -> torch.Tensor:
     """Projectors from pooled keys K̃ (…, T, d), through the cheaper eigen-problem.
 
     With fewer tokens than dimensions (T < d) the basis comes from the T x T Gram matrix
@@ -158,23 +160,24 @@ def pooled_projectors(pooled: torch.Tensor, threshold: Threshold) -> torch.Tenso
     """
     t, d = pooled.shape[-2:]
     if t >= d:
-        return projectors(pooled.transpose(-1, -2) @ pooled, threshold)
+        return projectors(pooled.transpose(-1, -2) @ pooled, threshold, rank)
     evals, v = _descending_eigh(pooled @ pooled.transpose(-1, -2))
     pooled = torch.nan_to_num(pooled, nan=0.0, posinf=0.0, neginf=0.0)
     basis = pooled.transpose(-1, -2) @ v
     basis = basis / basis.norm(dim=-2, keepdim=True).clamp_min(1e-30)
-    basis = basis * _rank_mask(evals, threshold)[..., None, :]
+    basis = basis * _rank_mask(evals, threshold, rank)[..., None, :]
     return basis @ basis.transpose(-1, -2)
 
 
-def _ranks(pooled: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+def _ranks(pooled: torch.Tensor, threshold: float, rank: Optional[int]) -> torch.Tensor:
     """(…,) the rank the paper's rule gives each object's K-subspace."""
     gram = pooled @ pooled.transpose(-1, -2) if pooled.shape[-2] < pooled.shape[-1] \
         else pooled.transpose(-1, -2) @ pooled
-    return _rank_mask(_descending_eigh(gram)[0], threshold).sum(-1)
+    return _rank_mask(_descending_eigh(gram)[0], threshold, rank).sum(-1)
 
 
-def random_projectors(pooled: torch.Tensor, threshold: Threshold, seeds: list[int]) -> torch.Tensor:
+def random_projectors(pooled: torch.Tensor, seeds: list[int], threshold: float = 0.99,
+                      rank: Optional[int] = None) -> torch.Tensor:
     """Projectors onto random orthonormal subspaces of the ranks the object keys would give.
 
     The ablation control for "the object subspace matters": same rank, same weights, no key
@@ -182,7 +185,7 @@ def random_projectors(pooled: torch.Tensor, threshold: Threshold, seeds: list[in
     depend on nothing but the seed, whatever batch it is computed in.
     """
     d = pooled.shape[-1]
-    ranks = _ranks(pooled.float(), threshold)
+    ranks = _ranks(pooled.float(), threshold, rank)
     gaussians = torch.stack([torch.randn(*ranks.shape[1:], d, d, generator=torch.Generator().manual_seed(seed))
                              for seed in seeds]).to(pooled.device)
     basis = torch.linalg.qr(gaussians).Q * (torch.arange(d, device=pooled.device) < ranks[..., None])[..., None, :]
@@ -205,25 +208,23 @@ def compute_subspaces(
     weights: torch.Tensor,
     areas: torch.Tensor,
     valid: torch.Tensor,
-    threshold: Threshold,
-    *,
-    projector: str = "paper",
-    compat: str = "paper",
+    config: QPertConfig,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Subspaces:
     """Build the per-image operators (S0, S1) from keys and object token weights.
 
     keys: (B, L, H, N, d) keys of L layers x H heads (any dtype; math in float32);
     weights: (B, M, N) token weights; areas: (B, M) normalized areas; valid: (B, M) bool.
-    ``projector`` names the projector (``qpert.config.PROJECTORS``). An object whose weights are all
-    zero (it covers no token) is dropped, as in DESIGN.md §1, except with ``compat="official"``,
-    which keeps it as the official code does. Only the tokens an object covers are gathered, and
-    objects are batched by that count (a handful of power-of-two buckets), so small objects cost little.
+    ``config`` gives the recipe: rank rule (``threshold`` or ``rank``), ``projector`` and
+    ``compat``. An object whose weights are all zero (it covers no token) is dropped, as in
+    DESIGN.md §1, except with ``compat="official"``, which keeps it as the official code does.
+    Only the tokens an object covers are gathered, and objects are batched by that count (a
+    handful of power-of-two buckets), so small objects cost little.
     """
     b, n_layers, n_heads, n_tokens, d = keys.shape
     weights = weights.to(keys.device, torch.float32)
     kept = valid.to(keys.device)
-    if compat != "official":
+    if config.compat != "official":
         kept = kept & (weights.sum(-1) > 0)
     count = kept.sum(1)
     s0 = keys.new_zeros(b, n_layers, n_heads, d, d, dtype=torch.float32)
@@ -240,22 +241,22 @@ def compute_subspaces(
         for chunk in members.split(per_chunk):
             values, index = obj_weights[chunk].topk(size, dim=-1)
             pooled = tokens_first[image_of[chunk, None], index].float() * values[..., None, None, None]
-            p = _projectors(pooled.permute(0, 2, 3, 1, 4), threshold, projector, obj_weights[chunk])
+            p = _projectors(pooled.permute(0, 2, 3, 1, 4), config, obj_weights[chunk])
             c = coef[chunk][:, None, None, None, None]
             s0.index_add_(0, image_of[chunk], p * c)
             s1.index_add_(0, image_of[chunk], p * (c * obj_area[chunk][:, None, None, None, None]))
-    return Subspaces(tuple(s0.unbind(1)), tuple(s1.unbind(1)), count > 0, threshold, compat, projector)
+    return Subspaces(tuple(s0.unbind(1)), tuple(s1.unbind(1)), count > 0, config.threshold, config.rank,
+                     config.compat, config.projector)
 
 
-def _projectors(pooled: torch.Tensor, threshold: Threshold, projector: str, weights: torch.Tensor) -> torch.Tensor:
+def _projectors(pooled: torch.Tensor, config: QPertConfig, weights: torch.Tensor) -> torch.Tensor:
     """(O, L, H, d, d) projectors of O objects from their pooled keys (O, L, H, T, d)."""
-    if projector == "paper":
-        return pooled_projectors(pooled, threshold)
-    if projector == "official":
-        return official_projectors(pooled, threshold)
-    if projector == "random":
-        return random_projectors(pooled, threshold, _seeds(weights))
-    if projector == "identity":
-        d = pooled.shape[-1]
-        return torch.eye(d, device=pooled.device).expand(*pooled.shape[:-2], d, d)
-    raise ValueError(f"unknown projector {projector!r}")
+    threshold, rank = config.threshold, config.rank
+    if config.projector == "paper":
+        return pooled_projectors(pooled, threshold, rank)
+    if config.projector == "official":
+        return official_projectors(pooled, threshold, rank)
+    if config.projector == "random":
+        return random_projectors(pooled, _seeds(weights), threshold, rank)
+    d = pooled.shape[-1]  # "identity"
+    return torch.eye(d, device=pooled.device).expand(*pooled.shape[:-2], d, d)

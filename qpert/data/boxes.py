@@ -20,9 +20,10 @@ Sources:
 * Detector output in COCO results format: ``[{"image_id", "bbox": [x, y, w, h], "score",
   "category_id"}, ...]``, filtered by score and capped per image, highest scores first.
 
-Flickr30K Entities and COCO Entities also load by ``rules="official"``: the box rules of the
-official Q-Pert code (NEC-N-SOGI/query-perturbation c6e0294, ``entities_loader.py``,
-``box_loader.py``, ``data/prepare_coco_entities.py``), which produced the published numbers.
+The two Entities sources have two rule sets (``rules``): ``"paper"`` (the above: the
+datasets' documented conventions) and ``"official"``, which yields the boxes of the authors'
+released code (NEC-N-SOGI/query-perturbation, commit c6e0294) so that its published numbers
+can be reproduced; see :func:`read_official_entities` and :func:`official_coco_entities`.
 """
 
 from __future__ import annotations
@@ -38,15 +39,19 @@ from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from qpert.data.datasets import PathLike, RetrievalDataset, normalize_image_id
+from ..errors import ConfigError, DataError
+from .datasets import PathLike, RetrievalDataset, normalize_image_id
 
 logger = logging.getLogger(__name__)
 
 BOX_SOURCES = ("flickr30k-entities", "coco-entities", "coco-instances", "detector")
-Rules = Literal["paper", "official"]
+
+BoxRules = Literal["paper", "official"]
+BOX_RULES = ("paper", "official")
+AreaConvention = Literal["paper", "official"]
 
 
-class BoxFormatError(ValueError):
+class BoxFormatError(DataError):
     """A box annotation file is missing or does not have the expected format."""
 
 
@@ -55,10 +60,14 @@ class ImageBoxes:
     """Boxes of one image: float32 (M, 4) xyxy pixels and the image size (height, width).
 
     ``size`` is None only for an image without boxes whose size no source told us.
+    ``source_boxes`` is set by the official rules only: the float64 boxes exactly as the
+    official loader yields them (its order, unclipped, zero-area ones included), because the
+    official area bins and area weights are computed from those.
     """
 
     boxes: np.ndarray
     size: Optional[tuple[int, int]]
+    source_boxes: Optional[np.ndarray] = None
 
     def normalized_areas(self) -> np.ndarray:
         """Box areas over the image area, in [0, 1]."""
@@ -73,38 +82,50 @@ class ImageBoxes:
         areas = self.normalized_areas()
         return float(areas.max()) if areas.size else float("nan")
 
+    def official_max_area(self) -> float:
+        """``max(BoxInfo.areas)`` of the official loader: unclipped (x1-x0)*(y1-y0)/(H*W) of
+        ``source_boxes`` (of ``boxes`` when the paper rules built them), 0 without boxes."""
+        boxes = self.boxes if self.source_boxes is None else self.source_boxes
+        if len(boxes) == 0:
+            return 0.0
+        height, width = self.size
+        b = np.asarray(boxes, dtype=np.float64)
+        return float(np.max((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / (height * width)))
+
 
 @dataclass(frozen=True, eq=False)
 class BoxSet:
-    """Boxes for every requested image, and which images the source knew nothing about.
-
-    ``missing``: images with no entry in the source (logged); ``unannotated``: those of them
-    that have no annotation file of their own (Flickr30K Entities), which the official code
-    leaves out of every area bin; ``rules``: the rules that read the source.
-    """
+    """Boxes for every requested image, and which images the source knew nothing about."""
 
     source: str
     images: dict[str, ImageBoxes]
     missing: list[str]
-    rules: str = "paper"
-    unannotated: frozenset[str] = frozenset()
+    rules: BoxRules = "paper"
 
     def __getitem__(self, image_id: str) -> ImageBoxes:
         return self.images[image_id]
 
-    def max_areas(self, image_ids: Sequence[str], convention: Rules = "paper") -> np.ndarray:
+    def max_areas(
+        self, image_ids: Sequence[str], convention: AreaConvention = "paper"
+    ) -> np.ndarray:
         """Per-image largest normalized area, the input of the mR@K metrics.
 
-        An image without boxes is NaN (in no bin) by the paper's convention; the official code
-        gives it area 0 (first bin, small-object subset) unless it has no annotation file.
+        ``"paper"``: of the clipped boxes, NaN without boxes (in no bin). ``"official"``: as
+        the official run bins images: :meth:`ImageBoxes.official_max_area` (0 when the image's
+        annotation exists but keeps no box, so it counts in bin 0) and -1 for an image absent
+        from a source the official rules read (its annotation file is missing: in no bin). A
+        COCO instances or detector file has no file per image: there, an image without boxes
+        is in bin 0 too.
         """
-        def area(image_id: str) -> float:
-            largest = self.images[image_id].max_area()
-            if convention == "official" and np.isnan(largest) and image_id not in self.unannotated:
-                return 0.0
-            return largest
-
-        return np.array([area(i) for i in image_ids], dtype=np.float64)
+        if convention == "paper":
+            return np.array([self.images[i].max_area() for i in image_ids], dtype=np.float64)
+        if convention != "official":
+            raise ConfigError(f"unknown area convention {convention!r}; expected paper or official")
+        absent = set(self.missing) if self.rules == "official" else set()
+        return np.array(
+            [-1.0 if i in absent else self.images[i].official_max_area() for i in image_ids],
+            dtype=np.float64,
+        )
 
     @property
     def num_without_boxes(self) -> int:
@@ -113,10 +134,10 @@ class BoxSet:
     def summary(self) -> str:
         total = len(self.images)
         boxes = sum(len(b.boxes) for b in self.images.values())
-        rules = " (official rules)" if self.rules == "official" else ""
+        rules = " (official-code rules)" if self.rules == "official" else ""
         return (
-            f"{self.source}{rules}: {total} images, {boxes} boxes; {self.num_without_boxes} images "
-            f"without boxes ({len(self.missing)} of them absent from the source)"
+            f"{self.source}{rules}: {total} images, {boxes} boxes; {self.num_without_boxes} "
+            f"images without boxes ({len(self.missing)} of them absent from the source)"
         )
 
 
@@ -182,13 +203,15 @@ def read_entities_xml(path: PathLike) -> EntitiesAnnotation:
 
 
 def flickr30k_entities_boxes(
-    annotations_dir: PathLike, image_ids: Iterable[str], rules: Rules = "paper"
+    annotations_dir: PathLike, image_ids: Iterable[str], rules: BoxRules = "paper"
 ) -> BoxSet:
     """Boxes of Flickr30K Entities for ``image_ids``, looked up in the full Annotations folder.
 
-    ``rules="official"`` reads them as the official Q-Pert code does (:func:`read_entities_official`),
-    which also needs ``Sentences/`` beside ``Annotations/``.
+    With ``rules="official"`` each image also needs ``Sentences/<id>.txt`` beside
+    ``Annotations/`` (see :func:`read_official_entities`); an image missing either file has
+    no boxes and is counted as absent, as the official loader does.
     """
+    _check_rules(rules)
     annotations_dir = Path(annotations_dir)
     if not annotations_dir.is_dir():
         raise BoxFormatError(
@@ -198,60 +221,22 @@ def flickr30k_entities_boxes(
     sentences_dir = annotations_dir.parent / "Sentences"
     if rules == "official" and not sentences_dir.is_dir():
         raise BoxFormatError(
-            f"the official rules keep only boxes whose entity a caption mentions: they need {sentences_dir} "
-            "(Flickr30K Entities Sentences/<flickr id>.txt) beside Annotations/"
+            f"official box rules need the Flickr30K Entities Sentences folder beside "
+            f"Annotations: missing {sentences_dir}"
         )
     images, missing = {}, []
     for image_id in image_ids:
         path = annotations_dir / f"{image_id}.xml"
-        found = None
-        if rules == "official":
-            found = read_entities_official(path, sentences_dir / f"{image_id}.txt")
-        elif path.is_file():
-            found = read_entities_xml(path).boxes
-        if found is None:
+        sentences = sentences_dir / f"{image_id}.txt"
+        if rules == "paper" and path.is_file():
+            images[image_id] = read_entities_xml(path).boxes
+        elif rules == "official" and path.is_file() and sentences.is_file():
+            images[image_id] = read_official_entities(path, sentences)
+        else:
             logger.debug("no Flickr30K Entities annotation %s", path)
             images[image_id] = _no_boxes()
             missing.append(image_id)
-        else:
-            images[image_id] = found
-    return _finish("flickr30k-entities", images, missing, annotations_dir, rules, unannotated=missing)
-
-
-def read_entities_official(xml_path: Path, sentences_path: Path) -> Optional[ImageBoxes]:
-    """One image's boxes as the official code reads them (``read_annotation_file`` +
-    ``read_sentence_file`` + ``ImageBoxLoader.get_box_info``); None when either file is missing.
-
-    Every corner is ``value - 1`` (xmax and ymax too), boxes are grouped by the object's joined
-    ``<name>`` ids and a group is kept only if one of its ids is mentioned in a caption, and a box
-    repeated under several objects stays repeated (it counts again in the mean over objects).
-    As everywhere in qpert, boxes are clipped to the image and zero-area boxes are dropped.
-    """
-    if not (xml_path.is_file() and sentences_path.is_file()):
-        return None
-    try:
-        root = ET.parse(xml_path).getroot()
-        height = int(_text(root, "size/height"))
-        width = int(_text(root, "size/width"))
-        groups: dict[str, list[tuple[float, ...]]] = {}
-        for obj in root.findall("object"):
-            bndbox = obj.find("bndbox")
-            if bndbox is None:
-                continue
-            name = ",".join(str(n.text) for n in obj.findall("name"))
-            groups.setdefault(name, []).append(tuple(float(_text(bndbox, t)) - 1 for t in _CORNERS))
-    except (ET.ParseError, ValueError) as error:
-        raise BoxFormatError(f"{xml_path}: not a valid Flickr30K Entities XML ({error})") from error
-    with open(sentences_path, encoding="utf-8") as f:
-        mentioned = _entity_ids(f.read())
-    boxes = [b for name, group in groups.items() if set(name.split(",")) & mentioned for b in group]
-    clipped = [c for c in (_clip(b, height, width) for b in boxes) if c is not None]
-    return ImageBoxes(_as_array(clipped), (height, width))
-
-
-def _entity_ids(text: str) -> set[str]:
-    """Entity ids of the ``[/EN#<id>/...]`` phrases, found as ``read_sentence_file`` finds them."""
-    return {phrase.split("#")[1].split("/")[0] for phrase in re.findall(r"\[.*?\]", text) if "#" in phrase}
+    return _finish("flickr30k-entities", images, missing, annotations_dir, rules)
 
 
 @dataclass(frozen=True)
@@ -308,14 +293,16 @@ def coco_entities_boxes(
     json_path: PathLike,
     image_ids: Iterable[str],
     image_paths: Mapping[str, PathLike],
-    rules: Rules = "paper",
+    rules: BoxRules = "paper",
 ) -> BoxSet:
     """Boxes of COCO Entities: per image, the union of its captions' grounded detections.
 
-    Detections are deduplicated by detection id; sizes come from ``image_paths`` headers.
-    ``rules="official"`` keeps what the official preparation keeps (:func:`coco_entities_official`).
-    The release file (~400 MB) is read whole, once.
+    Paper rules: detections are deduplicated by detection id. Official rules: see
+    :func:`official_coco_entities`. Sizes come from ``image_paths`` headers (the official
+    code read them from a ``coco_img_shapes.json`` that was never published). The release
+    file (~400 MB) is read whole, once.
     """
+    _check_rules(rules)
     data = _read_json(json_path)
     if not isinstance(data, dict):
         raise BoxFormatError(f"{json_path}: expected {{image id: {{caption: {{...}}}}}}")
@@ -324,54 +311,33 @@ def coco_entities_boxes(
     for image_id in image_ids:
         if image_id not in by_id:
             images[image_id] = _no_boxes()
-            missing.append(image_id)
+            if not (rules == "official" and image_id in OFFICIAL_COCO_EMPTY_IDS):
+                missing.append(image_id)
             continue
+        extract = official_coco_entities if rules == "official" else _coco_entities_by_det_id
         try:
-            if rules == "official":
-                boxes = coco_entities_official(by_id[image_id])
-            else:
-                detections: dict[Any, tuple[float, ...]] = {}
-                for caption in by_id[image_id].values():
-                    for per_class in caption["detections"].values():
-                        for det_id, box in per_class:
-                            detections.setdefault(det_id, tuple(float(v) for v in box))
-                boxes = list(detections.values())
-        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as error:
+            source = extract(by_id[image_id])
+        except (AttributeError, KeyError, TypeError, ValueError, re.error) as error:
             raise BoxFormatError(
                 f"{json_path}: image {image_id}: expected captions with 'detections' "
                 f"{{class: [[det_id, [x1, y1, x2, y2]], ...]}} ({error!r})"
             ) from error
-        images[image_id] = _image_boxes(boxes, image_id, json_path, image_paths=image_paths)
-    # The official preparation writes an empty annotation for each image the release lacks (five of
-    # the Karpathy test images): with no file missing, they are in the first area bin, not in none.
+        if rules == "official":
+            size = _known_size(image_id, json_path, image_paths=image_paths) if source else None
+            images[image_id] = _official_image_boxes(source, size)
+        else:
+            images[image_id] = _image_boxes(source, image_id, json_path, image_paths=image_paths)
     return _finish("coco-entities", images, missing, json_path, rules)
 
 
-def coco_entities_official(captions: Mapping[str, Any]) -> list[tuple[float, ...]]:
-    """One image's boxes as ``data/prepare_coco_entities.py`` writes them and the loader reads them.
-
-    Detections of all captions in file order, each skipped when its L1 distance to a box already
-    written is below 0.1 (the official check only works once two boxes are written, so the second
-    box is never skipped); a box is kept if its noun matched a caption (``\\b<noun>s?\\b``) and so
-    appears in the written Sentences; every corner is then ``value - 1``.
-    """
-    nouns = sorted({noun for caption in captions.values() for noun in caption["detections"]})
-    index = {noun: str(i) for i, noun in enumerate(nouns)}
-    mentioned: set[str] = set()
-    for text, caption in captions.items():
-        text = re.sub(r"\[.*?\]", "", text)
-        for noun in caption["detections"]:
-            text = re.sub(rf"\b{noun}s?\b", f"[/EN#{index[noun]}/hoge {noun}]", text)
-        mentioned |= _entity_ids(text)
-    written: list[tuple[np.ndarray, str]] = []
+def _coco_entities_by_det_id(captions: Mapping[str, Any]) -> list[tuple[float, ...]]:
+    """Paper rules: the image's detections over all captions, each detection id once."""
+    detections: dict[Any, tuple[float, ...]] = {}
     for caption in captions.values():
-        for noun, detections in caption["detections"].items():
-            for detection in detections:
-                box = np.asarray(detection[1], dtype=np.float64).reshape(4)
-                if len(written) >= 2 and min(np.abs(b - box).sum() for b, _ in written) < 0.1:
-                    continue
-                written.append((box, index[noun]))
-    return [tuple(float(v) - 1 for v in box) for box, name in written if name in mentioned]
+        for per_class in caption["detections"].values():
+            for det_id, box in per_class:
+                detections.setdefault(det_id, tuple(float(v) for v in box))
+    return list(detections.values())
 
 
 def coco_instances_boxes(
@@ -414,7 +380,7 @@ def detector_boxes(
             f"{json_path}: expected a COCO results list [{{'image_id', 'bbox', 'score'}}, ...]"
         )
     if max_boxes is not None and max_boxes < 1:
-        raise ValueError(f"max_boxes must be >= 1 or None, got {max_boxes}")
+        raise ConfigError(f"max_boxes must be >= 1 or None, got {max_boxes}")
     try:
         kept = [d for d in data if float(d["score"]) >= score_threshold]
     except (KeyError, TypeError, ValueError) as error:
@@ -428,24 +394,142 @@ def detector_boxes(
 
 
 def load_boxes(
-    kind: str, path: PathLike, dataset: RetrievalDataset, rules: Rules = "paper", **options: Any
+    kind: str, path: PathLike, dataset: RetrievalDataset, rules: BoxRules = "paper", **options: Any
 ) -> BoxSet:
     """Boxes of ``kind`` (one of :data:`BOX_SOURCES`) for every image of ``dataset``.
 
-    ``path`` is the Entities Annotations folder or the JSON file; ``options`` go to the
-    source (``score_threshold``, ``max_boxes``, ``include_crowd``). ``rules`` changes how the two
-    Entities sources are read; COCO instances and detector files have no official rules of their own.
+    ``path`` is the Entities Annotations folder or the JSON file; ``rules`` (``"paper"`` or
+    ``"official"``) applies to the two Entities sources, the only ones the official code read
+    (COCO instances and detector files load as they are under either); ``options`` go to the
+    source (``score_threshold``, ``max_boxes``, ``include_crowd``).
     """
+    _check_rules(rules)
     paths = dict(zip(dataset.image_ids, dataset.image_paths))
     if kind == "flickr30k-entities":
-        return flickr30k_entities_boxes(path, dataset.image_ids, rules, **options)
+        return flickr30k_entities_boxes(path, dataset.image_ids, rules=rules, **options)
     if kind == "coco-entities":
-        return coco_entities_boxes(path, dataset.image_ids, paths, rules, **options)
+        return coco_entities_boxes(path, dataset.image_ids, paths, rules=rules, **options)
     if kind == "coco-instances":
         return coco_instances_boxes(path, dataset.image_ids, **options)
     if kind == "detector":
         return detector_boxes(path, dataset.image_ids, paths, **options)
-    raise ValueError(f"unknown box source {kind!r}; expected one of {BOX_SOURCES}")
+    raise ConfigError(f"unknown box source {kind!r}; expected one of {BOX_SOURCES}")
+
+
+# ---------------------------------------------------------------- official-code rules
+#
+# The official code (NEC-N-SOGI/query-perturbation @ c6e0294) reads Flickr30K Entities with
+# ``entities_loader.read_annotation_file`` + ``read_sentence_file`` and
+# ``box_loader.ImageBoxLoader.get_box_info``; COCO Entities is first converted to the same
+# XML + Sentences layout by ``data/prepare_coco_entities.py``, then read the same way.
+
+# Karpathy-test images missing from coco_entities_release.json: the official preparation
+# writes an empty annotation for them (area 0, bin 0) instead of none (area -1, no bin).
+OFFICIAL_COCO_EMPTY_IDS = frozenset({"413120", "201732", "463918", "132317", "35498"})
+
+_BRACKETS = re.compile(r"\[.*?\]")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what reading a text file back splits lines on
+
+
+def read_official_entities(xml_path: PathLike, sentences_path: PathLike) -> ImageBoxes:
+    """One Flickr30K Entities image's boxes under the official loader's rules.
+
+    Reproduced: every object with a ``<bndbox>`` is a box (no nobndbox/scene flags read),
+    coordinates ``float(text) - 1`` on all four corners; boxes are grouped by the
+    ``",".join`` of their ``<name>`` texts (groups in first-appearance order) and a group is
+    kept only if one of its names is a phrase id of the Sentences file
+    (:func:`_official_phrase_ids`); repeated boxes are kept (no de-duplication).
+    Then, as for every qpert source, boxes are clipped to the image and boxes left with no
+    area are dropped (the official code kept zero-area boxes); ``source_boxes`` keeps the
+    unclipped official boxes, degenerate ones included, for the official areas.
+    """
+    try:
+        root = ET.parse(xml_path).getroot()
+        size = (int(_text(root, "size/height")), int(_text(root, "size/width")))
+        groups: dict[str, list[tuple[float, ...]]] = {}
+        for obj in root.findall("object"):
+            bndbox = obj.find("bndbox")
+            if bndbox is None:
+                continue
+            name = ",".join(str(n.text) for n in obj.findall("name"))
+            box = tuple(float(_text(bndbox, corner)) - 1 for corner in _CORNERS)
+            groups.setdefault(name, []).append(box)
+    except (ET.ParseError, ValueError) as error:
+        raise BoxFormatError(f"{xml_path}: not a valid Flickr30K Entities XML ({error})") from error
+    with open(sentences_path, encoding="utf-8") as f:
+        phrase_ids = _official_phrase_ids(f, sentences_path)
+    kept = [
+        box
+        for name, boxes in groups.items()
+        if any(n in phrase_ids for n in name.split(","))
+        for box in boxes
+    ]
+    return _official_image_boxes(kept, size)
+
+
+def official_coco_entities(captions: Mapping[str, Any]) -> list[tuple[float, ...]]:
+    """One COCO Entities image's boxes (unclipped xyxy pixels) under the official rules.
+
+    Reproduces ``prepare_coco_entities.py`` then the loader: captions and their detections
+    are walked in file order and a box is dropped when its L1 distance to a box already kept
+    for the image is < 0.1 -- except the image's second box, which the official code never
+    compares (its check raises on the one-row array and the error is swallowed). A box's
+    name is its noun's index; each caption's Sentences line is the caption without
+    ``[...]`` in which each of its nouns, in turn, is replaced via ``\\b<noun>s?\\b`` by
+    ``[/EN#<index>/hoge <noun>]``; a box is kept only if its noun's index is among the
+    phrase ids of the image's lines (its noun matched one of the image's captions). Boxes
+    are grouped by noun in first-appearance order and shifted by -1 on all four corners.
+    The official indices come from an unordered set; here they follow first appearance,
+    which gives the same boxes unless a noun could match the inserted markup itself.
+    """
+    index: dict[str, str] = {}
+    for annotation in captions.values():
+        for noun in annotation["detections"]:
+            index.setdefault(noun, str(len(index)))
+    lines = []
+    for caption, annotation in captions.items():
+        text = _BRACKETS.sub("", caption)
+        for noun in annotation["detections"]:
+            text = re.sub(rf"\b{noun}s?\b", f"[/EN#{index[noun]}/hoge {noun}]", text)
+        lines.append(text + " .\n")
+    phrase_ids = _official_phrase_ids(_LINE_BREAK.split("".join(lines)), "COCO Entities captions")
+
+    kept: list[np.ndarray] = []
+    groups: dict[str, list[tuple[float, ...]]] = {}
+    for annotation in captions.values():
+        for noun, detections in annotation["detections"].items():
+            for _det_id, box in detections:
+                coords = np.asarray(box, dtype=np.float64)
+                if coords.shape != (4,):
+                    raise ValueError(f"box {box!r} is not [x1, y1, x2, y2]")
+                if len(kept) >= 2 and np.abs(np.stack(kept) - coords).sum(1).min() < 0.1:
+                    continue
+                kept.append(coords)
+                groups.setdefault(index[noun], []).append(tuple(float(v) - 1 for v in box))
+    return [box for name, boxes in groups.items() if name in phrase_ids for box in boxes]
+
+
+def _official_phrase_ids(lines: Iterable[str], where: Any) -> set[str]:
+    """Entity ids of ``read_sentence_file``: per line, every ``[...]``'s text between the
+    first ``#`` and the next ``/``."""
+    ids = set()
+    for line in lines:
+        for phrase in _BRACKETS.findall(line):
+            if "#" not in phrase:
+                raise BoxFormatError(f"{where}: phrase {phrase!r} has no '#<entity id>'")
+            ids.add(phrase.split("#")[1].split("/")[0])
+    return ids
+
+
+def _official_image_boxes(
+    source: list[tuple[float, ...]], size: Optional[tuple[int, int]]
+) -> ImageBoxes:
+    """Clip the official boxes to the image (dropping empty ones); keep the originals."""
+    if not source:
+        return ImageBoxes(_as_array([]), size, np.zeros((0, 4), dtype=np.float64))
+    height, width = size
+    clipped = [c for c in (_clip(b, height, width) for b in source) if c is not None]
+    return ImageBoxes(_as_array(clipped), size, np.asarray(source, dtype=np.float64))
 
 
 # ---------------------------------------------------------------- helpers
@@ -495,17 +579,24 @@ def _image_boxes(
     max_boxes: Optional[int] = None,
 ) -> ImageBoxes:
     """Clip to the image (size from ``sizes``, else the image header), then keep ``max_boxes``."""
-    if sizes is not None and image_id in sizes:
-        size = sizes[image_id]
-    elif image_paths is not None and image_id in image_paths:
-        size = image_size(image_paths[image_id])
-    else:
-        raise BoxFormatError(
-            f"{source_path}: the size of image {image_id} is unknown; pass its image path"
-        )
-    height, width = size
+    height, width = size = _known_size(image_id, source_path, sizes, image_paths)
     clipped = [c for c in (_clip(b, height, width) for b in boxes) if c is not None]
     return ImageBoxes(_as_array(clipped[:max_boxes]), (height, width))
+
+
+def _known_size(
+    image_id: str,
+    source_path: PathLike,
+    sizes: Optional[Mapping[str, tuple[int, int]]] = None,
+    image_paths: Optional[Mapping[str, PathLike]] = None,
+) -> tuple[int, int]:
+    if sizes is not None and image_id in sizes:
+        return sizes[image_id]
+    if image_paths is not None and image_id in image_paths:
+        return image_size(image_paths[image_id])
+    raise BoxFormatError(
+        f"{source_path}: the size of image {image_id} is unknown; pass its image path"
+    )
 
 
 def _clip(box: tuple[float, ...], height: int, width: int) -> Optional[tuple[float, ...]]:
@@ -528,15 +619,19 @@ def _finish(
     images: dict[str, ImageBoxes],
     missing: list[str],
     where: Any,
-    rules: Rules = "paper",
-    unannotated: Sequence[str] = (),
+    rules: BoxRules = "paper",
 ) -> BoxSet:
     if missing:
         logger.warning(
             "%s: %d of %d images have no entry in %s (e.g. %s); they get no boxes",
             source, len(missing), len(images), where, missing[:3],
         )  # fmt: skip
-    return BoxSet(source, images, missing, rules, frozenset(unannotated))
+    return BoxSet(source, images, missing, rules)
+
+
+def _check_rules(rules: str) -> None:
+    if rules not in BOX_RULES:
+        raise ConfigError(f"unknown box rules {rules!r}; expected one of {BOX_RULES}")
 
 
 def _text(element: ET.Element, path: str) -> str:

@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..errors import CacheError
+
 
 def model_fingerprint(model: torch.nn.Module) -> Any:
     """What identifies a model's features in a cache besides its name: the transformers config,
@@ -60,7 +62,7 @@ class FeatureStore:
             return load_file(path)
         except (SafetensorError, OSError) as e:  # damaged outside our control: drop it, recompute
             path.unlink(missing_ok=True)
-            raise KeyError(f"cache file {path} was unreadable ({e}) and has been removed") from e
+            raise CacheError(f"cache file {path} was unreadable ({e}) and has been removed: run again to recompute it") from e
 
     def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

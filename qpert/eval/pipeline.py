@@ -1,6 +1,6 @@
 """Benchmark evaluation (DESIGN.md §2): ITC over all pairs, then ITM + ITC re-ranking of the top k.
 
-Any model family with a retrieval interface (``qpert.models.family.Retriever``) runs here;
+Any model family with retrieval heads (``qpert.models.family.RetrievalHeads``) runs here;
 families without an ITM head (CoCa, SigLIP) are evaluated by ITC alone.
 
 Work is split into shards of images; every stage's output goes to the feature cache under a
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -29,14 +30,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..adapters import QPertHandle
+from ..adapters import ImageObjects, QPertHandle
 from ..attach import attach
-from ..config import QPertConfig
+from ..config import WEIGHT_COEFFICIENTS, QPertConfig
+from ..errors import ConfigError, DataError
 from ..core import Subspaces
 from ..data.boxes import BoxSet
 from ..data.datasets import RetrievalDataset
 from ..models.compiling import compile_vision_encoder
-from ..models.registry import DEFAULT_RERANK_K, LoadedModel, retriever_of
+from ..models.registry import DEFAULT_RERANK_K, LoadedModel, retrieval_heads
 from ..object_baseline import object_masks, object_similarities
 from ..scoring import resolve_itm
 from .cache import FeatureStore, content_key, model_fingerprint
@@ -84,15 +86,15 @@ def method_name(config: QPertConfig) -> str:
     extra = ("-keepnorm" if config.keep_norm else "") + ("-orthogonal" if config.mode == "orthogonal" else "")
     extra += "" if config.projector == config.compat else f"-{config.projector}-projector"
     extra += "-official" if config.compat == "official" else ""
-    return f"qpert-a{config.alpha:g}-{config.weight}-t{config.threshold:g}{extra}"
+    return f"qpert-a{config.alpha:g}-{config.weight}-{config.rank_rule}{extra}"
 
 
 class _Run:
     """State of one evaluation: model, cache, shards and the inputs every stage needs."""
 
     def __init__(self, loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, options: EvalOptions):
-        self.retriever = retriever_of(loaded.model)
-        self.itm = resolve_itm(self.retriever, options.itm, loaded.name)
+        self.heads = retrieval_heads(loaded.model)
+        self.itm = resolve_itm(self.heads, options.itm, loaded.name)
         self.k = options.k or (loaded.spec.rerank_k if loaded.spec else DEFAULT_RERANK_K)
         self.loaded, self.dataset, self.options = loaded, dataset, options
         self.model = loaded.model
@@ -101,7 +103,7 @@ class _Run:
         self.model_key = content_key(loaded.name, model_fingerprint(self.model), str(self.dtype))
         root = options.cache_dir / self.model_key[:16] if options.cache_dir else None
         self.store = FeatureStore(root)
-        self.boxes = [boxes[i].boxes if i in boxes.images else np.zeros((0, 4), np.float32) for i in dataset.image_ids]
+        self.boxes = [_boxes_of(boxes, i, options.compat) for i in dataset.image_ids]
         self.image_keys = [content_key(str(p), *_stat(p)) for p in dataset.image_paths]
         n = dataset.num_images
         self.shards = [range(s, min(s + options.shard_size, n)) for s in range(0, n, options.shard_size)]
@@ -127,8 +129,8 @@ class _Run:
                     idx = range(start, min(start + self.options.batch_size, shard.stop))
                     images = [_open_image(self.dataset.image_paths[i]) for i in idx]
                     good = [im for im in images if im is not None]
-                    produced = iter(self.retriever.image_tokens(
-                        self.model, self.retriever.preprocess(self.model, self.loaded.processor, good)) if good else ())
+                    produced = iter(self.heads.image_tokens(
+                        self.model, self.heads.preprocess(self.model, self.loaded.processor, good)) if good else ())
                     for im in images:
                         tokens.append(None if im is None else next(produced))
                         sizes.append((1, 1) if im is None else (im.height, im.width))
@@ -136,7 +138,7 @@ class _Run:
                     bar.update(len(idx))
                 template = next((t for t in tokens if t is not None), None)
                 if template is None:
-                    raise ValueError(f"no image of shard {shard.start}-{shard.stop - 1} could be read")
+                    raise DataError(f"no image of shard {shard.start}-{shard.stop - 1} could be read")
                 stacked = torch.stack([t if t is not None else torch.zeros_like(template) for t in tokens])
                 self.store.save("tokens", self.tokens_key(shard), {
                     "tokens": stacked, "sizes": torch.tensor(sizes), "readable": torch.tensor(readable)})
@@ -148,13 +150,13 @@ class _Run:
 
     # ---------------------------------------------------------------------------- stage 2
     def text_embeddings(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, mask = self.retriever.tokenize(self.model, self.loaded.processor, self.dataset.texts)
+        ids, mask = self.heads.tokenize(self.model, self.loaded.processor, self.dataset.texts)
         key = content_key("text", self.model_key, self.dataset.texts)
         if not self.store.has("text", key):
             parts = []
             with self.bar(len(ids), "text features", "text") as bar:
                 for s in range(0, len(ids), 256):
-                    emb = self.retriever.text_embeddings(self.model, ids[s:s + 256], mask[s:s + 256])
+                    emb = self.heads.text_embeddings(self.model, ids[s:s + 256], mask[s:s + 256])
                     parts.append(emb.float())  # kept on the device: no wait per batch
                     bar.update(len(parts[-1]))
             self.store.save("text", key, {"emb": torch.cat(parts)})
@@ -163,20 +165,16 @@ class _Run:
     # ---------------------------------------------------------------------------- stage 3
     def subspaces_key(self, shard: range, config: QPertConfig) -> str:
         boxes = [self.boxes[i].tolist() for i in shard]
-        recipe = (config.threshold, isinstance(config.threshold, int), config.compat, config.projector)
-        sites = [site.name for site in self.handle.sites]
-        return content_key("subspaces-v2", self.tokens_key(shard), boxes, sites, *recipe)
+        recipe = (config.threshold, config.rank, config.compat, config.projector)
+        return content_key("subspaces-v3", self.tokens_key(shard), boxes, self.handle.site_names, *recipe)
 
     def subspaces(self, shard: range, config: QPertConfig, tokens: dict[str, torch.Tensor]) -> Subspaces:
         key = self.subspaces_key(shard, config)
         if key in self._recent_subspaces:
             return self._recent_subspaces[key]
         if not self.store.has("subspaces", key):
-            self.handle.config = QPertConfig(threshold=config.threshold, compat=config.compat,
-                                             projector=config.projector)
             boxes = [b if ok else [] for b, ok in zip((self.boxes[i] for i in shard), tokens["readable"].tolist())]
-            subs = self.handle.compute_subspaces(self.retriever.key_tokens(self.model, tokens["tokens"]), boxes,
-                                                 tokens["sizes"].tolist())
+            subs = self.handle.compute_subspaces(tokens["tokens"], boxes, tokens["sizes"].tolist(), config)
             self.store.save("subspaces", key, subs.state_dict())
         subs = Subspaces.from_state_dict(self.store.load("subspaces", key)).to(self.device)
         self._recent_subspaces = {key: subs}  # a shard's batches reuse them; one shard in memory at a time
@@ -200,24 +198,23 @@ class _Run:
                     for s in range(0, len(shard), self.options.batch_size):
                         sl = slice(s, s + self.options.batch_size)
                         with self._objects(config, shard, tokens, sl):
-                            emb.append(self.retriever.image_embeddings(self.model, tokens["tokens"][sl]).float())
+                            emb.append(self.heads.image_embeddings(self.model, tokens["tokens"][sl]).float())
                         bar.update(len(emb[-1]))
                     self.store.save("itc", self.method_key(shard, config), {"emb": torch.cat(emb)})
 
     def _objects(self, config: Optional[QPertConfig], shard: range, tokens, rows, pairs=None):
         """Context that applies ``config`` to a batch (rows of the shard, or pair image indices)."""
         if config is None:
-            return _Nothing()
-        subs = self.subspaces(shard, config, tokens)
-        self.handle.config = config
-        return self.handle.objects(subspaces=subs.select(pairs if pairs is not None else rows))
+            return nullcontext()
+        objects = ImageObjects(self.handle, self.subspaces(shard, config, tokens), config)
+        return objects.perturb(pairs if pairs is not None else rows)
 
     def itc_scores(self, config: Optional[QPertConfig], text_emb: torch.Tensor) -> torch.Tensor:
         """(I, T) ITC scores; unreadable images score -inf so they are never retrieved."""
         rows = []
         for shard in self.shards:
             emb = self.store.load("itc", self.method_key(shard, config))["emb"]
-            rows.append(self.retriever.itc_scores(emb.to(self.device), text_emb.to(self.device)).cpu())
+            rows.append(self.heads.itc_scores(emb.to(self.device), text_emb.to(self.device)).cpu())
         return torch.cat(rows)
 
     # ---------------------------------------------------------------------------- stage 5
@@ -259,7 +256,7 @@ class _Run:
             part = chunk[s:s + self.options.itm_batch_size]
             local = part[:, 0] - shard.start
             with self._objects(config, shard, tokens, None, pairs=local):
-                out.append(self.retriever.itm_scores(self.model, tokens["tokens"], ids[part[:, 1]], mask[part[:, 1]],
+                out.append(self.heads.itm_scores(self.model, tokens["tokens"], ids[part[:, 1]], mask[part[:, 1]],
                                                      image_index=local))  # kept on the device: no wait per batch
             bar.update(len(part))
         return torch.cat(out).cpu()
@@ -276,7 +273,7 @@ class _Run:
                 tokens = self.load_tokens(shard)
                 boxes = [b if ok else [] for b, ok in zip(boxes, tokens["readable"].tolist())]
                 masks = object_masks(self.handle.layout, boxes, tokens["sizes"].tolist(), tokens["tokens"].shape[1])
-                sims = object_similarities(self.model, self.retriever, tokens["tokens"], masks, text_emb,
+                sims = object_similarities(self.model, self.heads, tokens["tokens"], masks, text_emb,
                                            itc[shard.start:shard.stop])
                 self.store.save("objects", key, {"sims": sims})
             rows.append(self.store.load("objects", key)["sims"])
@@ -286,17 +283,17 @@ class _Run:
         return np.concatenate([self.store.load("tokens", self.tokens_key(s))["readable"].numpy() for s in self.shards])
 
 
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _by_subspaces(config: Optional[QPertConfig]) -> tuple[bool, str]:
-    """Methods sharing subspaces (same threshold and projector) run one after the other."""
-    return config is not None, repr((config.threshold, config.compat, config.projector)) if config else ""
+    """Methods sharing subspaces (same rank rule, compat and projector) run one after the other."""
+    return config is not None, repr((config.threshold, config.rank, config.compat, config.projector)) if config else ""
+
+
+def _boxes_of(boxes: BoxSet, image_id: str, compat: str) -> np.ndarray:
+    """An image's boxes; ``compat="official"`` takes them as the official loader gave them (unclipped)."""
+    if image_id not in boxes.images:
+        return np.zeros((0, 4), np.float32)
+    found = boxes[image_id]
+    return found.source_boxes if compat == "official" and found.source_boxes is not None else found.boxes
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -327,7 +324,7 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
     options = options or EvalOptions()
     mixed = {n: c.compat for n, c in methods.items() if c is not None and c.compat != options.compat}
     if mixed:
-        raise ValueError(f"methods {sorted(mixed)} use compat {sorted(set(mixed.values()))} but the evaluation runs "
+        raise ConfigError(f"methods {sorted(mixed)} use compat {sorted(set(mixed.values()))} but the evaluation runs "
                          f"compat={options.compat!r}: one evaluation uses one set of conventions")
     bin_boxes = bin_boxes or boxes
     started = time.time()
@@ -378,8 +375,10 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
     return EvalResult(metrics, settings, skipped, scores)
 
 
-def paper_grid(alphas: Sequence[float], thresholds: Sequence[float] = (0.8, 0.85, 0.9, 0.95, 0.99)) -> list[QPertConfig]:
-    """The paper's search space: alpha x the five weight functions x tau."""
-    from ..config import WEIGHT_COEFFICIENTS
+#: The paper's tau grid.
+PAPER_THRESHOLDS: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95, 0.99)
 
+
+def paper_grid(alphas: Sequence[float], thresholds: Sequence[float] = PAPER_THRESHOLDS) -> list[QPertConfig]:
+    """The paper's search space: alpha x the five weight functions x tau."""
     return [QPertConfig(alpha=a, weight=w, threshold=t) for t in thresholds for w in WEIGHT_COEFFICIENTS for a in alphas]

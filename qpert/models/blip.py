@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from ..adapters import find_bert_cross_attentions
 from .blip2 import blip2_token_layout
-from .family import ModelFamily, Retriever, cosine_scores
+from .family import QFORMER_ALPHAS, ModelFamily, RetrievalHeads, cosine_scores
 from .pair_batching import pairs_of_images
 from .processing import bert_tokenize, pixel_values as preprocess, vision_tokens
 
@@ -70,12 +70,14 @@ def itm_scores(model: nn.Module, tokens: torch.Tensor, input_ids: torch.Tensor, 
 
 BLIP = ModelFamily(
     name="blip",
-    class_names=("BlipForImageTextRetrieval",),
+    classes=("transformers.BlipForImageTextRetrieval",),
     sites=lambda model: find_bert_cross_attentions(model.text_encoder),
     # The same ViT (CLS + square grid) and the same stretching BlipImageProcessor as BLIP-2.
     token_layout=blip2_token_layout,
-    retriever=Retriever(class_names=("BlipForImageTextRetrieval",), image_tokens=vision_tokens,
-                        image_embeddings=image_embeddings, text_embeddings=text_embeddings, itc_scores=cosine_scores,
-                        itm_scores=itm_scores, tokenize=bert_tokenize, preprocess=preprocess,
-                        vision_encoder=lambda model: model.vision_model),
+    # Not in the paper: its ITM cross-attentions have the Q-Former's shape (12 heads x 64), so BLIP-2's grid.
+    alpha_grid=QFORMER_ALPHAS,
+    retrieval=RetrievalHeads(image_tokens=vision_tokens, image_embeddings=image_embeddings,
+                             text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=bert_tokenize,
+                             preprocess=preprocess, itm_scores=itm_scores,
+                             vision_encoder=lambda model: model.vision_model),
 )

@@ -7,7 +7,8 @@ from typing import Optional
 
 from torch import nn
 
-from .registry import retriever_of
+from ..errors import UnsupportedModelError
+from .registry import retrieval_heads
 
 
 def has_cpp_compiler() -> bool:
@@ -27,6 +28,9 @@ def compile_vision_encoder(model: nn.Module, mode: Optional[str] = None) -> nn.M
     if not has_cpp_compiler():
         raise OSError("torch.compile needs a C++ compiler (g++, clang++ or $CXX) and none was found: install one "
                       "(e.g. apt-get install g++) or run without --compile")
-    encoder = retriever_of(model).vision_encoder(model)
+    heads = retrieval_heads(model)
+    if heads.vision_encoder is None:
+        raise UnsupportedModelError(f"{type(model).__name__}'s family names no vision encoder to compile")
+    encoder = heads.vision_encoder(model)
     encoder.compile(mode=mode)
     return encoder

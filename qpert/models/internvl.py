@@ -38,7 +38,7 @@ from torchvision import transforms as T
 from ..adapters import AttentionPoolingSite, CrossAttentionSite, find_llama_cross_attentions
 from ..core import TokenLayout
 from ..errors import UnsupportedModelError
-from .family import ModelFamily, Retriever, cosine_scores
+from .family import POOLER_ALPHAS, ModelFamily, RetrievalHeads, cosine_scores
 
 #: clip_benchmark's InternVL text setup.
 TEXT_PREFIX, MAX_TEXT_TOKENS, PAD_TOKEN_ID = "summarize:", 80, 0
@@ -159,10 +159,10 @@ class _QLLaMAFamily(ModelFamily):
 
 
 INTERNVL = _QLLaMAFamily(
-    name="internvl", class_names=("InternVLModel", "InternVL_G"), sites=internvl_sites,
-    token_layout=internvl_token_layout,
-    retriever=Retriever(class_names=("InternVLModel", "InternVL_G"), image_tokens=image_tokens,
-                        image_embeddings=image_embeddings, text_embeddings=text_embeddings, itc_scores=cosine_scores,
-                        tokenize=tokenize, preprocess=preprocess, load_processor=load_processor,
-                        roi_embeddings=roi_embeddings, vision_encoder=lambda model: model.vision_model),
+    name="internvl", classes=("InternVLModel", "InternVL_G"), sites=internvl_sites,  # remote code: by class name
+    token_layout=internvl_token_layout, alpha_grid=POOLER_ALPHAS,
+    retrieval=RetrievalHeads(image_tokens=image_tokens, image_embeddings=image_embeddings,
+                             text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
+                             preprocess=preprocess, roi_embeddings=roi_embeddings,
+                             vision_encoder=lambda model: model.vision_model, load_processor=load_processor),
 )

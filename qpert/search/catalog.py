@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from ..errors import ConfigError
 from .detectors import Detections
 
 SCHEMA = """
@@ -95,7 +96,7 @@ class Catalog:
     def vectors(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids (n,), vectors (n, Q, D)) of every photo, ``variant`` "baseline" or "qpert"."""
         if variant not in ("baseline", "qpert"):
-            raise ValueError(f"unknown vector variant {variant!r}")
+            raise ConfigError(f"unknown vector variant {variant!r}")
         ids, blobs = [], []
         for photo_id, blob in self.db.execute(f"SELECT id, {variant} FROM photos ORDER BY id"):
             ids.append(photo_id)

@@ -9,9 +9,9 @@ from typing import Optional
 
 import typer
 
-from ..cli_options import (ALPHA, COMPAT, COMPILE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE, WEIGHT,
-                           qpert_config)
-from ..config import Compat
+from ..cli_options import (ALPHA, COMPAT, COMPILE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, RANK, THRESHOLD, TRUST_REMOTE_CODE,
+                           WEIGHT, qpert_config)
+from ..config import Compat, Weight
 
 INDEX_DEVICE = typer.Option("auto", help="auto (a GPU when there is one, per rank under torchrun), cpu, cuda, cuda:1.")
 DETECTOR = typer.Option(
@@ -32,7 +32,7 @@ def index(
                                                      "OWL-ViT) looks for, e.g. 'a person,a dog,a red kite'."),
     annotations: Optional[Path] = typer.Option(None, help="COCO instances JSON with boxes for some photos (file_name "
                                                           "relative to PHOTOS): those photos skip the detector."),
-    alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
+    alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT,
     faiss: str = typer.Option("flat", help="flat (exact), hnsw or ivf (approximate, for large collections)."),
     itm_features: bool = typer.Option(True, "--itm-features/--no-itm-features",
@@ -58,7 +58,7 @@ def index(
     settings = IndexSettings(
         model=model, detector=detector,
         detector_options=DetectorOptions(detector_threshold, max_boxes, _names(classes), _names(prompts)),
-        qpert=qpert_config(alpha, weight, threshold, keep_norm, orthogonal, compat),
+        qpert=qpert_config(alpha, weight, threshold, rank, keep_norm, orthogonal, compat),
         annotations=str(annotations.resolve()) if annotations else None, faiss=faiss, itm_features=itm_features,
         dtype=dtype, trust_remote_code=trust_remote_code)
     try:

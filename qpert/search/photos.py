@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from ..errors import DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-class UnreadablePhotoError(ValueError):
+class UnreadablePhotoError(DataError):
     """A file with a photo suffix that does not decode: reported and skipped, never indexed."""
 
 
@@ -34,7 +35,7 @@ def scan_photos(root: Path, exclude: Path | None = None) -> list[PhotoFile]:
     and so are links to files outside ``root`` (the search page serves nothing from outside it)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"photo folder {root} does not exist or is not a folder")
+        raise MissingFileError(f"photo folder {root} does not exist or is not a folder")
     skip = exclude.resolve() if exclude is not None else None
     found = []
     for path in _walk(root, skip):

@@ -13,10 +13,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..adapters import ImageObjects
 from ..attach import attach
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, MissingFileError, UnsupportedModelError
 from ..eval.cache import FeatureStore
-from ..models.registry import load_model, retriever_of
+from ..models.registry import load_model, retrieval_heads
 from .catalog import Catalog, PhotoRow
 from .indexer import CATALOG, IndexSettings, model_key, read_manifest, tokens_key
 from .vectors import VectorIndex
@@ -45,7 +46,7 @@ class PhotoIndex:
         self.index_dir = Path(index_dir)
         manifest = read_manifest(self.index_dir)
         if manifest is None:
-            raise FileNotFoundError(f"{self.index_dir} is not a qpert index (no index.json); build one with "
+            raise MissingFileError(f"{self.index_dir} is not a qpert index (no index.json); build one with "
                                     "`qpert index PHOTOS_DIR`")
         self.photos_dir = Path(manifest["photos"])
         self.settings = IndexSettings.from_json(manifest["settings"])
@@ -59,7 +60,7 @@ class PhotoIndex:
             catalog.close()
         self.loaded = load_model(self.settings.model, device=self.device, dtype=self.settings.dtype,
                                  trust_remote_code=self.settings.trust_remote_code)
-        self.retriever = retriever_of(self.loaded.model)
+        self.retriever = retrieval_heads(self.loaded.model)
         self.handle = attach(self.loaded.model, self.settings.qpert)
         self.features = FeatureStore(self.index_dir / "features", writer=False)
         self.model_key = model_key(self.loaded, self.settings)
@@ -84,9 +85,9 @@ class PhotoIndex:
                candidates: int = 32) -> list[Hit]:
         """The ``k`` best photos for ``query``; ``itm`` re-ranks the best ``max(k, candidates)`` by ITM + ITC."""
         if not query.strip():
-            raise ValueError("the search query is empty")
+            raise ConfigError("the search query is empty")
         if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+            raise ConfigError(f"k must be at least 1, got {k}")
         model, processor = self.loaded.model, self.loaded.processor
         ids, mask = self.retriever.tokenize(model, processor, [query])
         text = self.retriever.text_embeddings(model, ids, mask).float().cpu().numpy()
@@ -107,7 +108,7 @@ class PhotoIndex:
         if not self.retriever.has_itm:
             raise UnsupportedModelError(f"{self.settings.model} has no ITM head: search without --itm")
         if not self.settings.itm_features:
-            raise ValueError("this index was built with --no-itm-features: rebuild it with vision tokens for --itm")
+            raise ConfigError("this index was built with --no-itm-features: rebuild it with vision tokens for --itm")
         model = self.loaded.model
         dtype = next(model.parameters()).dtype
         tokens = torch.stack([self._tokens(row) for row in rows]).to(self.device, dtype)
@@ -116,8 +117,7 @@ class PhotoIndex:
             return self.retriever.itm_scores(model, tokens, ids, mask).cpu().numpy()
         boxes = [r.detections.boxes for r in rows]
         sizes = [(r.height, r.width) for r in rows]
-        subspaces = self.handle.compute_subspaces(self.retriever.key_tokens(model, tokens), boxes, sizes)
-        with self.handle.objects(subspaces=subspaces):
+        with ImageObjects.from_boxes(self.handle, tokens, boxes, sizes).perturb():
             return self.retriever.itm_scores(model, tokens, ids, mask).cpu().numpy()
 
     def _tokens(self, row: PhotoRow) -> torch.Tensor:
@@ -125,7 +125,7 @@ class PhotoIndex:
         try:
             return self.features.load("tokens", key)["tokens"]
         except (KeyError, FileNotFoundError) as e:
-            raise ValueError(f"the vision tokens of {row.path} are missing from the index; run `qpert index` "
+            raise ConfigError(f"the vision tokens of {row.path} are missing from the index; run `qpert index` "
                              "again to repair it") from e
 
     def photo_path(self, photo_id: int) -> Path:
