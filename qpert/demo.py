@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .config import QPertConfig
+from .errors import MissingDependencyError
 from .data.boxes import BoxSet, flickr30k_entities_boxes
 from .data.datasets import RetrievalDataset, load_dataset
 from .eval.metrics import NUM_BINS, RetrievalMetrics, format_comparison
@@ -151,8 +152,10 @@ def _png(fig_or_image) -> str:
 
 
 def _bin_chart(metrics: dict[str, RetrievalMetrics]) -> str:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # the ``report`` extra
+        raise MissingDependencyError("the demo's report draws with matplotlib: pip install 'qpert[report]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

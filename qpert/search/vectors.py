@@ -12,9 +12,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
-from ..errors import ConfigError
+
+from ..errors import ConfigError, MissingDependencyError
+
+try:
+    import faiss
+except ImportError:  # the ``search`` extra
+    raise MissingDependencyError("photo search needs FAISS: pip install 'qpert[search]'") from None
 
 KINDS = ("flat", "hnsw", "ivf")
 
