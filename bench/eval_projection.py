@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import qpert
-from qpert.data.boxes import BoxSet, ImageBoxes
+from qpert.data.box_sources import BoxSet, ImageBoxes
 from qpert.data.datasets import RetrievalDataset
 from qpert.eval.pipeline import EvalOptions, _Run
 from qpert.models.registry import LoadedModel

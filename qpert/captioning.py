@@ -14,7 +14,7 @@ from PIL import Image
 from .attach import attach
 from .models.family import is_instance
 from .config import QPertConfig
-from .core.boxes import BoxesLike
+from .core.geometry import BoxesLike
 from .errors import UnsupportedModelError
 from .models.registry import LoadedModel
 

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from .config import QPertConfig
 from .errors import MissingDependencyError
-from .data.boxes import BoxSet, flickr30k_entities_boxes
+from .data.box_sources import BoxSet, flickr30k_entities_boxes
 from .data.datasets import RetrievalDataset, load_dataset
 from .eval.metrics import NUM_BINS, RetrievalMetrics, format_comparison
 from .eval.pipeline import EvalOptions, EvalResult, evaluate

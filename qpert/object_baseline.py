@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .core import Layout, prepare_boxes, token_weights
-from .core.boxes import BoxesLike
+from .core.geometry import BoxesLike
 from .errors import UnsupportedModelError
 from .models.family import RetrievalHeads
 

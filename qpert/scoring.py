@@ -11,7 +11,7 @@ from PIL import Image
 from .adapters import ImageObjects
 from .attach import attach
 from .config import QPertConfig
-from .core.boxes import BoxesLike
+from .core.geometry import BoxesLike
 from .errors import UnsupportedModelError
 from .models.family import RetrievalHeads
 from .models.registry import LoadedModel, retrieval_heads

@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 import qpert
-from qpert.data.boxes import flickr30k_entities_boxes
+from qpert.data.box_sources import flickr30k_entities_boxes
 from qpert.data.datasets import load_dataset
 from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.registry import LoadedModel

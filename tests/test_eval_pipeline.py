@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import qpert
-from qpert.data.boxes import flickr30k_entities_boxes
+from qpert.data.box_sources import flickr30k_entities_boxes
 from qpert.data.datasets import load_dataset
 from qpert.eval import cache as cache_module
 from qpert.eval.metrics import retrieval_metrics

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import BlipImageProcessor, BlipProcessor, SiglipImageProcessor, SiglipProcessor, SiglipVisionModel
 
 import qpert
-from qpert.data.boxes import flickr30k_entities_boxes
+from qpert.data.box_sources import flickr30k_entities_boxes
 from qpert.data.datasets import load_dataset
 from qpert.errors import UnsupportedModelError
 from qpert.eval.metrics import retrieval_metrics

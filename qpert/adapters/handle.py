@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..config import QPertConfig
 from ..core import BoxBatch, Layout, Subspaces, TokenLayout, compute_subspaces, perturb_queries, perturbation_matrix
-from ..core.boxes import BoxesLike, prepare_boxes, token_weights
+from ..core.geometry import BoxesLike, prepare_boxes, token_weights
 from ..core.official import official_token_weights
 from ..errors import ConfigError, UsageError
 from .site import CrossAttentionSite, KeyTokens, same_tokens

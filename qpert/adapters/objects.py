@@ -14,7 +14,7 @@ import torch
 
 from ..config import QPertConfig
 from ..core import Subspaces
-from ..core.boxes import BoxesLike
+from ..core.geometry import BoxesLike
 from .handle import QPertHandle
 
 

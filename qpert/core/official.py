@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from .boxes import BoxBatch, Layout, TokenLayout
+from .geometry import BoxBatch, Layout, TokenLayout
 
 
 def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:

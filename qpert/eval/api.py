@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 
 from ..config import COMPATS, QPertConfig, compat_dtype
 from ..errors import ConfigError
-from ..data.boxes import BoxSet, load_boxes
+from ..data.box_sources import BoxSet, load_boxes
 from ..data.datasets import RetrievalDataset, load_dataset
 from ..models.registry import LoadedModel, family_of, load_model
 from .metrics import METRIC_KEYS
@@ -22,7 +22,7 @@ def resolve_boxes(spec: str, dataset: RetrievalDataset, data_root: Path, score_t
                   max_boxes: Optional[int] = None, rules: str = "paper") -> BoxSet:
     """``entities`` (ROOT/flickr30k/Annotations or ROOT/flickr30k_entities/Annotations), ``entities:DIR``,
     ``coco-json:FILE`` (detector results), ``coco-instances:FILE`` or ``coco-entities:FILE``, read by
-    ``rules`` (``qpert.data.boxes.Rules``)."""
+    ``rules`` (``qpert.data.box_sources.Rules``)."""
     kind, _, path = spec.partition(":")
     if kind not in BOX_KINDS:
         raise ConfigError(f"unknown box source {spec!r}: use entities[:DIR], coco-json:FILE, "

@@ -35,7 +35,7 @@ from ..attach import attach
 from ..config import WEIGHT_COEFFICIENTS, QPertConfig
 from ..errors import ConfigError, DataError
 from ..core import Subspaces
-from ..data.boxes import BoxSet
+from ..data.box_sources import BoxSet
 from ..data.datasets import RetrievalDataset
 from ..models.compiling import compile_vision_encoder
 from ..models.registry import DEFAULT_RERANK_K, LoadedModel, retrieval_heads

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import MissingFileError
-from ..data.boxes import BoxFormatError
+from ..data.box_sources import BoxFormatError
 from .detectors import DetectorOptions, Detections, keep
 
 
