@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BlipConfig, BlipForImageTextRetrieval, BlipProcessor
+from transformers import BlipProcessor
 
 import qpert
-from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
+from helpers.models import tiny_blip
+from helpers.contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.core import prepare_boxes, token_weights
 from qpert.models.registry import MODELS, family_of
-from qpert.models.tiny import randomize, tiny_processor
-from reference_hooks import ReferenceHooks, stretch_objects
+from qpert.models.tiny import tiny_processor
+from helpers.reference_hooks import ReferenceHooks, stretch_objects
 
 CONFIGS = [
     dict(alpha=8.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
@@ -18,19 +19,6 @@ CONFIGS = [
     dict(alpha=6.0, weight="centered", rank=2, keep_norm=False, mode="enhance"),
     dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
 ]
-
-
-def tiny_blip(seed: int = 0) -> BlipForImageTextRetrieval:
-    config = BlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=28, patch_size=7),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         vocab_size=120, max_position_embeddings=64, encoder_hidden_size=32,
-                         bos_token_id=118, sep_token_id=3, pad_token_id=0, eos_token_id=3),  # [DEC] 118, [ENC] 119
-        image_text_hidden_size=16,
-    )
-    torch.manual_seed(seed)
-    return randomize(BlipForImageTextRetrieval(config), seed).eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import qpert
-from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
+from helpers.contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.adapters import find_bert_cross_attentions
 from qpert.models import blip2 as B
-from reference import ReferenceQPert
+from helpers.reference import ReferenceQPert
 from qpert.models.tiny import randomize, tiny_blip2
 
 

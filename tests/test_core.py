@@ -10,7 +10,7 @@ import torch
 from qpert import QPertConfig, QPertWarning
 from qpert.core import (Subspaces, TokenLayout, compute_subspaces, perturb_queries, perturbation_matrix,
                         prepare_boxes, projectors, token_weights)
-from reference import coverage, projector
+from helpers.reference import coverage, projector
 
 LAYOUT = TokenLayout(grid=(4, 4), patch=(7, 7), num_prefix_tokens=1)
 

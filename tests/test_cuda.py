@@ -24,8 +24,8 @@ from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.registry import LoadedModel
 from qpert.models.tiny import randomize, tiny_blip2, tiny_processor
 from qpert.scoring import score
-from contract import needs_cpp_compiler
-from test_eval_pipeline import WORDS, bench  # noqa: F401  (bench is a fixture)
+from helpers.contract import needs_cpp_compiler
+from helpers.bench import WORDS
 
 DEVICE = os.environ.get("QPERT_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),

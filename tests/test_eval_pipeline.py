@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -12,65 +11,15 @@ import torch
 from PIL import Image
 
 import qpert
+from helpers.bench import IDS, WORDS, qpert_cli
 from qpert.data.box_sources import flickr30k_entities_boxes
 from qpert.data.datasets import load_dataset
 from qpert.eval import cache as cache_module
 from qpert.eval.metrics import retrieval_metrics
 from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.tiny import tiny_blip2, tiny_processor
-from contract import needs_cpp_compiler
-from processes import kill_when
-
-COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 210), "green": (30, 190, 40), "yellow": (230, 220, 40)}
-IDS = ["1000092795", "10002456", "1000268201", "1000344755", "1000366164", "1000523639", "1000919630"]
-WORDS = "a an the small big red blue green yellow square box in corner left right photo of with".split()
-
-
-def entities_xml(width, height, boxes):
-    objects = "".join(
-        f"<object><name>{i + 1}</name><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax>"
-        f"<ymax>{y1}</ymax></bndbox></object>" for i, (x0, y0, x1, y1) in enumerate(boxes))
-    scene = "<object><name>99</name><scene>1</scene></object>"
-    return (f"<annotation><filename>x.jpg</filename><size><width>{width}</width><height>{height}</height>"
-            f"<depth>3</depth></size>{objects}{scene}</annotation>")
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    """7 Flickr-style images with coloured squares, LAVIS captions, Entities XML, detector JSON, tiny model."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    entries, detections = [], []
-    for n, image_id in enumerate(IDS):
-        w, h = int(rng.integers(60, 140)), int(rng.integers(60, 140))
-        pixels = rng.integers(80, 150, size=(h, w, 3), dtype=np.uint8)
-        boxes, caps = [], []
-        for j, colour in enumerate(rng.choice(list(COLOURS), size=2, replace=False)):
-            side = int(rng.integers(6, min(w, h) // (2 - j % 2 + 1)))
-            x0, y0 = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
-            pixels[y0:y0 + side, x0:x0 + side] = COLOURS[colour]
-            boxes.append((x0, y0, x0 + side, y0 + side))
-            caps.append(f"a {'small' if side * side < 0.1 * w * h else 'big'} {colour} square")
-        path = root / "flickr30k/images/flickr30k-images" / f"{image_id}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(path, quality=95)
-        (root / "flickr30k/Annotations").mkdir(parents=True, exist_ok=True)
-        (root / "flickr30k/Annotations" / f"{image_id}.xml").write_text(entities_xml(w, h, boxes))
-        (root / "flickr30k/Sentences").mkdir(parents=True, exist_ok=True)  # entity 2 is mentioned only in image 0
-        mentioned = "[/EN#1/other a square]" + (" and [/EN#2/other another]" if n == 0 else "")
-        (root / "flickr30k/Sentences" / f"{image_id}.txt").write_text(mentioned + " .\n")
-        entries.append({"image": f"flickr30k-images/{image_id}.jpg",
-                        "caption": [caps[0], caps[1], f"{caps[0]} with {caps[1]}", f"a photo of {caps[1]}",
-                                    f"{caps[1]} in the corner"]})
-        detections += [{"image_id": int(image_id), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": 0.9 - 0.1 * j,
-                        "category_id": 1} for j, (x0, y0, x1, y1) in enumerate(boxes)]
-    (root / "flickr30k/annotations").mkdir(parents=True, exist_ok=True)
-    (root / "flickr30k/annotations/flickr30k_test.json").write_text(json.dumps(entries))
-    (root / "detections.json").write_text(json.dumps(detections))
-    model_dir = root / "model"
-    tiny_blip2(seed=11).save_pretrained(model_dir)
-    tiny_processor(WORDS, str(model_dir)).save_pretrained(model_dir)
-    return root, model_dir
+from helpers.contract import needs_cpp_compiler
+from helpers.processes import kill_when
 
 
 def reference_scores(model, processor, dataset, boxes, config, k):
@@ -225,11 +174,6 @@ def test_corrupt_image_is_a_counted_logged_skip(bench, tmp_path, caplog):
     assert result.settings["num_images"] == 6 and result.settings["num_texts"] == 30
     assert result.settings["k"] == 64  # no k given, no registered spec: BLIP-2's (the paper's) re-ranking depth
     assert "skipping unreadable image" in caplog.text
-
-
-def qpert_cli(*args):
-    return subprocess.run([sys.executable, "-c", "from qpert.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=600)
 
 
 def test_cli_eval_and_tune_end_to_end(bench, tmp_path):

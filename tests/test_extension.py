@@ -15,7 +15,7 @@ from qpert.core import TokenLayout
 from qpert.models.family import QFORMER_ALPHAS, ModelFamily, RetrievalHeads, cosine_scores
 from qpert.models.registry import _FAMILIES, MODELS, ModelSpec, family_of, retrieval_heads
 from qpert.models.tiny import randomize, tiny_blip2
-from reference_hooks import ReferenceHooks, stretch_objects
+from helpers.reference_hooks import ReferenceHooks, stretch_objects
 
 IMAGE, PATCH, WIDTH = 24, 6, 16
 

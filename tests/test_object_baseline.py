@@ -21,12 +21,13 @@ from qpert.models.registry import LoadedModel, family_of, retrieval_heads
 from qpert.models.tiny import tiny_blip2, tiny_processor
 from qpert.object_baseline import object_masks, object_similarities
 from qpert.scoring import score
-from reference_hooks import shortest_edge_objects, stretch_objects
-from test_blip import tiny_blip
-from test_eval_pipeline import WORDS, bench, qpert_cli  # noqa: F401  (bench is a fixture)
-from test_retrieval_families import fixture_data, reranked, tiny_coca_dir
-from test_internvl import tiny_loaded as tiny_internvl_loaded
-from test_siglip import tiny_siglip
+from helpers.reference_hooks import shortest_edge_objects, stretch_objects
+from helpers.models import tiny_blip
+from helpers.bench import WORDS, qpert_cli
+from helpers.bench import fixture_data, reranked
+from helpers.models import tiny_coca_dir
+from helpers.internvl_standin import tiny_loaded as tiny_internvl_loaded
+from helpers.models import tiny_siglip
 
 TEXTS = ["a small red square", "a big blue square in the corner", "the green box"]
 BOXES = [[[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0]], [], [[30.0, 30.0, 90.0, 90.0], [50.0, 5.0, 52.0, 7.0]]]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qpert
-from official_port import OfficialPort, box_info
+from helpers.official_port import OfficialPort, box_info
 from qpert.core import (TokenLayout, canonical_signs, official_projectors, official_token_weights, pooled_projectors,
                         prepare_boxes)
 from qpert.models.tiny import tiny_blip2

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import official_loader_port as port
+import helpers.official_loader_port as port
 from qpert.data.box_sources import BoxFormatError, coco_entities_boxes, flickr30k_entities_boxes, load_boxes
 from qpert.data.datasets import RetrievalDataset
 from qpert.eval.api import resolve_boxes

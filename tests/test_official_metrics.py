@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-import official_loader_port as port
+import helpers.official_loader_port as port
 from qpert.eval.metrics import (
     KS,
     NUM_BINS,

@@ -15,8 +15,8 @@ from transformers import BlipImageProcessor, BlipProcessor, Blip2Processor, Sigl
 import qpert
 from qpert.models.registry import retrieval_heads
 from qpert.models.tiny import tiny_blip2, tiny_processor
-from test_blip import tiny_blip
-from test_siglip import tiny_siglip
+from helpers.models import tiny_blip
+from helpers.models import tiny_siglip
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 

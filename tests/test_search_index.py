@@ -18,9 +18,9 @@ from qpert.search import indexer
 from qpert.search.indexer import IndexSettings, build_index
 from qpert.search.searcher import PhotoIndex
 from qpert.search.vectors import VectorIndex
-from contract import needs_cpp_compiler
-from processes import kill_when
-from search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
+from helpers.contract import needs_cpp_compiler
+from helpers.processes import kill_when
+from helpers.search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
 
 CONFIG = qpert.QPertConfig(alpha=4.0)
 
@@ -352,9 +352,9 @@ def test_other_families_index_and_search_by_itc(family, models, tmp_path):
 
     from qpert.errors import UnsupportedModelError
     from qpert.models.tiny import tiny_processor
-    from search_fixtures import WORDS
-    from test_retrieval_families import tiny_coca_dir
-    from test_siglip import tiny_siglip
+    from helpers.search_fixtures import WORDS
+    from helpers.models import tiny_coca_dir
+    from helpers.models import tiny_siglip
 
     model_dir = tmp_path / family
     model_dir.mkdir()
@@ -410,7 +410,7 @@ def test_open_vocabulary_detector_finds_what_the_prompts_name(models, tmp_path):
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
     from qpert.search.detectors import keep
-    from search_fixtures import save_tiny_owlv2
+    from helpers.search_fixtures import save_tiny_owlv2
 
     owl = save_tiny_owlv2(tmp_path / "owlv2")
     prompts = ("a dog", "a red kite")

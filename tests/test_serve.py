@@ -19,7 +19,7 @@ from urllib.request import urlopen
 
 import pytest
 from PIL import Image
-from search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
+from helpers.search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
 
 from qpert import QPertConfig
 from qpert.search.detectors import DetectorOptions

@@ -12,41 +12,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor
 
 import qpert
-from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
+from helpers.models import MAX_PATCHES, PATCH, TEXT_LENGTH, tiny_siglip2, tiny_siglip2_processor
+from helpers.contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.core import prepare_boxes, token_weights
 from qpert.models.registry import MODELS, family_of, retrieval_heads
-from qpert.models.tiny import randomize, tiny_processor
 from qpert.scoring import score
-from reference_hooks import ReferenceHooks
+from helpers.reference_hooks import ReferenceHooks
 
-PATCH, MAX_PATCHES, TEXT_LENGTH = 4, 20, 16
 CONFIGS = [
     dict(alpha=1.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
     dict(alpha=0.6, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
     dict(alpha=0.8, weight="area", rank=2, keep_norm=False, mode="enhance"),
     dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
 ]
-
-
-def tiny_siglip2(seed: int = 0) -> Siglip2Model:
-    config = Siglip2Config(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         vocab_size=100, max_position_embeddings=TEXT_LENGTH, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_patches=16, patch_size=PATCH),
-    )
-    torch.manual_seed(seed)
-    return randomize(Siglip2Model(config), seed, std=0.5).eval()
-
-
-def tiny_siglip2_processor(vocab_dir: str) -> Siglip2Processor:
-    tokenizer = tiny_processor(["a", "small", "red", "square", "the", "green", "box"], vocab_dir).tokenizer
-    return Siglip2Processor(image_processor=Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=MAX_PATCHES),
-                            tokenizer=tokenizer)
 
 
 def random_images(sizes) -> list[Image.Image]:
@@ -210,7 +190,7 @@ def test_half_precision_runs_without_nan(pixels):
 
 
 def test_cli_scores_a_saved_naflex_model(tmp_path):
-    from test_eval_pipeline import qpert_cli
+    from helpers.bench import qpert_cli
 
     tiny_siglip2(seed=2).save_pretrained(tmp_path)
     tiny_siglip2_processor(str(tmp_path)).save_pretrained(tmp_path)

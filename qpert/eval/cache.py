@@ -19,13 +19,18 @@ from safetensors.torch import load_file, save_file
 from ..errors import CacheError
 
 
+#: Bumped whenever qpert computes features differently for the same model and inputs (0.2: PIL image
+#: processors, BLIP's [ENC]): caches written by another version are never read.
+FEATURES_VERSION = 2
+
+
 def model_fingerprint(model: torch.nn.Module) -> Any:
     """What identifies a model's features in a cache besides its name: the transformers config,
     or (OpenCLIP, which has none) the name and shape of every weight."""
     config = getattr(model, "config", None)
     if hasattr(config, "to_dict"):
-        return config.to_dict()
-    return [type(model).__name__] + [[name, list(t.shape)] for name, t in model.state_dict().items()]
+        return [FEATURES_VERSION, config.to_dict()]
+    return [FEATURES_VERSION, type(model).__name__] + [[name, list(t.shape)] for name, t in model.state_dict().items()]
 
 
 def content_key(*parts: Any) -> str:
