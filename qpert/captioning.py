@@ -30,9 +30,20 @@ class Captions:
 @torch.no_grad()
 def caption(loaded: LoadedModel, image: Image.Image, boxes: BoxesLike, config: QPertConfig,
             max_new_tokens: int = 30, **generate_kwargs: Any) -> Captions:
-    """The caption of ``image`` without and with Q-Pert on ``boxes`` (x0, y0, x1, y1 in its pixels).
+    """The caption of ``image`` without and with Q-Pert on its objects (the paper's Fig. 8).
 
-    Decoding is greedy unless ``generate_kwargs`` say otherwise (``num_beams=5`` as BLIP-2's paper).
+    Args:
+        loaded: a BLIP-2 captioner (``blip2-opt-2.7b``, ``blip2-flant5-xl`` or a saved folder).
+        image: a PIL image; boxes: its objects, ``x0, y0, x1, y1`` in its pixels.
+        config: the Q-Pert setting; max_new_tokens: the longest caption.
+        generate_kwargs: for ``model.generate`` (greedy unless they say otherwise; the BLIP-2 paper
+            uses ``num_beams=5``).
+
+    Returns:
+        :class:`Captions` (``baseline``, ``qpert``).
+
+    Raises:
+        UnsupportedModelError: the model is not a ``Blip2ForConditionalGeneration``.
     """
     model, processor = loaded.model, loaded.processor
     if not any(is_instance(model, name) for name in CAPTION_CLASSES):

@@ -91,13 +91,13 @@ def example(seed: int = typer.Option(0, help="Seed of the random weights and ima
 @app.command()
 def demo(
     out: Path = typer.Option(Path("qpert-demo"), help="Folder for the scenes and report.html."),
-    seeds: Optional[int] = typer.Option(None, help="Number of test seeds (default 1, or 5 with --ablation; the "
+    seeds: Optional[int] = typer.Option(None, min=1, max=5, help="Number of test seeds (default 1, or 5 with --ablation; the "
                                                    "README's tables use 5)."),
-    n_test: int = typer.Option(500, help="Test scenes per seed."),
-    n_val: int = typer.Option(300, help="Validation scenes (alpha is chosen there)."),
+    n_test: int = typer.Option(500, min=2, help="Test scenes per seed."),
+    n_val: int = typer.Option(300, min=2, help="Validation scenes (alpha is chosen there)."),
     model: str = typer.Option("blip2-shapes", help="The shipped toy model, or any BLIP-2 retrieval checkpoint."),
     itm: bool = typer.Option(True, "--itm/--no-itm", help="Re-rank the top k by ITM + ITC."),
-    k: int = typer.Option(10, help="Candidates re-ranked by ITM per query."),
+    k: int = typer.Option(10, min=1, help="Candidates re-ranked by ITM per query."),
     ablation: bool = typer.Option(False, "--ablation",
                                   help="Also run the controls (the official code's projector, a random subspace of "
                                        "the same rank, plain query scaling), each with its own alpha; all 5 test "
@@ -112,8 +112,6 @@ def demo(
     from .demo import TEST_SEEDS, run_demo
 
     seeds = seeds if seeds is not None else (len(TEST_SEEDS) if ablation else 1)
-    if not 1 <= seeds <= len(TEST_SEEDS):
-        raise typer.BadParameter(f"--seeds takes 1 to {len(TEST_SEEDS)}")
     result = run_demo(out, model=model, seeds=TEST_SEEDS[:seeds], n_test=n_test, n_val=n_val, itm=itm, k=k,
                       ablation=ablation)
     last = list(result.tests.values())[-1]
@@ -163,8 +161,8 @@ def caption_command(
     box: list[str] = typer.Option([], "--box", "-b", help="Object box x0,y0,x1,y1 in image pixels; repeat."),
     model: str = typer.Option("blip2-opt-2.7b", help="A BLIP-2 captioner (Blip2ForConditionalGeneration): "
                                                      "registered name, hub id or local folder."),
-    max_new_tokens: int = typer.Option(30, help="Longest caption, in tokens."),
-    num_beams: int = typer.Option(1, help="Beam width (1: greedy)."),
+    max_new_tokens: int = typer.Option(30, min=1, help="Longest caption, in tokens."),
+    num_beams: int = typer.Option(1, min=1, help="Beam width (1: greedy)."),
     alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT,
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
@@ -219,19 +217,19 @@ BIN_BOXES = typer.Option(None, help="Box source that places images in the mR@K a
                                     "(same syntax as --boxes; default: --boxes). The paper bins Flickr30K by "
                                     "Entities boxes, also for its detector rows.")
 CAPTIONS = typer.Option(None, help="Captions file replacing the default one (e.g. an FG caption JSON).")
-SCORE_THR = typer.Option(0.0, help="With coco-json boxes: keep detections scoring at least this.")
-MAX_BOXES = typer.Option(None, help="With coco-json boxes: keep at most this many per image (best first).")
+SCORE_THR = typer.Option(0.0, min=0.0, max=1.0, help="With coco-json boxes: keep detections scoring at least this.")
+MAX_BOXES = typer.Option(None, min=1, help="With coco-json boxes: keep at most this many per image (best first).")
 ITM = typer.Option(None, "--itm/--no-itm", show_default=False,
                    help="Re-rank each query's top k by ITM + ITC (the paper's protocol); default: when the model has "
                         "an ITM head (BLIP-2, BLIP), ITC only for CoCa and SigLIP.")
 TOP_K = typer.Option(None, "--k", min=1, show_default=False,
                      help="Candidates re-ranked by ITM per query (default: the model's: 64 for BLIP-2 as in the paper, "
                           "128 for blip-flickr and 256 for blip-coco as in BLIP's evaluation).")
-BATCH = typer.Option(16, help="Images per vision / Q-Former forward.")
-ITM_BATCH = typer.Option(128, help="(image, text) pairs per ITM forward.")
+BATCH = typer.Option(16, min=1, help="Images per vision / Q-Former forward.")
+ITM_BATCH = typer.Option(128, min=1, help="(image, text) pairs per ITM forward.")
 CACHE_DIR = typer.Option(DEFAULT_CACHE, help="Feature cache; a killed run resumes from it.")
 NO_CACHE = typer.Option(False, "--no-cache", help="Keep features in memory only.")
-SHARD = typer.Option(64, help="Images per cache file: the unit of work a resumed run skips.")
+SHARD = typer.Option(64, min=1, help="Images per cache file: the unit of work a resumed run skips.")
 
 
 @app.command("eval")

@@ -28,8 +28,8 @@ from helpers.contract import needs_cpp_compiler
 from helpers.bench import WORDS
 
 DEVICE = os.environ.get("QPERT_TEST_DEVICE", "cuda")
-pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                                reason="no CUDA device (bench/gpu_check.sh runs these on a GPU machine)")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+                                reason="no CUDA device (bench/gpu_check.sh runs these on a GPU machine)")]
 
 HALF_TOLERANCE = {"fp16": (0.01, 0.05), "bf16": (0.04, 0.2)}   # (ITC, ITM) max |difference| to float32
 CONFIG = qpert.QPertConfig(alpha=8.0, weight="constant", threshold=0.99)

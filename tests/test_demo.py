@@ -39,6 +39,7 @@ def test_demo_writes_report_with_figure(random_shapes_model, tmp_path):
     assert not set(images["seed1000"]) & set(images["seed2000"])
 
 
+@pytest.mark.slow
 def test_demo_ablation_rows_and_rank_labels(random_shapes_model, tmp_path):
     """--ablation: each control gets its own alpha by the same rule, one table row per method; example
     queries never show the tie-worst rank of a right image that re-ranking did not see."""

@@ -84,6 +84,7 @@ def test_pipeline_matches_plain_per_pair_reference(bench, itm):
 
 
 @needs_cpp_compiler
+@pytest.mark.slow
 def test_compiled_vision_encoder_scores_as_eager(bench, tmp_path):
     """``compile_vision``: the vision encoder runs through torch.compile (inductor, here on the CPU) and the
     evaluation gives the eager run's scores (ranks may swap on this random model's near-ties); the Q-Former with
@@ -117,6 +118,7 @@ def test_compile_without_a_cpp_compiler_is_a_clear_error(bench, monkeypatch):
         qpert.compile_vision_encoder(qpert.load_model(str(bench[1])).model)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_recomputing(bench, tmp_path, monkeypatch):
     root, model_dir = bench
     dataset = load_dataset("flickr30k", root, split="test")
@@ -176,6 +178,7 @@ def test_corrupt_image_is_a_counted_logged_skip(bench, tmp_path, caplog):
     assert "skipping unreadable image" in caplog.text
 
 
+@pytest.mark.slow
 def test_cli_eval_and_tune_end_to_end(bench, tmp_path):
     root, model_dir = bench
     common = ["--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root),
@@ -214,6 +217,7 @@ def test_cli_eval_bad_layouts_are_clear(bench, tmp_path, args, message):
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_run_killed_by_sigkill_resumes_identically(bench, tmp_path):
     """Kill a real `qpert eval` process as soon as its first cache file lands, then run again."""
     root, model_dir = bench
@@ -290,6 +294,7 @@ def _mkdir(path):
     return path
 
 
+@pytest.mark.slow
 def test_official_compat_end_to_end(bench, tmp_path):
     """--compat official: official box rules and conventions, float32, its own cache entries."""
     root, model_dir = bench

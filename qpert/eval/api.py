@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..config import COMPATS, QPertConfig, compat_dtype
-from ..errors import ConfigError
+from ..errors import ConfigError, MissingFileError
 from ..data.box_sources import BoxSet, load_boxes
 from ..data.datasets import RetrievalDataset, load_dataset
 from ..models.registry import LoadedModel, family_of, load_model
@@ -37,9 +37,24 @@ def resolve_boxes(spec: str, dataset: RetrievalDataset, data_root: Path, score_t
 
 
 def read_config_file(path: Union[str, Path]) -> QPertConfig:
-    """A config JSON as written by ``qpert tune`` (or a bare QPertConfig dict)."""
-    data = json.loads(Path(path).read_text())
-    return QPertConfig.from_dict(data.get("qpert", data))
+    """A config JSON as written by ``qpert tune`` (or a bare QPertConfig dict).
+
+    Raises:
+        MissingFileError: no such file; ConfigError: not JSON, or not a Q-Pert config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"no config file {path} (write one with qpert tune --output)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not JSON ({error})") from None
+    if isinstance(data, dict) and isinstance(data.get("qpert"), dict):
+        data = data["qpert"]
+    try:
+        return QPertConfig.from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def evaluate_benchmark(model: Union[str, LoadedModel], dataset: str, data_root: Union[str, Path], boxes: str,

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import ImageObjects, QPertHandle
 from ..attach import attach
-from ..config import WEIGHT_COEFFICIENTS, QPertConfig
+from ..config import COMPATS, WEIGHT_COEFFICIENTS, QPertConfig
 from ..errors import ConfigError, DataError
 from ..core import Subspaces
 from ..data.box_sources import BoxSet
@@ -64,6 +64,15 @@ class EvalOptions:
     compile_vision: bool = False  # torch.compile the vision encoder (qpert.compile_vision_encoder)
     compat: str = "paper"         # "official": the official code's metric conventions (and every method's compat)
     exclude_sites: tuple[str, ...] = ()  # cross-attentions left alone (qpert.attach(exclude=...))
+
+    def __post_init__(self) -> None:
+        counts = {"k": self.k, "batch_size": self.batch_size, "itm_batch_size": self.itm_batch_size,
+                  "shard_size": self.shard_size}
+        for name, value in counts.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"EvalOptions.{name} must be a whole number >= 1, got {value!r}")
+        if self.compat not in COMPATS:
+            raise ConfigError(f"unknown compat {self.compat!r}; choose one of {list(COMPATS)}")
 
 
 @dataclass
@@ -318,8 +327,20 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
              options: Optional[EvalOptions] = None, bin_boxes: Optional[BoxSet] = None) -> EvalResult:
     """R@K / mR@K of every method on ``dataset``, all from one shared feature cache.
 
-    ``boxes`` perturb; ``bin_boxes`` (default: the same) place each image in its mR@K area bin, as the
-    paper bins Flickr30K by Entities boxes even for its detector rows.
+    Args:
+        loaded: the model (:func:`qpert.load_model`); its family must have retrieval heads.
+        dataset: a :class:`~qpert.data.datasets.RetrievalDataset` (``load_dataset``).
+        boxes: the box source that perturbs; bin_boxes: the one that places each image in its mR@K
+            area bin (default: the same; the paper bins Flickr30K by Entities even for detector rows).
+        methods: name -> :class:`QPertConfig`, or None for the unmodified model.
+        options: :class:`EvalOptions`.
+
+    Returns:
+        :class:`EvalResult`.
+
+    Raises:
+        ConfigError: methods of another compat than ``options.compat``; DataError: a shard without any
+        readable image.
     """
     options = options or EvalOptions()
     mixed = {n: c.compat for n, c in methods.items() if c is not None and c.compat != options.compat}

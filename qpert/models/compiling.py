@@ -23,7 +23,18 @@ def compile_vision_encoder(model: nn.Module, mode: Optional[str] = None) -> nn.M
     hooks. The cross-attention and ITM passes stay eager: their hooks read per-batch Python state
     (boxes, subspaces), on which compiled code would break its graph or recompile. Weights,
     ``state_dict`` keys and feature-cache keys are unchanged; the first batches of each new shape
-    pay the compilation. ``mode`` is ``torch.compile``'s (e.g. ``"max-autotune"``). Returns the module.
+    pay the compilation.
+
+    Args:
+        model: a model whose family names its vision encoder (``RetrievalHeads.vision_encoder``).
+        mode: ``torch.compile``'s mode (e.g. ``"max-autotune"``).
+
+    Returns:
+        The compiled module (compiled in place).
+
+    Raises:
+        OSError: no C++ compiler, which ``torch.compile`` needs.
+        UnsupportedModelError: the family has no retrieval heads or names no vision encoder.
     """
     if not has_cpp_compiler():
         raise OSError("torch.compile needs a C++ compiler (g++, clang++ or $CXX) and none was found: install one "
