@@ -20,7 +20,7 @@ from .blip2 import BLIP2
 from .coca import COCA, load_open_clip
 from .family import ModelFamily, RetrievalHeads
 from .internvl import INTERNVL
-from .processing import pil_image_processor
+from .processing import load_processor
 from .siglip import SIGLIP
 from .siglip2 import SIGLIP2_NAFLEX
 
@@ -255,7 +255,6 @@ def load_model(name_or_path: str, device: Union[str, torch.device] = "cpu",
 def _load_transformers(spec: Optional[ModelSpec], source: str, device: Union[str, torch.device],
                        dtype: Optional[torch.dtype], trust_remote_code: bool) -> LoadedModel:
     import transformers
-    from transformers import AutoProcessor
 
     if spec.remote_code if spec else _has_remote_code(Path(source)):
         if not trust_remote_code:
@@ -270,7 +269,7 @@ def _load_transformers(spec: Optional[ModelSpec], source: str, device: Union[str
     if heads is not None and heads.load_processor is not None:
         processor = heads.load_processor(source)
     else:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code, **pil_image_processor())
+        processor = load_processor(source, trust_remote_code=trust_remote_code)
     return LoadedModel(spec.name if spec else source, model, processor, spec)
 
 
