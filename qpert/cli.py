@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 import tempfile
 import warnings
 from pathlib import Path
@@ -199,14 +200,15 @@ def _read_image(path: Path):
 DEFAULT_CACHE = Path.home() / ".cache" / "qpert"
 
 
-def _eval_options(itm: Optional[bool], k: Optional[int], batch_size: int, itm_batch_size: int, cache_dir: Path, no_cache: bool,
-                  shard_size: int, compile_vision: bool, exclude_sites: list[str], object_baseline: bool = False):
+def _eval_options(itm: Optional[bool], k: Optional[int], batch_size: int, itm_batch_size: int, cache_dir: Path,
+                  no_cache: bool, shard_size: int, pairs_per_block: int, compile_vision: bool, exclude_sites: list[str],
+                  object_baseline: bool = False):
     from .eval.pipeline import EvalOptions
 
     return EvalOptions(itm=itm, k=k, batch_size=batch_size, itm_batch_size=itm_batch_size,
                        cache_dir=None if no_cache else cache_dir, shard_size=shard_size,
-                       compile_vision=compile_vision, object_baseline=object_baseline,
-                       exclude_sites=tuple(exclude_sites))
+                       pairs_per_block=pairs_per_block, compile_vision=compile_vision,
+                       object_baseline=object_baseline, exclude_sites=tuple(exclude_sites))
 
 
 DATASET = typer.Option(..., help="flickr30k, coco, flickr30k-fg or coco-fg.")
@@ -229,7 +231,9 @@ BATCH = typer.Option(16, min=1, help="Images per vision / Q-Former forward.")
 ITM_BATCH = typer.Option(128, min=1, help="(image, text) pairs per ITM forward.")
 CACHE_DIR = typer.Option(DEFAULT_CACHE, help="Feature cache; a killed run resumes from it.")
 NO_CACHE = typer.Option(False, "--no-cache", help="Keep features in memory only.")
-SHARD = typer.Option(64, min=1, help="Images per cache file: the unit of work a resumed run skips.")
+SHARD = typer.Option(64, min=1, help="Images per cache file: the unit of work a resumed run skips (and ranks share).")
+PAIRS_PER_BLOCK = typer.Option(4096, min=1, help="ITM pairs per cache file: the unit of re-ranking work that a resumed "
+                                                 "run skips and that ranks share equally under torchrun.")
 
 
 @app.command("eval")
@@ -243,7 +247,8 @@ def eval_command(
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT, projector: Optional[Projector] = PROJECTOR,
     itm: Optional[bool] = ITM, k: Optional[int] = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
-    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD, compile_vision: bool = COMPILE,
+    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
+    pairs_per_block: int = PAIRS_PER_BLOCK, compile_vision: bool = COMPILE,
     trust_remote_code: bool = TRUST_REMOTE_CODE, exclude_site: list[str] = EXCLUDE_SITE,
     object_baseline: bool = typer.Option(False, "--object-baseline",
                                          help="Also score the object-embedding baseline (paper's Table F): model score "
@@ -253,6 +258,9 @@ def eval_command(
     """Evaluate baseline and Q-Pert on a retrieval benchmark: R@1/5/10, mR@K, small-object R@K.
 
     Example: qpert eval --model blip2-coco --dataset flickr30k --data-root ~/data --boxes entities --device cuda
+
+    On several GPUs or nodes: torchrun --nproc_per_node 8 -m qpert eval ... --cache-dir SHARED (a folder every
+    rank sees); the numbers are those of one process.
     """
     import json
 
@@ -260,20 +268,45 @@ def eval_command(
 
     configs = [read_config_file(c) for c in config] or [qpert_config(alpha, weight, threshold, rank, keep_norm,
                                                                        orthogonal, projector=projector)]
-    result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
-                                device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
-                                options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
-                                                      compile_vision, exclude_site, object_baseline),
-                                trust_remote_code=trust_remote_code, compat=compat, bin_boxes=bin_boxes)
+    with _ranks() as ranks:
+        result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
+                                    device=str(ranks.device(device)), dtype=dtype, score_threshold=score_threshold,
+                                    max_boxes=max_boxes, trust_remote_code=trust_remote_code, compat=compat,
+                                    bin_boxes=bin_boxes, ranks=ranks,
+                                    options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache,
+                                                          shard_size, pairs_per_block, compile_vision, exclude_site,
+                                                          object_baseline))
+    if not ranks.is_main:
+        return
     s = result.settings
     binned = f", binned by {s['bin_boxes']}" if s["bin_boxes"] != s["boxes"] else ""
     typer.echo(f"{model} on {dataset} {split} ({compat} compat): {s['num_images']} images, {s['num_texts']} texts, "
                f"boxes {s['boxes_summary']}{binned}, {'ITC + ITM top-' + str(s['k']) if s['itm'] else 'ITC only'}, "
-               f"{s['seconds']} s")
+               f"{s['seconds']} s{_pair_rates(result)}")
     typer.echo(result.table())
     if output:
         output.write_text(json.dumps(result.to_dict(), indent=2))
         typer.echo(f"wrote {output}")
+
+
+@contextmanager
+def _ranks():
+    """This process's place under torchrun (a single process otherwise), torn down when the work is done."""
+    from .distributed import start, stop
+
+    ranks = start()
+    try:
+        yield ranks
+    finally:
+        stop(ranks)
+
+
+def _pair_rates(result) -> str:
+    """ITM pairs/s of each rank that scored pairs in this run."""
+    rates = [r for r in result.pair_rates if r > 0]
+    if not rates:
+        return ""
+    return "; ITM " + ", ".join(f"rank {i} {r:.0f} pairs/s" for i, r in enumerate(result.pair_rates) if r > 0)
 
 
 @app.command()
@@ -288,7 +321,8 @@ def tune(
     itm: bool = typer.Option(False, "--itm/--no-itm", help="Score the grid with ITM re-ranking (slow)."),
     k: Optional[int] = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
-    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD, compile_vision: bool = COMPILE,
+    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
+    pairs_per_block: int = PAIRS_PER_BLOCK, compile_vision: bool = COMPILE,
     trust_remote_code: bool = TRUST_REMOTE_CODE, exclude_site: list[str] = EXCLUDE_SITE,
     output: Path = typer.Option(Path("qpert-best.json"), help="Where the best config goes (for eval --config)."),
     results: Optional[Path] = typer.Option(None, help="Also write every setting's metrics here as JSON."),
@@ -304,13 +338,17 @@ def tune(
         except ValueError:
             raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}")
 
-    result, best = run_tune(model, dataset, data_root, boxes, split=split,
-                            alphas=floats(alphas) if alphas else None, thresholds=floats(thresholds),
-                            weights=weights.split(",") if weights else None, select_by=select_by,
-                            device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
-                            options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
-                                                  compile_vision, exclude_site),
-                            trust_remote_code=trust_remote_code, compat=compat, bin_boxes=bin_boxes)
+    with _ranks() as ranks:
+        result, best = run_tune(model, dataset, data_root, boxes, split=split,
+                                alphas=floats(alphas) if alphas else None, thresholds=floats(thresholds),
+                                weights=weights.split(",") if weights else None, select_by=select_by,
+                                device=str(ranks.device(device)), dtype=dtype, score_threshold=score_threshold,
+                                max_boxes=max_boxes, trust_remote_code=trust_remote_code, compat=compat,
+                                bin_boxes=bin_boxes, ranks=ranks,
+                                options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache,
+                                                      shard_size, pairs_per_block, compile_vision, exclude_site))
+    if not ranks.is_main:
+        return
     direction, _, key = select_by.partition(" ")
     ranked = sorted(result.metrics, key=lambda n: -(getattr(result.metrics[n], direction)[key] or -1.0))
     typer.echo(f"{'setting':44s} {'t2i R@1':>8s} {'t2i mR@1':>9s} {'i2t R@1':>8s} {'i2t mR@1':>9s}")

@@ -10,6 +10,7 @@ from ..config import COMPATS, QPertConfig, compat_dtype
 from ..errors import ConfigError, MissingFileError
 from ..data.box_sources import BoxSet, load_boxes
 from ..data.datasets import RetrievalDataset, load_dataset
+from ..distributed import Ranks
 from ..models.registry import LoadedModel, family_of, load_model
 from .metrics import METRIC_KEYS
 from .pipeline import PAPER_THRESHOLDS, EvalOptions, EvalResult, evaluate, method_name, paper_grid
@@ -62,7 +63,7 @@ def evaluate_benchmark(model: Union[str, LoadedModel], dataset: str, data_root: 
                        device: str = "cpu", dtype: Optional[str] = None, score_threshold: float = 0.0,
                        max_boxes: Optional[int] = None, options: Optional[EvalOptions] = None,
                        trust_remote_code: bool = False, compat: str = "paper",
-                       bin_boxes: Optional[str] = None) -> EvalResult:
+                       bin_boxes: Optional[str] = None, ranks: Optional[Ranks] = None) -> EvalResult:
     """Baseline and every Q-Pert config on a benchmark split, side by side, from one feature cache.
 
     Args:
@@ -78,6 +79,8 @@ def evaluate_benchmark(model: Union[str, LoadedModel], dataset: str, data_root: 
         compat: ``official`` runs what the official code runs (its box rules, projector, weights,
             token weights and metric conventions, in float32); every config is set to it.
         bin_boxes: another box source (same syntax as ``boxes``) that places images in the mR@K bins.
+        ranks: this process's place under ``torchrun`` (``qpert.distributed.start()``): each rank does its
+            share, through a cache every rank sees; the result is the same as in one process.
 
     Returns:
         :class:`EvalResult`: metrics per method (``.table()``, ``.to_dict()``) and the settings.
@@ -105,7 +108,7 @@ def evaluate_benchmark(model: Union[str, LoadedModel], dataset: str, data_root: 
     methods = {"baseline": None}
     for config in configs:
         methods["qpert" if len(configs) == 1 else method_name(config)] = config
-    return evaluate(model, data, box_set, methods, options, bin_boxes=bin_set)
+    return evaluate(model, data, box_set, methods, options, bin_boxes=bin_set, ranks=ranks)
 
 
 def tune(model: Union[str, LoadedModel], dataset: str, data_root: Union[str, Path], boxes: str, split: str = "val",

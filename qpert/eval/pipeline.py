@@ -5,7 +5,11 @@ families without an ITM head (CoCa, SigLIP) are evaluated by ITC alone.
 
 Work is split into shards of images; every stage's output goes to the feature cache under a
 key of everything it depends on, so several methods share one vision pass, a killed run
-resumes where it stopped, and changing a setting recomputes only what it touches:
+resumes where it stopped, and changing a setting recomputes only what it touches. Under
+``torchrun`` each rank takes its share of every stage (shards of images, chunks of texts, equal
+blocks of ITM pairs), writes it to the cache all ranks share and reads the others' from it after
+a barrier; the work units do not depend on the number of ranks, so the numbers do not either,
+and a cache written by N ranks serves a run with M:
 
 1. vision tokens of every image (once per model);     2. text embeddings (once);
 3. per Q-Pert threshold, the subspaces of every image; 4. per method, ITC image embeddings;
@@ -36,6 +40,7 @@ from ..config import COMPATS, WEIGHT_COEFFICIENTS, QPertConfig
 from ..errors import ConfigError, DataError
 from ..core import Subspaces
 from ..data.box_sources import BoxSet
+from ..distributed import Ranks
 from ..data.datasets import RetrievalDataset
 from ..models.compiling import compile_vision_encoder
 from ..models.registry import DEFAULT_RERANK_K, LoadedModel, retrieval_heads
@@ -45,6 +50,9 @@ from .cache import FeatureStore, content_key, model_fingerprint
 from .metrics import RetrievalMetrics, format_comparison, retrieval_metrics
 
 log = logging.getLogger(__name__)
+
+#: Texts per text-embedding forward and cache file.
+TEXTS_PER_CHUNK = 256
 
 #: A method is a named Q-Pert setting; None is the unmodified model.
 Methods = dict[str, Optional[QPertConfig]]
@@ -64,10 +72,11 @@ class EvalOptions:
     compile_vision: bool = False  # torch.compile the vision encoder (qpert.compile_vision_encoder)
     compat: str = "paper"         # "official": the official code's metric conventions (and every method's compat)
     exclude_sites: tuple[str, ...] = ()  # cross-attentions left alone (qpert.attach(exclude=...))
+    pairs_per_block: int = 4096   # ITM pairs per cache file: the unit of work ranks share and a resumed run skips
 
     def __post_init__(self) -> None:
         counts = {"k": self.k, "batch_size": self.batch_size, "itm_batch_size": self.itm_batch_size,
-                  "shard_size": self.shard_size}
+                  "shard_size": self.shard_size, "pairs_per_block": self.pairs_per_block}
         for name, value in counts.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"EvalOptions.{name} must be a whole number >= 1, got {value!r}")
@@ -81,6 +90,7 @@ class EvalResult:
     settings: dict[str, Any]
     skipped_images: list[str] = field(default_factory=list)
     scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # (images, texts), T2I
+    pair_rates: list[float] = field(default_factory=list)  # ITM pairs per second computed by each rank
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: m.to_dict() for name, m in self.metrics.items()}
@@ -101,7 +111,12 @@ def method_name(config: QPertConfig) -> str:
 class _Run:
     """State of one evaluation: model, cache, shards and the inputs every stage needs."""
 
-    def __init__(self, loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, options: EvalOptions):
+    def __init__(self, loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, options: EvalOptions,
+                 ranks: Ranks):
+        if ranks.world > 1 and options.cache_dir is None:
+            raise ConfigError("several processes share their work through the feature cache: give a --cache-dir "
+                              "that every rank sees (a shared file system across nodes), not --no-cache")
+        self.ranks = ranks
         self.heads = retrieval_heads(loaded.model)
         self.itm = resolve_itm(self.heads, options.itm, loaded.name)
         self.k = options.k or (loaded.spec.rerank_k if loaded.spec else DEFAULT_RERANK_K)
@@ -120,17 +135,19 @@ class _Run:
         if options.compile_vision:  # lazy: a run whose vision tokens are all cached never compiles
             compile_vision_encoder(self.model)
         self._recent_subspaces: dict[str, Subspaces] = {}
+        self.itm_pairs, self.itm_seconds = 0, 0.0  # computed by this rank, for its pairs/s
 
     def bar(self, total: int, desc: str, unit: str):
-        return tqdm(total=total, desc=desc, unit=unit, disable=not self.options.progress, dynamic_ncols=True,
-                    mininterval=1.0)
+        """Rank 0's progress on its share (the ranks' shares are equal, so its ETA is the run's)."""
+        return tqdm(total=total, desc=desc, unit=unit, disable=not (self.options.progress and self.ranks.is_main),
+                    dynamic_ncols=True, mininterval=1.0)
 
     # ---------------------------------------------------------------------------- stage 1
     def tokens_key(self, shard: range) -> str:
         return content_key("tokens", self.model_key, [self.image_keys[i] for i in shard])
 
     def vision_tokens(self) -> None:
-        todo = [s for s in self.shards if not self.store.has("tokens", self.tokens_key(s))]
+        todo = [s for s in self.ranks.strided(self.shards) if not self.store.has("tokens", self.tokens_key(s))]
         with self.bar(sum(len(s) for s in todo), "vision features", "img") as bar:
             for shard in todo:
                 tokens, sizes, readable = [], [], []
@@ -151,6 +168,7 @@ class _Run:
                 stacked = torch.stack([t if t is not None else torch.zeros_like(template) for t in tokens])
                 self.store.save("tokens", self.tokens_key(shard), {
                     "tokens": stacked, "sizes": torch.tensor(sizes), "readable": torch.tensor(readable)})
+        self.ranks.barrier()
 
     def load_tokens(self, shard: range) -> dict[str, torch.Tensor]:
         data = self.store.load("tokens", self.tokens_key(shard))
@@ -160,16 +178,17 @@ class _Run:
     # ---------------------------------------------------------------------------- stage 2
     def text_embeddings(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, mask = self.heads.tokenize(self.model, self.loaded.processor, self.dataset.texts)
-        key = content_key("text", self.model_key, self.dataset.texts)
-        if not self.store.has("text", key):
-            parts = []
-            with self.bar(len(ids), "text features", "text") as bar:
-                for s in range(0, len(ids), 256):
-                    emb = self.heads.text_embeddings(self.model, ids[s:s + 256], mask[s:s + 256])
-                    parts.append(emb.float())  # kept on the device: no wait per batch
-                    bar.update(len(parts[-1]))
-            self.store.save("text", key, {"emb": torch.cat(parts)})
-        return self.store.load("text", key)["emb"], ids, mask
+        texts = content_key("text", self.model_key, self.dataset.texts)
+        chunks = [(content_key(texts, s), range(s, min(s + TEXTS_PER_CHUNK, len(ids))))
+                  for s in range(0, len(ids), TEXTS_PER_CHUNK)]
+        todo = [(key, chunk) for key, chunk in self.ranks.strided(chunks) if not self.store.has("text", key)]
+        with self.bar(sum(len(c) for _, c in todo), "text features", "text") as bar:
+            for key, chunk in todo:
+                emb = self.heads.text_embeddings(self.model, ids[chunk.start:chunk.stop], mask[chunk.start:chunk.stop])
+                self.store.save("text", key, {"emb": emb.float()})
+                bar.update(len(chunk))
+        self.ranks.barrier()
+        return torch.cat([self.store.load("text", key)["emb"] for key, _ in chunks]), ids, mask
 
     # ---------------------------------------------------------------------------- stage 3
     def subspaces_key(self, shard: range, config: QPertConfig) -> str:
@@ -197,7 +216,7 @@ class _Run:
 
     def image_embeddings(self, methods: Methods) -> None:
         todo = [(s, [c for c in methods.values() if not self.store.has("itc", self.method_key(s, c))])
-                for s in self.shards]
+                for s in self.ranks.strided(self.shards)]
         todo = [(s, sorted(need, key=_by_subspaces)) for s, need in todo if need]  # reuse each tau's subspaces
         with self.bar(sum(len(s) * len(n) for s, n in todo), "image embeddings", "img") as bar:
             for shard, need in todo:
@@ -210,6 +229,7 @@ class _Run:
                             emb.append(self.heads.image_embeddings(self.model, tokens["tokens"][sl]).float())
                         bar.update(len(emb[-1]))
                     self.store.save("itc", self.method_key(shard, config), {"emb": torch.cat(emb)})
+        self.ranks.barrier()
 
     def _objects(self, config: Optional[QPertConfig], shard: range, tokens, rows, pairs=None):
         """Context that applies ``config`` to a batch (rows of the shard, or pair image indices)."""
@@ -229,7 +249,11 @@ class _Run:
     # ---------------------------------------------------------------------------- stage 5
     def itm_rerank(self, config: Optional[QPertConfig], itc: torch.Tensor, ids, mask,
                    desc: str) -> tuple[np.ndarray, np.ndarray]:
-        """Final (I, T) matrices for T2I and I2T: ITM + ITC on each query's top k, -inf elsewhere."""
+        """Final (I, T) matrices for T2I and I2T: ITM + ITC on each query's top k, -inf elsewhere.
+
+        The pairs (sorted by image) are cut into blocks of equal size, so every rank scores as many pairs
+        however the large re-ranking lists fall; each rank takes a contiguous run of blocks.
+        """
         n_img, n_txt = itc.shape
         k_img, k_txt = min(self.k, n_img), min(self.k, n_txt)
         t2i_top = itc.topk(k_img, dim=0).indices                    # (k, T): images per text
@@ -237,17 +261,18 @@ class _Run:
         t2i_pairs = torch.stack([t2i_top.flatten(), torch.arange(n_txt).repeat(k_img)], 1)
         i2t_pairs = torch.stack([torch.arange(n_img).repeat_interleave(k_txt), i2t_top.flatten()], 1)
         pairs = torch.unique(torch.cat([t2i_pairs, i2t_pairs]), dim=0)  # sorted by image
-        logits = torch.empty(len(pairs))
-        starts = torch.searchsorted(pairs[:, 0].contiguous(), torch.tensor([s.start for s in self.shards] + [n_img]))
-        with self.bar(len(pairs), desc, "pair") as bar:
-            for shard, lo, hi in zip(self.shards, starts[:-1].tolist(), starts[1:].tolist()):
-                chunk = pairs[lo:hi]
-                key = content_key("itm", self.method_key(shard, config), self.k, chunk.tolist())
-                if not self.store.has("itm", key):
-                    self.store.save("itm", key, {"logits": self._itm(config, shard, chunk, ids, mask, bar)})
-                else:
-                    bar.update(len(chunk))
-                logits[lo:hi] = self.store.load("itm", key)["logits"]
+        size = self.options.pairs_per_block
+        blocks = [pairs[s:s + size] for s in range(0, len(pairs), size)]
+        keys = [self.itm_key(config, block) for block in blocks]
+        mine = [b for b in self.ranks.contiguous(len(blocks)) if not self.store.has("itm", keys[b])]
+        started = time.perf_counter()
+        with self.bar(sum(len(blocks[b]) for b in mine), desc, "pair") as bar:
+            for b in mine:
+                self.store.save("itm", keys[b], {"logits": self._itm(config, blocks[b], ids, mask, bar)})
+                self.itm_pairs += len(blocks[b])
+        self.itm_seconds += time.perf_counter() - started
+        self.ranks.barrier()
+        logits = torch.cat([self.store.load("itm", key)["logits"] for key in keys]) if keys else torch.empty(0)
         final = itc.clone()
         final[pairs[:, 0], pairs[:, 1]] += logits
         t2i = torch.full_like(itc, -torch.inf)
@@ -256,37 +281,50 @@ class _Run:
         i2t[i2t_pairs[:, 0], i2t_pairs[:, 1]] = final[i2t_pairs[:, 0], i2t_pairs[:, 1]]
         return t2i.numpy(), i2t.numpy()
 
-    def _itm(self, config, shard: range, chunk: torch.Tensor, ids, mask, bar) -> torch.Tensor:
-        if len(chunk) == 0:
-            return torch.empty(0)
-        tokens = self.load_tokens(shard)
+    def _shards_of(self, block: torch.Tensor) -> list[tuple[range, torch.Tensor]]:
+        """The block's pairs grouped by the shard of their image, in order."""
+        size = self.options.shard_size
+        groups = []
+        for index in (block[:, 0] // size).unique().tolist():
+            shard = self.shards[index]
+            groups.append((shard, block[(block[:, 0] >= shard.start) & (block[:, 0] < shard.stop)]))
+        return groups
+
+    def itm_key(self, config: Optional[QPertConfig], block: torch.Tensor) -> str:
+        return content_key("itm-block", [self.method_key(shard, config) for shard, _ in self._shards_of(block)],
+                           block.tolist())
+
+    def _itm(self, config, block: torch.Tensor, ids, mask, bar) -> torch.Tensor:
         out = []
-        for s in range(0, len(chunk), self.options.itm_batch_size):
-            part = chunk[s:s + self.options.itm_batch_size]
-            local = part[:, 0] - shard.start
-            with self._objects(config, shard, tokens, None, pairs=local):
-                out.append(self.heads.itm_scores(self.model, tokens["tokens"], ids[part[:, 1]], mask[part[:, 1]],
+        for shard, chunk in self._shards_of(block):
+            tokens = self.load_tokens(shard)
+            for s in range(0, len(chunk), self.options.itm_batch_size):
+                part = chunk[s:s + self.options.itm_batch_size]
+                local = part[:, 0] - shard.start
+                with self._objects(config, shard, tokens, None, pairs=local):
+                    out.append(self.heads.itm_scores(self.model, tokens["tokens"], ids[part[:, 1]], mask[part[:, 1]],
                                                      image_index=local))  # kept on the device: no wait per batch
-            bar.update(len(part))
+                bar.update(len(part))
         return torch.cat(out).cpu()
 
     # ---------------------------------------------------------------------------- object-embedding baseline
     def object_similarities(self, text_emb: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
         """(I, T) best object similarity per image and text; ``itc`` (the baseline's) where an image has none."""
-        rows = []
         texts = content_key("text", self.model_key, self.dataset.texts)
-        for shard in self.shards:
-            boxes = [self.boxes[i].tolist() for i in shard]
-            key = content_key("objects", self.tokens_key(shard), boxes, texts)
+        keys = {shard.start: content_key("objects", self.tokens_key(shard), [self.boxes[i].tolist() for i in shard],
+                                         texts) for shard in self.shards}
+        for shard in self.ranks.strided(self.shards):
+            key = keys[shard.start]
             if not self.store.has("objects", key):
+                boxes = [self.boxes[i].tolist() for i in shard]
                 tokens = self.load_tokens(shard)
                 boxes = [b if ok else [] for b, ok in zip(boxes, tokens["readable"].tolist())]
                 masks = object_masks(self.handle.layout, boxes, tokens["sizes"].tolist(), tokens["tokens"].shape[1])
                 sims = object_similarities(self.model, self.heads, tokens["tokens"], masks, text_emb,
                                            itc[shard.start:shard.stop])
                 self.store.save("objects", key, {"sims": sims})
-            rows.append(self.store.load("objects", key)["sims"])
-        return torch.cat(rows)
+        self.ranks.barrier()
+        return torch.cat([self.store.load("objects", keys[shard.start])["sims"] for shard in self.shards])
 
     def readable(self) -> np.ndarray:
         return np.concatenate([self.store.load("tokens", self.tokens_key(s))["readable"].numpy() for s in self.shards])
@@ -324,7 +362,8 @@ def _open_image(path: Path) -> Optional[Image.Image]:
 
 
 def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, methods: Methods,
-             options: Optional[EvalOptions] = None, bin_boxes: Optional[BoxSet] = None) -> EvalResult:
+             options: Optional[EvalOptions] = None, bin_boxes: Optional[BoxSet] = None,
+             ranks: Optional[Ranks] = None) -> EvalResult:
     """R@K / mR@K of every method on ``dataset``, all from one shared feature cache.
 
     Args:
@@ -334,6 +373,8 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
             area bin (default: the same; the paper bins Flickr30K by Entities even for detector rows).
         methods: name -> :class:`QPertConfig`, or None for the unmodified model.
         options: :class:`EvalOptions`.
+        ranks: this process's place under ``torchrun`` (``qpert.distributed.start()``); every rank calls
+            ``evaluate`` and gets the same result.
 
     Returns:
         :class:`EvalResult`.
@@ -349,7 +390,8 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
                          f"compat={options.compat!r}: one evaluation uses one set of conventions")
     bin_boxes = bin_boxes or boxes
     started = time.time()
-    run = _Run(loaded, dataset, boxes, options)
+    ranks = ranks or Ranks()
+    run = _Run(loaded, dataset, boxes, options, ranks)
     try:
         run.vision_tokens()
         text_emb, ids, mask = run.text_embeddings()
@@ -389,11 +431,12 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
         "num_images": int(readable.sum()), "num_texts": int(keep_txt.sum()), "itm": run.itm, "k": run.k,
         "dtype": str(run.dtype).replace("torch.", ""), "device": str(run.device),
         "methods": {n: (c.to_dict() if c else None) for n, c in methods.items()},
-        "object_baseline": options.object_baseline, "compiled": options.compile_vision,
+        "object_baseline": options.object_baseline, "compiled": options.compile_vision, "world_size": ranks.world,
         "exclude_sites": list(options.exclude_sites),
         "seconds": round(time.time() - started, 1),
     }
-    return EvalResult(metrics, settings, skipped, scores)
+    rates = ranks.gather(run.itm_pairs / run.itm_seconds if run.itm_seconds > 0 and run.itm_pairs else 0.0)
+    return EvalResult(metrics, settings, skipped, scores, rates)
 
 
 #: The paper's tau grid.

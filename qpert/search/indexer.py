@@ -32,7 +32,7 @@ from ..errors import ConfigError, IndexBusyError, MissingFileError
 from ..eval.cache import FeatureStore, content_key, model_fingerprint
 from ..models.compiling import compile_vision_encoder
 from ..models.registry import LoadedModel, load_model, retrieval_heads
-from . import distributed
+from .. import distributed
 from .annotations import annotated_detections, read_annotations
 from .catalog import Catalog, NewPhoto, PhotoRow
 from .detectors import Detections, Detector, DetectorOptions, load_detector
