@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check, in one call of under 8 minutes (150 + 130 + 200 s at most) on a lent GPU machine
+# The GPU check, in one call of under 9 minutes (150 + 130 + 200 + 60 s at most) on a lent GPU machine
 # (nothing is installed from the network): the CUDA correctness tests, then the full-size benchmark
-# in fp16 and bf16. Everything it prints also lands in $OUT (when set) or bench/out/.
+# in fp16 and bf16, then (with two GPUs or more) a torchrun evaluation on two GPUs (NCCL) against one
+# process. Everything it prints also lands in $OUT (when set) or bench/out/.
 #
 #   device run:  bash bench/gpu_check.sh            (from the repository root; timeout_s 540)
 #
@@ -33,4 +34,10 @@ for run in "fp16 130" "bf16 200 --compile"; do
     timeout "$limit" python3 bench/run.py --device cuda --dtype "$dtype" --sizes 224,364 --batch 32 --pairs 512 \
         --gallery 64 --k 16 --repeats 5 "$@" --json "$out/bench_$dtype.json" 2>&1 | tee "$out/bench_$dtype.txt" || status=1
 done
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    QPERT_DISTRIBUTED_DEVICE=cuda timeout 60 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_distributed_eval.py -k json_of_one 2>&1 | tee "$out/torchrun_2gpu.txt" || status=1
+else
+    echo "one GPU: the 2-GPU torchrun check is skipped" | tee "$out/torchrun_2gpu.txt"
+fi
 exit $status

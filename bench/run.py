@@ -37,7 +37,7 @@ import qpert  # noqa: E402
 from eval_projection import measure_projection, print_projection  # noqa: E402
 from overhead import (ENCODING, ITM_PER_PAIR, full_size_blip2, itm_row, measure_overhead, own_share,  # noqa: E402
                       paired, print_rows, random_boxes, timed)
-from qpert.models.registry import retriever_of  # noqa: E402
+from qpert.models.registry import retrieval_heads  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -72,7 +72,7 @@ def encoding_times(model: torch.nn.Module, size: int, args: argparse.Namespace,
                    config: qpert.QPertConfig) -> tuple[float, float, float]:
     """Median seconds per batch of image encoding (vision tower + pooling head or Q-Former ITC pass)
     without and with Q-Pert (subspaces built on the fly), and the median ratio."""
-    retriever = retriever_of(model)
+    retriever = retrieval_heads(model)
     handle = qpert.attach(model, config)
     pixels = torch.randn(args.batch, 3, size, size, device=args.device, dtype=DTYPES[args.dtype])
     boxes, sizes = random_boxes(args.batch, args.boxes, size, seed=1), [(size, size)] * args.batch
@@ -94,7 +94,7 @@ def encoding_times(model: torch.nn.Module, size: int, args: argparse.Namespace,
 def compiled_encoding(model: torch.nn.Module, size: int, args: argparse.Namespace, config: qpert.QPertConfig) -> dict:
     """After ``qpert.compile_vision_encoder``: compile time, the vision encoder eager against compiled
     (interleaved), and the encoding with and without Q-Pert through the compiled encoder."""
-    retriever = retriever_of(model)
+    retriever = retrieval_heads(model)
     encoder = qpert.compile_vision_encoder(model)
     compiled_call = encoder._compiled_call_impl  # what nn.Module.compile installed; None runs the module eagerly
     pixels = torch.randn(args.batch, 3, size, size, device=args.device, dtype=DTYPES[args.dtype])

@@ -12,9 +12,10 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 #: Marks temporaries: ``name.tmp<pid>-<random>`` (no longer ending as the file does, so globs skip them).
 TMP_MARK = ".tmp"

@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 from .attach import attach
+from .models.family import is_instance
 from .config import QPertConfig
-from .core.boxes import BoxesLike
+from .core.geometry import BoxesLike
 from .errors import UnsupportedModelError
 from .models.registry import LoadedModel
 
-CAPTION_CLASSES = ("Blip2ForConditionalGeneration",)
+CAPTION_CLASSES = ("transformers.Blip2ForConditionalGeneration",)
 
 
 @dataclass(frozen=True)
@@ -29,25 +30,33 @@ class Captions:
 @torch.no_grad()
 def caption(loaded: LoadedModel, image: Image.Image, boxes: BoxesLike, config: QPertConfig,
             max_new_tokens: int = 30, **generate_kwargs: Any) -> Captions:
-    """The caption of ``image`` without and with Q-Pert on ``boxes`` (x0, y0, x1, y1 in its pixels).
+    """The caption of ``image`` without and with Q-Pert on its objects (the paper's Fig. 8).
 
-    Decoding is greedy unless ``generate_kwargs`` say otherwise (``num_beams=5`` as BLIP-2's paper).
+    Args:
+        loaded: a BLIP-2 captioner (``blip2-opt-2.7b``, ``blip2-flant5-xl`` or a saved folder).
+        image: a PIL image; boxes: its objects, ``x0, y0, x1, y1`` in its pixels.
+        config: the Q-Pert setting; max_new_tokens: the longest caption.
+        generate_kwargs: for ``model.generate`` (greedy unless they say otherwise; the BLIP-2 paper
+            uses ``num_beams=5``).
+
+    Returns:
+        :class:`Captions` (``baseline``, ``qpert``).
+
+    Raises:
+        UnsupportedModelError: the model is not a ``Blip2ForConditionalGeneration``.
     """
     model, processor = loaded.model, loaded.processor
-    if type(model).__name__ not in CAPTION_CLASSES:
+    if not any(is_instance(model, name) for name in CAPTION_CLASSES):
         raise UnsupportedModelError(f"captioning needs {' or '.join(CAPTION_CLASSES)} (e.g. blip2-opt-2.7b); "
                                     f"{loaded.name} is a {type(model).__name__}")
     weight = model.vision_model.embeddings.patch_embedding.weight
     pixels = processor.image_processor([image.convert("RGB")], return_tensors="pt").pixel_values
     pixels = pixels.to(weight.device, weight.dtype)
     options = {"max_new_tokens": max_new_tokens, "do_sample": False, **generate_kwargs}
-    handle = attach(model, config)
-    try:
+    with attach(model, config) as handle:
         base = model.generate(pixel_values=pixels, **options)
         with handle.objects([boxes], [(image.height, image.width)]):
             pert = model.generate(pixel_values=pixels, **options)
-    finally:
-        handle.detach()
     # Decoder-only language models return the image and BOS tokens too: special, so skipped here.
     base_text, pert_text = (processor.batch_decode(ids, skip_special_tokens=True)[0].strip() for ids in (base, pert))
     return Captions(base_text, pert_text)

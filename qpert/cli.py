@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
 from . import __version__
-from .cli_options import (ALPHA, COMPILE, DEVICE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE,
-                          WEIGHT, finite, parse_box, qpert_config)
-from .config import QPertConfig
+from .cli_options import (ALPHA, COMPAT, COMPILE, DEVICE, DTYPE, EXCLUDE_SITE, KEEP_NORM, MODEL, ORTHOGONAL, PROJECTOR, RANK,
+                          THRESHOLD, TRUST_REMOTE_CODE, WEIGHT, parse_box, qpert_config)
+from .config import Compat, Projector, QPertConfig, Weight, compat_dtype
 from .errors import QPertError
 from .search.commands import register as register_search_commands
 
@@ -25,20 +26,22 @@ app = typer.Typer(
          "cross-attention, the part of each query that lies in the object's key subspace.",
 )
 
-USER_ERRORS = (QPertError, ValueError, OSError)
-#: click's exceptions, as the installed typer raises them (recent typers ship their own copy of click).
+#: What the command line shows as one line: what the user gave is wrong, or the machine refused (a full disk).
+USER_ERRORS = (QPertError, OSError)
+#: Click's exceptions, or the copy of them typer ships in newer versions.
 _CLICK = sys.modules[typer.BadParameter.__module__]
 
 
 @app.command()
 def models() -> None:
-    """List the registered model names, their checkpoints and alpha grids."""
+    """List the registered model names, their checkpoints, alpha grids and ITM re-ranking depth k."""
     from .models.registry import MODELS
 
     for spec in MODELS.values():
-        grid = ", ".join(f"{a:g}" for a in spec.alpha_grid)
+        grid = ", ".join(f"{a:g}" for a in spec.alphas)
         source = "(bundled with qpert)" if Path(spec.source).is_absolute() else spec.source
-        typer.echo(f"{spec.name:15s} {source:34s} {spec.image_size:4d}px  alpha [{grid}]  {spec.description}")
+        typer.echo(f"{spec.name:15s} {source:34s} {spec.image_size:4d}px  alpha [{grid}]  k {spec.rerank_k:3d}  "
+                   f"{spec.description}")
 
 
 def _print_scores(texts: list[str], results: dict, title: str) -> None:
@@ -89,31 +92,39 @@ def example(seed: int = typer.Option(0, help="Seed of the random weights and ima
 @app.command()
 def demo(
     out: Path = typer.Option(Path("qpert-demo"), help="Folder for the scenes and report.html."),
-    seeds: int = typer.Option(1, help="Number of test seeds (the README's table uses 5)."),
-    n_test: int = typer.Option(500, min=1, help="Test scenes per seed."),
-    n_val: int = typer.Option(300, min=1, help="Validation scenes (alpha is chosen there)."),
+    seeds: Optional[int] = typer.Option(None, min=1, max=5, help="Number of test seeds (default 1, or 5 with --ablation; the "
+                                                   "README's tables use 5)."),
+    n_test: int = typer.Option(500, min=2, help="Test scenes per seed."),
+    n_val: int = typer.Option(300, min=2, help="Validation scenes (alpha is chosen there)."),
     model: str = typer.Option("blip2-shapes", help="The shipped toy model, or any BLIP-2 retrieval checkpoint."),
     itm: bool = typer.Option(True, "--itm/--no-itm", help="Re-rank the top k by ITM + ITC."),
     k: int = typer.Option(10, min=1, help="Candidates re-ranked by ITM per query."),
+    ablation: bool = typer.Option(False, "--ablation",
+                                  help="Also run the controls (the official code's projector, a random subspace of "
+                                       "the same rank, plain query scaling), each with its own alpha; all 5 test "
+                                       "seeds unless --seeds says otherwise."),
 ) -> None:
     """Offline benchmark in about a minute: synthetic scenes, a small trained BLIP-2, baseline vs Q-Pert.
 
     Writes the scenes in the real Flickr30K/Entities formats, picks alpha on a validation seed,
-    evaluates the test seed(s) and writes an HTML report with the per-size-bin chart.
+    evaluates the test seed(s) and writes an HTML report with the per-size-bin chart. The model is a
+    toy trained on coloured shapes: its numbers show the mechanism, not BLIP-2's.
     """
     from .demo import TEST_SEEDS, run_demo
 
-    if not 1 <= seeds <= len(TEST_SEEDS):
-        raise typer.BadParameter(f"--seeds takes 1 to {len(TEST_SEEDS)}")
-    result = run_demo(out, model=model, seeds=TEST_SEEDS[:seeds], n_test=n_test, n_val=n_val, itm=itm, k=k)
+    seeds = seeds if seeds is not None else (len(TEST_SEEDS) if ablation else 1)
+    result = run_demo(out, model=model, seeds=TEST_SEEDS[:seeds], n_test=n_test, n_val=n_val, itm=itm, k=k,
+                      ablation=ablation)
     last = list(result.tests.values())[-1]
     from .eval.metrics import format_comparison
 
-    typer.echo(f"{model}: alpha={result.alpha:g} chosen on the validation seed; "
+    typer.echo(f"{model} (a toy model on synthetic shapes): alpha={result.alpha:g} chosen on the validation seed; "
                f"{last.settings['num_images']} test scenes per seed, {'ITC + ITM' if itm else 'ITC'}")
     typer.echo(format_comparison(last.metrics))
     if seeds > 1:
         typer.echo("\n" + result.summary())
+    if ablation:
+        typer.echo("\nAblation (mean ± std over test seeds; only the projector differs):\n" + result.ablation_table())
     typer.echo(f"\nreport: {result.report}")
 
 
@@ -126,21 +137,22 @@ def score_command(
     itm: Optional[bool] = typer.Option(None, "--itm/--no-itm", show_default=False,
                                        help="Also compute ITM + ITC (the re-ranking score); default: when the model "
                                             "has an ITM head (BLIP-2, BLIP; not CoCa or SigLIP)."),
-    alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
+    alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
     keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
+    compat: Compat = COMPAT,
     device: str = DEVICE,
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE, exclude_site: list[str] = EXCLUDE_SITE,
 ) -> None:
     """Score one image against captions with and without Q-Pert."""
     from .models.registry import load_model
     from .scoring import score
 
-    config = qpert_config(alpha, weight, threshold, keep_norm, orthogonal)
+    config = qpert_config(alpha, weight, threshold, rank, keep_norm, orthogonal, compat)
     boxes = [parse_box(b) for b in box]
     img = _read_image(image)
-    loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    results = score(loaded, [img], [boxes], text, config, itm=itm)
+    loaded = load_model(model, device=device, dtype=compat_dtype(compat, dtype), trust_remote_code=trust_remote_code)
+    results = score(loaded, [img], [boxes], text, config, itm=itm, exclude_sites=exclude_site)
     _print_scores(text, results, f"{loaded.name} on {image} ({img.width}x{img.height}), {len(boxes)} box(es):")
 
 
@@ -152,8 +164,8 @@ def caption_command(
                                                      "registered name, hub id or local folder."),
     max_new_tokens: int = typer.Option(30, min=1, help="Longest caption, in tokens."),
     num_beams: int = typer.Option(1, min=1, help="Beam width (1: greedy)."),
-    alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
-    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
+    alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
+    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT,
     device: str = DEVICE,
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
 ) -> None:
@@ -161,10 +173,10 @@ def caption_command(
     from .captioning import caption
     from .models.registry import load_model
 
-    config = qpert_config(alpha, weight, threshold, keep_norm, orthogonal)
+    config = qpert_config(alpha, weight, threshold, rank, keep_norm, orthogonal, compat)
     boxes = [parse_box(b) for b in box]
     img = _read_image(image)
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=compat_dtype(compat, dtype))
     captions = caption(loaded, img, boxes, config, max_new_tokens=max_new_tokens, num_beams=num_beams)
     typer.echo(f"{loaded.name} on {image} ({img.width}x{img.height}), {len(boxes)} box(es):")
     typer.echo(f"  baseline: {captions.baseline}")
@@ -188,45 +200,56 @@ def _read_image(path: Path):
 DEFAULT_CACHE = Path.home() / ".cache" / "qpert"
 
 
-def _eval_options(itm: Optional[bool], k: int, batch_size: int, itm_batch_size: int, cache_dir: Path, no_cache: bool,
-                  shard_size: int, compile_vision: bool, object_baseline: bool = False):
+def _eval_options(itm: Optional[bool], k: Optional[int], batch_size: int, itm_batch_size: int, cache_dir: Path,
+                  no_cache: bool, shard_size: int, pairs_per_block: int, compile_vision: bool, exclude_sites: list[str],
+                  object_baseline: bool = False):
     from .eval.pipeline import EvalOptions
 
     return EvalOptions(itm=itm, k=k, batch_size=batch_size, itm_batch_size=itm_batch_size,
                        cache_dir=None if no_cache else cache_dir, shard_size=shard_size,
-                       compile_vision=compile_vision, object_baseline=object_baseline)
+                       pairs_per_block=pairs_per_block, compile_vision=compile_vision,
+                       object_baseline=object_baseline, exclude_sites=tuple(exclude_sites))
 
 
 DATASET = typer.Option(..., help="flickr30k, coco, flickr30k-fg or coco-fg.")
 DATA_ROOT = typer.Option(..., help="Folder with flickr30k/ and/or coco/ (and fg/) in the documented layout.")
 BOXES = typer.Option("entities", help="entities[:DIR] (Flickr30K Entities), coco-json:FILE (detector results, "
                                       "COCO format), coco-instances:FILE or coco-entities:FILE.")
+BIN_BOXES = typer.Option(None, help="Box source that places images in the mR@K area bins and the small-object subset "
+                                    "(same syntax as --boxes; default: --boxes). The paper bins Flickr30K by "
+                                    "Entities boxes, also for its detector rows.")
 CAPTIONS = typer.Option(None, help="Captions file replacing the default one (e.g. an FG caption JSON).")
-SCORE_THR = typer.Option(0.0, callback=finite, help="With coco-json boxes: keep detections scoring at least this.")
+SCORE_THR = typer.Option(0.0, min=0.0, max=1.0, help="With coco-json boxes: keep detections scoring at least this.")
 MAX_BOXES = typer.Option(None, min=1, help="With coco-json boxes: keep at most this many per image (best first).")
 ITM = typer.Option(None, "--itm/--no-itm", show_default=False,
                    help="Re-rank each query's top k by ITM + ITC (the paper's protocol); default: when the model has "
                         "an ITM head (BLIP-2, BLIP), ITC only for CoCa and SigLIP.")
-TOP_K = typer.Option(64, "--k", min=1, help="Candidates re-ranked by ITM per query.")
+TOP_K = typer.Option(None, "--k", min=1, show_default=False,
+                     help="Candidates re-ranked by ITM per query (default: the model's: 64 for BLIP-2 as in the paper, "
+                          "128 for blip-flickr and 256 for blip-coco as in BLIP's evaluation).")
 BATCH = typer.Option(16, min=1, help="Images per vision / Q-Former forward.")
 ITM_BATCH = typer.Option(128, min=1, help="(image, text) pairs per ITM forward.")
 CACHE_DIR = typer.Option(DEFAULT_CACHE, help="Feature cache; a killed run resumes from it.")
 NO_CACHE = typer.Option(False, "--no-cache", help="Keep features in memory only.")
-SHARD = typer.Option(64, min=1, help="Images per cache file: the unit of work a resumed run skips.")
+SHARD = typer.Option(64, min=1, help="Images per cache file: the unit of work a resumed run skips (and ranks share).")
+PAIRS_PER_BLOCK = typer.Option(4096, min=1, help="ITM pairs per cache file: the unit of re-ranking work that a resumed "
+                                                 "run skips and that ranks share equally under torchrun.")
 
 
 @app.command("eval")
 def eval_command(
     model: str = MODEL, dataset: str = DATASET, data_root: Path = DATA_ROOT, boxes: str = BOXES,
+    bin_boxes: Optional[str] = BIN_BOXES,
     split: str = typer.Option("test", help="test or val (Karpathy split)."), captions: Optional[str] = CAPTIONS,
     config: list[Path] = typer.Option([], help="Q-Pert config JSON (from `qpert tune`); repeat to compare several. "
                                                "Overrides --alpha/--weight/--threshold."),
-    alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
-    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
-    itm: Optional[bool] = ITM, k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
+    alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
+    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT, projector: Optional[Projector] = PROJECTOR,
+    itm: Optional[bool] = ITM, k: Optional[int] = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
-    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD, compile_vision: bool = COMPILE,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
+    pairs_per_block: int = PAIRS_PER_BLOCK, compile_vision: bool = COMPILE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE, exclude_site: list[str] = EXCLUDE_SITE,
     object_baseline: bool = typer.Option(False, "--object-baseline",
                                          help="Also score the object-embedding baseline (paper's Table F): model score "
                                               "+ best similarity of the text to an ROI-pooled object embedding."),
@@ -235,39 +258,72 @@ def eval_command(
     """Evaluate baseline and Q-Pert on a retrieval benchmark: R@1/5/10, mR@K, small-object R@K.
 
     Example: qpert eval --model blip2-coco --dataset flickr30k --data-root ~/data --boxes entities --device cuda
+
+    On several GPUs or nodes: torchrun --nproc_per_node 8 -m qpert eval ... --cache-dir SHARED (a folder every
+    rank sees); the numbers are those of one process.
     """
     import json
 
     from .eval.api import evaluate_benchmark, read_config_file
 
-    configs = [read_config_file(c) for c in config] or [qpert_config(alpha, weight, threshold, keep_norm, orthogonal)]
-    result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
-                                device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
-                                options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
-                                                      compile_vision, object_baseline),
-                                trust_remote_code=trust_remote_code)
+    configs = [read_config_file(c) for c in config] or [qpert_config(alpha, weight, threshold, rank, keep_norm,
+                                                                       orthogonal, projector=projector)]
+    with _ranks() as ranks:
+        result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
+                                    device=str(ranks.device(device)), dtype=dtype, score_threshold=score_threshold,
+                                    max_boxes=max_boxes, trust_remote_code=trust_remote_code, compat=compat,
+                                    bin_boxes=bin_boxes, ranks=ranks,
+                                    options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache,
+                                                          shard_size, pairs_per_block, compile_vision, exclude_site,
+                                                          object_baseline))
+    if not ranks.is_main:
+        return
     s = result.settings
-    typer.echo(f"{model} on {dataset} {split}: {s['num_images']} images, {s['num_texts']} texts, "
-               f"boxes {s['boxes_summary']}, {'ITC + ITM top-' + str(k) if s['itm'] else 'ITC only'}, {s['seconds']} s")
+    binned = f", binned by {s['bin_boxes']}" if s["bin_boxes"] != s["boxes"] else ""
+    typer.echo(f"{model} on {dataset} {split} ({compat} compat): {s['num_images']} images, {s['num_texts']} texts, "
+               f"boxes {s['boxes_summary']}{binned}, {'ITC + ITM top-' + str(s['k']) if s['itm'] else 'ITC only'}, "
+               f"{s['seconds']} s{_pair_rates(result)}")
     typer.echo(result.table())
     if output:
         output.write_text(json.dumps(result.to_dict(), indent=2))
         typer.echo(f"wrote {output}")
 
 
+@contextmanager
+def _ranks():
+    """This process's place under torchrun (a single process otherwise), torn down when the work is done."""
+    from .distributed import start, stop
+
+    ranks = start()
+    try:
+        yield ranks
+    finally:
+        stop(ranks)
+
+
+def _pair_rates(result) -> str:
+    """ITM pairs/s of each rank that scored pairs in this run."""
+    rates = [r for r in result.pair_rates if r > 0]
+    if not rates:
+        return ""
+    return "; ITM " + ", ".join(f"rank {i} {r:.0f} pairs/s" for i, r in enumerate(result.pair_rates) if r > 0)
+
+
 @app.command()
 def tune(
     model: str = MODEL, dataset: str = DATASET, data_root: Path = DATA_ROOT, boxes: str = BOXES,
+    bin_boxes: Optional[str] = BIN_BOXES, compat: Compat = COMPAT,
     split: str = typer.Option("val", help="Tune on the validation split, never on test."),
     alphas: Optional[str] = typer.Option(None, help="Comma-separated alphas (default: the model's paper grid)."),
     thresholds: str = typer.Option("0.8,0.85,0.9,0.95,0.99", help="Comma-separated tau values."),
     weights: Optional[str] = typer.Option(None, help="Comma-separated weight functions (default: all five)."),
     select_by: str = typer.Option("t2i mR@1", help="Selection metric: '<t2i|i2t> <R@1|mR@1|...>'."),
     itm: bool = typer.Option(False, "--itm/--no-itm", help="Score the grid with ITM re-ranking (slow)."),
-    k: int = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
+    k: Optional[int] = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
     device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
-    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD, compile_vision: bool = COMPILE,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
+    pairs_per_block: int = PAIRS_PER_BLOCK, compile_vision: bool = COMPILE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE, exclude_site: list[str] = EXCLUDE_SITE,
     output: Path = typer.Option(Path("qpert-best.json"), help="Where the best config goes (for eval --config)."),
     results: Optional[Path] = typer.Option(None, help="Also write every setting's metrics here as JSON."),
 ) -> None:
@@ -278,17 +334,21 @@ def tune(
 
     def floats(text: str) -> list[float]:
         try:
-            return [finite(float(v)) for v in text.split(",") if v.strip()]
+            return [float(v) for v in text.split(",") if v.strip()]
         except ValueError:
             raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}")
 
-    result, best = run_tune(model, dataset, data_root, boxes, split=split,
-                            alphas=floats(alphas) if alphas else None, thresholds=floats(thresholds),
-                            weights=weights.split(",") if weights else None, select_by=select_by,
-                            device=device, dtype=dtype, score_threshold=score_threshold, max_boxes=max_boxes,
-                            options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache, shard_size,
-                                                  compile_vision),
-                            trust_remote_code=trust_remote_code)
+    with _ranks() as ranks:
+        result, best = run_tune(model, dataset, data_root, boxes, split=split,
+                                alphas=floats(alphas) if alphas else None, thresholds=floats(thresholds),
+                                weights=weights.split(",") if weights else None, select_by=select_by,
+                                device=str(ranks.device(device)), dtype=dtype, score_threshold=score_threshold,
+                                max_boxes=max_boxes, trust_remote_code=trust_remote_code, compat=compat,
+                                bin_boxes=bin_boxes, ranks=ranks,
+                                options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache,
+                                                      shard_size, pairs_per_block, compile_vision, exclude_site))
+    if not ranks.is_main:
+        return
     direction, _, key = select_by.partition(" ")
     ranked = sorted(result.metrics, key=lambda n: -(getattr(result.metrics[n], direction)[key] or -1.0))
     typer.echo(f"{'setting':44s} {'t2i R@1':>8s} {'t2i mR@1':>9s} {'i2t R@1':>8s} {'i2t mR@1':>9s}")
@@ -300,7 +360,8 @@ def tune(
     output.write_text(json.dumps({"qpert": best_config, "selected_by": select_by,
                                   "value": getattr(result.metrics[best], direction)[key],
                                   "baseline": getattr(result.metrics["baseline"], direction)[key],
-                                  "model": model, "dataset": dataset, "split": split, "boxes": boxes}, indent=2))
+                                  "model": model, "dataset": dataset, "split": split, "boxes": boxes,
+                                  "bin_boxes": bin_boxes, "compat": compat}, indent=2))
     typer.echo(f"best by {select_by}: {best}; wrote {output} (use: qpert eval --config {output})")
     if results:
         results.write_text(json.dumps(result.to_dict(), indent=2))
@@ -320,33 +381,30 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
 
 
+def _fail(message: str) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise SystemExit(2)
+
+
 def main() -> None:
-    """Entry point: user mistakes, found while parsing or later, end with one ``error:`` line and
-    exit status 2, never a stack trace."""
+    """Entry point: a user mistake (a QPertError, an environment error, an invalid option) ends with one
+    ``error:`` line and exit code 2; anything else is a bug and shows its traceback."""
     warnings.showwarning = _show_warning
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
-        status = app(prog_name="qpert", standalone_mode=False)
-    except getattr(_CLICK, "NoArgsIsHelpError", ()) as e:  # plain `qpert`: the help
-        e.show()
-        raise SystemExit(e.exit_code)
-    except _CLICK.ClickException as e:  # bad options and arguments, found while parsing
-        hint = f" (see: {e.ctx.command_path} --help)" if isinstance(e, _CLICK.UsageError) and e.ctx else ""
-        _error(e.format_message() + hint)
-        raise SystemExit(e.exit_code)
+        code = app(standalone_mode=False)
+    except _CLICK.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            typer.echo(e.ctx.get_help() if e.ctx else str(e))
+            raise SystemExit(2)
+        command = e.ctx.command_path if e.ctx else "qpert"
+        _fail(f"{e.format_message()} (see {command} --help)")
     except typer.Abort:
-        typer.secho("Aborted!", err=True)
-        raise SystemExit(1)
+        typer.secho("interrupted", err=True)
+        raise SystemExit(130)
     except USER_ERRORS as e:
-        _error(str(e))
-        raise SystemExit(2)
-    if isinstance(status, int):  # typer.Exit(code), --help
-        raise SystemExit(status)
-
-
-def _error(message: str) -> None:
-    """One line, whatever the message holds."""
-    typer.secho(f"error: {' '.join(message.split())}", fg=typer.colors.RED, err=True)
+        _fail(str(e))
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,18 @@
-"""Options and parsers shared by the ``qpert`` commands (core, evaluation and photo search).
-
-Values are checked as the command line is parsed, so a mistake is one ``error:`` line before
-anything slow (loading a model) starts.
-"""
+"""Options and parsers shared by the ``qpert`` commands (core, evaluation and photo search)."""
 from __future__ import annotations
 
-import math
+from typing import Optional
 
 import typer
 
-from .config import WEIGHT_COEFFICIENTS, QPertConfig
+from .config import Compat, Projector, QPertConfig, Weight
 
 
-#: Largest fixed rank --threshold takes: more than any model's image tokens (ViT-g at 364 px has 677).
-MAX_RANK = 100_000
-
-
-def qpert_config(alpha: float, weight: str, threshold: str, keep_norm: bool, orthogonal: bool) -> QPertConfig:
-    t: float | int
-    try:
-        t = int(threshold) if threshold.isdigit() else float(threshold)
-    except ValueError:
-        raise typer.BadParameter(f"--threshold takes a ratio in (0, 1) or an integer rank, got {threshold!r}")
-    if isinstance(t, int) and t > MAX_RANK:
-        raise typer.BadParameter(f"--threshold as a fixed rank takes 1 to {MAX_RANK}, got {threshold}")
-    return QPertConfig(alpha=alpha, weight=weight, threshold=t, keep_norm=keep_norm,
-                       mode="orthogonal" if orthogonal else "enhance")
+def qpert_config(alpha: float, weight: str, threshold: float, rank: Optional[int], keep_norm: bool, orthogonal: bool,
+                 compat: Compat = "paper", projector: Optional[Projector] = None) -> QPertConfig:
+    """The QPertConfig of a command's options (a bad value is a ConfigError: one ``error:`` line)."""
+    return QPertConfig(alpha=alpha, weight=weight, threshold=threshold, rank=rank, keep_norm=keep_norm,
+                       mode="orthogonal" if orthogonal else "enhance", compat=compat, projector=projector)
 
 
 def parse_box(text: str) -> list[float]:
@@ -38,15 +25,9 @@ def parse_box(text: str) -> list[float]:
     return values
 
 
-def finite(value: float) -> float:
-    """Parse-time check: inf and nan make every score NaN."""
-    if not math.isfinite(value):
-        raise typer.BadParameter(f"takes a finite number, got {value}")
-    return value
-
-
 def check_device(value: str) -> str:
-    """Parse-time check of --device: a device kind torch knows and this machine has ('auto' picks one)."""
+    """Parse-time check of --device: a device kind torch knows and this machine has ('auto' picks one),
+    so a mistake is one line before a model is loaded."""
     if value == "auto":
         return value
     import torch
@@ -69,10 +50,13 @@ def check_device(value: str) -> str:
     return value
 
 
-ALPHA = typer.Option(8.0, callback=finite,
-                     help="Scale alpha of the weight function (paper: 2-10 for BLIP-2). 0 turns Q-Pert off.")
-WEIGHT = typer.Option("constant", help=f"Weight function of the object area: {', '.join(WEIGHT_COEFFICIENTS)}.")
-THRESHOLD = typer.Option("0.99", help="Contribution-ratio threshold tau in (0, 1), or an integer fixed rank.")
+ALPHA = typer.Option(8.0, help="Scale alpha of the weight function (paper: 2-10 for BLIP-2). 0 turns Q-Pert off.")
+WEIGHT = typer.Option("constant", help="Weight function of the object area a: constant (alpha), area (alpha*a), "
+                                       "inv_area (alpha*(1-a)), centered (alpha*(a-0.5)), inv_centered (alpha*(0.5-a)).")
+THRESHOLD = typer.Option(0.99, help="Contribution-ratio threshold tau in (0, 1) that picks each subspace's rank.")
+#: Largest --rank: more than any model's image tokens (ViT-g at 364 px has 677), small enough for torch's integers.
+MAX_RANK = 100_000
+RANK = typer.Option(None, min=1, max=MAX_RANK, help="A fixed rank for every subspace instead of --threshold.")
 KEEP_NORM = typer.Option(False, "--keep-norm", help="Rescale perturbed queries to their original norm.")
 ORTHOGONAL = typer.Option(False, "--orthogonal", help="OrQ-Pert ablation: remove the object component instead.")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code",
@@ -82,3 +66,11 @@ DEVICE = typer.Option("cpu", callback=check_device, help="cpu, cuda, cuda:1, ...
 DTYPE = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's).")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the vision encoder: faster on a GPU for large "
                                                 "galleries; the first batches wait for the compiler.")
+COMPAT = typer.Option("paper", help="paper: the paper's equations. official: what the official code (which produced the "
+                           "published numbers) computes: its projector, inv_area = -alpha*a, binarised box masks, "
+                           "box rules and metric conventions, in float32 (README: Reproducing the paper).")
+PROJECTOR = typer.Option(None, help="Ablation control (with --compat paper): official (the official code's projector "
+                              "alone), random (a random subspace of the same rank per object) or identity (plain "
+                              "query scaling by 1 + mean weight). Default: the projector of --compat.")
+EXCLUDE_SITE = typer.Option([], "--exclude-site", help="Leave this cross-attention unperturbed (a site name or its "
+                                                     "prefix, e.g. clip_projector for InternVL-G); repeat for several.")

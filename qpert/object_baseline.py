@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from .core import Layout, prepare_boxes, token_weights
-from .core.boxes import BoxesLike
+from .core.geometry import BoxesLike
 from .errors import UnsupportedModelError
-from .models.family import Retriever
+from .models.family import RetrievalHeads
 
 #: Objects per forward pass of the pooling head.
 OBJECTS_PER_BATCH = 64
@@ -38,13 +38,13 @@ def object_masks(layout: Layout, boxes: Sequence[BoxesLike], image_sizes: Sequen
 
 
 @torch.no_grad()
-def object_similarities(model: nn.Module, retriever: Retriever, tokens: torch.Tensor, masks: torch.Tensor,
+def object_similarities(model: nn.Module, heads: RetrievalHeads, tokens: torch.Tensor, masks: torch.Tensor,
                         text_emb: torch.Tensor, image_scores: torch.Tensor) -> torch.Tensor:
     """(B, T) max over each image's objects of the ITC score of the object embedding and each text.
 
     ``image_scores`` (B, T), the model's own ITC, stands in for images without a usable object.
     """
-    if retriever.roi_embeddings is None:
+    if heads.roi_embeddings is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no pooling over image tokens to restrict to an "
                                     "object, so the object-embedding baseline is unavailable")
     images, objects = masks.any(-1).nonzero(as_tuple=True)
@@ -52,7 +52,7 @@ def object_similarities(model: nn.Module, retriever: Retriever, tokens: torch.Te
     text_emb = text_emb.to(tokens.device)
     for s in range(0, len(images), OBJECTS_PER_BATCH):
         b, m = images[s:s + OBJECTS_PER_BATCH], objects[s:s + OBJECTS_PER_BATCH]
-        emb = retriever.roi_embeddings(model, tokens[b.to(tokens.device)], masks[b, m].to(tokens.device))
-        scores = retriever.itc_scores(emb, text_emb).float().cpu()
+        emb = heads.roi_embeddings(model, tokens[b.to(tokens.device)], masks[b, m].to(tokens.device))
+        scores = heads.itc_scores(emb, text_emb).float().cpu()
         best.scatter_reduce_(0, b[:, None].expand_as(scores), scores, "amax")
     return torch.where(masks.any(-1).any(-1)[:, None], best, image_scores.float().cpu())

@@ -54,11 +54,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
-from transformers import BertTokenizerFast, Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor, BlipImageProcessor
+from transformers import BertTokenizerFast, Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor
 
 import qpert
 from qpert.eval.metrics import RetrievalMetrics, retrieval_metrics
 from qpert.models import blip2
+from qpert.models.processing import pil_image_processor_class
 from qpert.models.tiny import SPECIAL_TOKENS
 from qpert.synthetic import Scene, SceneConfig, SceneObject, make_scenes, vocabulary
 from qpert.synthetic.scenes import COLOURS, POSITIONS, SHAPES, caption
@@ -88,7 +89,7 @@ def shapes_processor() -> Blip2Processor:
     """A word-level BERT tokenizer over the scene vocabulary and BLIP's image processor at the scene size."""
     words = SPECIAL_TOKENS + vocabulary()
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
-    image_processor = BlipImageProcessor(size={"height": SCENES.image_size, "width": SCENES.image_size})
+    image_processor = pil_image_processor_class("BlipImageProcessor")(size={"height": SCENES.image_size, "width": SCENES.image_size})
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer)
 
 

@@ -10,3 +10,14 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+import pytest  # noqa: E402
+
+from helpers.bench import build_bench  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory):
+    """The fixture benchmark (helpers/bench.py): (data root, tiny BLIP-2 folder), built once per session."""
+    return build_bench(tmp_path_factory.mktemp("data"))

@@ -3,34 +3,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BlipConfig, BlipForImageTextRetrieval, BlipProcessor
+from transformers import BlipProcessor
 
 import qpert
-from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
+from helpers.models import tiny_blip
+from helpers.contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.core import prepare_boxes, token_weights
 from qpert.models.registry import MODELS, family_of
-from qpert.models.tiny import randomize, tiny_processor
-from reference_hooks import ReferenceHooks, stretch_objects
+from qpert.models.tiny import tiny_processor
+from helpers.reference_hooks import ReferenceHooks, stretch_objects
 
 CONFIGS = [
     dict(alpha=8.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
     dict(alpha=4.0, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
-    dict(alpha=6.0, weight="centered", threshold=2, keep_norm=False, mode="enhance"),
+    dict(alpha=6.0, weight="centered", rank=2, keep_norm=False, mode="enhance"),
     dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
 ]
-
-
-def tiny_blip(seed: int = 0) -> BlipForImageTextRetrieval:
-    config = BlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=28, patch_size=7),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         vocab_size=120, max_position_embeddings=64, encoder_hidden_size=32,
-                         bos_token_id=2, sep_token_id=3, pad_token_id=0, eos_token_id=3),
-        image_text_hidden_size=16,
-    )
-    torch.manual_seed(seed)
-    return randomize(BlipForImageTextRetrieval(config), seed).eval()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +48,7 @@ def reference(model, cfg):
     return ref
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
 def test_matches_plain_reference(model, inputs, cfg):
     handle = assert_matches_reference(model, lambda: itm(model, inputs), lambda: reference(model, cfg), cfg)
     assert handle.num_layers == 3 and handle.layout.num_tokens == 17
@@ -94,6 +82,7 @@ def test_box_on_one_patch_maps_to_that_token(model):
 def test_registry_and_loading_a_saved_blip(tmp_path, inputs):
     assert {"blip-coco", "blip-flickr"} <= set(MODELS)
     assert MODELS["blip-coco"].source == "Salesforce/blip-itm-large-coco" and MODELS["blip-coco"].image_size == 384
+    assert (MODELS["blip-coco"].rerank_k, MODELS["blip-flickr"].rerank_k, MODELS["blip2-coco"].rerank_k) == (256, 128, 64)
     tiny_blip(seed=5).save_pretrained(tmp_path)
     blip2_processor = tiny_processor(["a", "red", "square"], str(tmp_path))
     BlipProcessor(image_processor=blip2_processor.image_processor,
@@ -107,3 +96,23 @@ def test_registry_and_loading_a_saved_blip(tmp_path, inputs):
             assert torch.isfinite(itm(loaded.model, inputs)).all()
     finally:
         handle.detach()
+
+
+def test_itm_input_starts_with_enc_and_itc_with_cls(model):
+    """BLIP's evaluation replaces [CLS] with [ENC] for ITM only (LAVIS, BLIP's train_retrieval.py)."""
+    from qpert.models import blip
+
+    seen = []
+    hook = model.text_encoder.embeddings.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs.get("input_ids", args[0] if args else None)), with_kwargs=True)
+    ids = torch.tensor([[1, 20, 30, 3], [1, 40, 3, 0]])  # [CLS] = 1 in this vocabulary
+    mask = (ids > 0).long()
+    tokens = model.vision_model(pixel_values=torch.randn(2, 3, 28, 28)).last_hidden_state
+    try:
+        blip.itm_scores(model, tokens, ids, mask)
+        blip.text_embeddings(model, ids, mask)
+    finally:
+        hook.remove()
+    assert blip.enc_token_id(model) == 119
+    assert seen[0][:, 0].tolist() == [119, 119] and torch.equal(seen[0][:, 1:], ids[:, 1:])
+    assert seen[1][:, 0].tolist() == [1, 1] and ids[:, 0].tolist() == [1, 1]  # the caller's ids are not changed

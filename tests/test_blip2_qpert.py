@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import qpert
-from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
+from helpers.contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.adapters import find_bert_cross_attentions
 from qpert.models import blip2 as B
-from reference import ReferenceQPert
+from helpers.reference import ReferenceQPert
 from qpert.models.tiny import randomize, tiny_blip2
 
 
@@ -39,15 +39,15 @@ CONFIGS = [
     dict(alpha=8.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
     dict(alpha=2.0, weight="area", threshold=0.9, keep_norm=False, mode="enhance"),
     dict(alpha=4.0, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
-    dict(alpha=6.0, weight="centered", threshold=2, keep_norm=False, mode="enhance"),
-    dict(alpha=10.0, weight="inv_centered", threshold=8, keep_norm=False, mode="enhance"),
+    dict(alpha=6.0, weight="centered", rank=2, keep_norm=False, mode="enhance"),
+    dict(alpha=10.0, weight="inv_centered", rank=8, keep_norm=False, mode="enhance"),
     dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
-    dict(alpha=3.0, weight="area", threshold=3, keep_norm=True, mode="enhance"),
+    dict(alpha=3.0, weight="area", rank=3, keep_norm=True, mode="enhance"),
 ]
 
 
 @pytest.mark.parametrize("itm", [False, True], ids=["itc", "itm"])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
 def test_matches_plain_reference(model, inputs, cfg, itm):
     assert_matches_reference(model, lambda: run(model, inputs, itm), lambda: ReferenceQPert(model, cfg, BOXES, SIZES),
                              cfg)
@@ -117,20 +117,22 @@ def test_cached_subspaces_reused_for_many_texts(model, inputs):
         base = B.itm_scores(model, tokens[pairs_img], ids, mask)
         assert (cached - fresh).abs().max() <= 1e-6
         assert (cached - base).abs().max() > 1e-3
-        # one set of subspaces serves every alpha and weight function
-        handle.config = qpert.QPertConfig(alpha=2.0, weight="centered", threshold=0.95)
-        with handle.objects(subspaces=subspaces):
+        # one set of subspaces serves every alpha and weight function, a config per block
+        other = qpert.QPertConfig(alpha=2.0, weight="centered", threshold=0.95)
+        with handle.objects(subspaces=subspaces, config=other):
             a = B.image_embeddings(model, tokens)
-        with handle.objects(BOXES, SIZES):
+        with handle.objects(BOXES, SIZES, config=other):
             b = B.image_embeddings(model, tokens)
-        assert (a - b).abs().max() <= 1e-6
-        handle.config = qpert.QPertConfig(threshold=0.9)
+        with handle.objects(subspaces=subspaces):
+            c = B.image_embeddings(model, tokens)
+        assert (a - b).abs().max() <= 1e-6 and (a - c).abs().max() > 1e-4
+        assert handle.config == cfg  # no block changes the handle's own config
         with pytest.raises(ValueError, match="threshold"):
-            with handle.objects(subspaces=subspaces):
+            with handle.objects(subspaces=subspaces, config=qpert.QPertConfig(threshold=0.9)):
                 pass
         # round trip through tensors (safetensors-friendly)
         again = qpert.Subspaces.from_state_dict(subspaces.state_dict())
-        assert again.threshold == 0.95 and torch.equal(again.mean_projector, subspaces.mean_projector)
+        assert again.threshold == 0.95 and all(map(torch.equal, again.mean_projector, subspaces.mean_projector))
     finally:
         handle.detach()
 

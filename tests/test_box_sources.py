@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from qpert.data.boxes import (
+from qpert.data.box_sources import (
     BoxFormatError,
     coco_entities_boxes,
     coco_instances_boxes,
@@ -121,7 +121,7 @@ def test_entities_xml_boxes_chains_and_dedup(tmp_path):
 
 def test_entities_missing_xml_is_a_counted_logged_skip(tmp_path, caplog):
     write(tmp_path / "Annotations/1007129816.xml", ENTITIES_XML)
-    with caplog.at_level(logging.WARNING, logger="qpert.data.boxes"):
+    with caplog.at_level(logging.WARNING, logger="qpert.data.box_sources"):
         boxes = flickr30k_entities_boxes(tmp_path / "Annotations", ["1007129816", "123", "456"])
     assert boxes.missing == ["123", "456"]
     assert boxes.num_without_boxes == 2

@@ -9,7 +9,7 @@ import qpert
 from qpert.errors import UnsupportedModelError
 from qpert.models.registry import LoadedModel
 from qpert.models.tiny import tiny_blip2, tiny_blip2_captioner, tiny_processor
-from test_eval_pipeline import WORDS, qpert_cli
+from helpers.bench import WORDS, qpert_cli
 
 BOXES = [[5.0, 5.0, 40.0, 30.0], [50.0, 20.0, 80.0, 55.0]]
 CONFIG = qpert.QPertConfig(alpha=8.0)

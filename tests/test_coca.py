@@ -11,11 +11,12 @@ open_clip = pytest.importorskip("open_clip")
 from safetensors.torch import save_file  # noqa: E402
 
 import qpert  # noqa: E402
-from contract import assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference  # noqa: E402
+from helpers.models import MODEL_CFG  # noqa: E402
+from helpers.contract import assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference  # noqa: E402
 from qpert.core import prepare_boxes, token_weights  # noqa: E402
 from qpert.models.registry import MODELS  # noqa: E402
 from qpert.models.tiny import randomize  # noqa: E402
-from reference_hooks import ReferenceHooks, shortest_edge_objects  # noqa: E402
+from helpers.reference_hooks import ReferenceHooks, shortest_edge_objects  # noqa: E402
 
 BOXES = [
     [[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0], [70.0, 55.0, 118.0, 99.0]],
@@ -26,18 +27,9 @@ SIZES = [(100, 120), (100, 100), (120, 80)]
 CONFIGS = [
     dict(alpha=1.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
     dict(alpha=0.4, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
-    dict(alpha=0.8, weight="centered", threshold=2, keep_norm=False, mode="enhance"),
+    dict(alpha=0.8, weight="centered", rank=2, keep_norm=False, mode="enhance"),
     dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
 ]
-# The pooler's queries are 24-d (embed_dim) and its keys come from 32-d ViT tokens, so the MHA
-# keeps separate q/k/v projection weights, as coca_ViT-L-14 does (768 vs 1024).
-MODEL_CFG = dict(
-    embed_dim=24,
-    vision_cfg=dict(image_size=28, layers=1, width=32, patch_size=7, head_width=8, attentional_pool=True,
-                    attn_pooler_heads=4, attn_pooler_queries=5, output_tokens=True),
-    text_cfg=dict(context_length=8, vocab_size=64, width=24, heads=4, layers=1, embed_cls=True, output_tokens=True),
-    multimodal_cfg=dict(context_length=8, vocab_size=64, width=24, heads=4, layers=1, attn_pooler_heads=4),
-)
 
 
 def tiny_coca(seed: int = 0) -> torch.nn.Module:
@@ -61,7 +53,7 @@ def encode(model, pixels):
         return model.encode_image(pixels, normalize=False)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
 def test_matches_plain_reference(model, pixels, cfg):
     def reference():
         ref = ReferenceHooks(shortest_edge_objects(BOXES, SIZES, crop=28, grid=4, patch=7, prefix=1), cfg)
@@ -98,7 +90,7 @@ def test_registry_and_loading_a_saved_coca(tmp_path, pixels):
     spec = MODELS["coca-l14"]
     assert (spec.library, spec.source, spec.pretrained) == ("open_clip", "coca_ViT-L-14",
                                                             "mscoco_finetuned_laion2B-s13B-b90k")
-    assert spec.alpha_grid == (0.2, 0.4, 0.6, 0.8, 1.0)
+    assert spec.alphas == (0.2, 0.4, 0.6, 0.8, 1.0)
     reference = tiny_coca(seed=5)
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": dict(MODEL_CFG, custom_text=True)}))
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "open_clip_model.safetensors")

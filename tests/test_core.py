@@ -10,7 +10,7 @@ import torch
 from qpert import QPertConfig, QPertWarning
 from qpert.core import (Subspaces, TokenLayout, compute_subspaces, perturb_queries, perturbation_matrix,
                         prepare_boxes, projectors, token_weights)
-from reference import coverage, projector
+from helpers.reference import coverage, projector
 
 LAYOUT = TokenLayout(grid=(4, 4), patch=(7, 7), num_prefix_tokens=1)
 
@@ -92,10 +92,11 @@ def diag_autocorr(eigenvalues, d=6, seed=0):
     return torch.tensor(q @ np.diag(lam) @ q.T, dtype=torch.float32), torch.tensor(q, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("threshold,rank", [(0.3, 1), (0.85, 2), (0.95, 3), (0.999, 3), (2, 2), (10, 4)])
-def test_rank_rule(threshold, rank):
+@pytest.mark.parametrize("threshold,fixed,rank", [(0.3, None, 1), (0.85, None, 2), (0.95, None, 3), (0.999, None, 3),
+                                                  (0.99, 2, 2), (0.5, 10, 4)])
+def test_rank_rule(threshold, fixed, rank):
     c, q = diag_autocorr([4.0, 3.0, 2.0, 1.0])  # contribution ratios 0.4, 0.7, 0.9, 1.0
-    p = projectors(c, threshold)
+    p = projectors(c, threshold, fixed)
     expected = q[:, :rank] @ q[:, :rank].T  # never more directions than the numerical rank (4)
     assert torch.allclose(p, expected, atol=1e-5)
 
@@ -107,23 +108,23 @@ def test_single_object_scales_subspace_component_only():
     weights[0, 0, 3:9] = torch.tensor([1.0, 0.5, 1.0, 0.25, 1.0, 1.0])  # 6 tokens < d = 8
     cfg = QPertConfig(alpha=3.0, weight="area", threshold=0.9)
     area = torch.tensor([[0.4]])
-    subs = compute_subspaces(keys, weights, area, torch.ones(1, 1, dtype=torch.bool), cfg.threshold)
-    p = subs.mean_projector[0, 0, 0]
+    subs = compute_subspaces(keys, weights, area, torch.ones(1, 1, dtype=torch.bool), cfg)
+    p = subs.mean_projector[0][0, 0]
     assert torch.allclose(p @ p, p, atol=1e-5) and torch.allclose(p, p.T, atol=1e-6)
     ref = projector(keys[0, 0, 0].double().numpy(), weights[0, 0].double().numpy(), 0.9)
     assert np.allclose(p.numpy(), ref, atol=1e-5)
     q = torch.randn(1, 5, 1, 8)
-    out = perturb_queries(q, perturbation_matrix(subs.mean_projector[:, 0], subs.area_projector[:, 0], cfg),
+    out = perturb_queries(q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], cfg),
                           subs.active, keep_norm=False)
     w = 3.0 * 0.4
     inside, inside_new = q[0, :, 0] @ p, out[0, :, 0] @ p
     assert torch.allclose(inside_new, (1 + w) * inside, atol=1e-5)
     assert torch.allclose(q[0, :, 0] - inside, out[0, :, 0] - inside_new, atol=1e-5)
-    kept = perturb_queries(q, perturbation_matrix(subs.mean_projector[:, 0], subs.area_projector[:, 0], cfg),
+    kept = perturb_queries(q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], cfg),
                            subs.active, keep_norm=True)
     assert torch.allclose(kept.norm(dim=-1), q.norm(dim=-1), atol=1e-5)
     ortho = QPertConfig(mode="orthogonal", threshold=0.9)
-    out = perturb_queries(q, perturbation_matrix(subs.mean_projector[:, 0], subs.area_projector[:, 0], ortho),
+    out = perturb_queries(q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], ortho),
                           subs.active, keep_norm=False)
     assert torch.allclose(out[0, :, 0] @ p, torch.zeros(5, 8), atol=1e-5)
 
@@ -134,40 +135,43 @@ def test_degenerate_inputs_are_nan_free_and_dropped():
     weights = torch.zeros(2, 2, 17)
     weights[0, 1, 5] = 1.0  # image 0: object 0 covers nothing (dropped), object 1 one token (rank 1)
     weights[1, 0, 1:] = 1.0
-    subs = compute_subspaces(keys, weights, torch.full((2, 2), 0.5), torch.ones(2, 2, dtype=torch.bool), 0.99)
-    assert torch.isfinite(subs.mean_projector).all() and torch.isfinite(subs.area_projector).all()
+    subs = compute_subspaces(keys, weights, torch.full((2, 2), 0.5), torch.ones(2, 2, dtype=torch.bool), QPertConfig())
+    mean = torch.stack(subs.mean_projector, 1)
+    assert torch.isfinite(mean).all() and torch.isfinite(torch.stack(subs.area_projector, 1)).all()
     assert subs.active.tolist() == [True, True]
-    traces = subs.mean_projector[0].diagonal(dim1=-2, dim2=-1).sum(-1)
+    traces = mean[0].diagonal(dim1=-2, dim2=-1).sum(-1)
     assert torch.allclose(traces, torch.ones_like(traces), atol=1e-5)  # one token -> rank 1, M' = 1
-    assert subs.mean_projector[1, 0].abs().sum() == 0  # non-finite keys contribute nothing
-    none = compute_subspaces(keys, torch.zeros(2, 2, 17), torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool), 2)
-    assert none.active.tolist() == [False, False] and none.mean_projector.abs().sum() == 0
+    assert mean[1, 0].abs().sum() == 0  # non-finite keys contribute nothing
+    none = compute_subspaces(keys, torch.zeros(2, 2, 17), torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool),
+                             QPertConfig(rank=2))
+    assert none.active.tolist() == [False, False] and torch.stack(none.mean_projector).abs().sum() == 0
 
 
 def test_chunking_does_not_change_results():
     torch.manual_seed(1)
     keys = torch.randn(3, 2, 2, 17, 8)
     weights = torch.rand(3, 4, 17) * (torch.rand(3, 4, 17) > 0.5)
-    args = (keys, weights, torch.rand(3, 4), torch.ones(3, 4, dtype=torch.bool), 0.95)
+    args = (keys, weights, torch.rand(3, 4), torch.ones(3, 4, dtype=torch.bool), QPertConfig(threshold=0.95))
     whole, chunked = compute_subspaces(*args), compute_subspaces(*args, chunk_bytes=1)
-    assert torch.allclose(whole.mean_projector, chunked.mean_projector, atol=1e-6)
-    assert torch.allclose(whole.area_projector, chunked.area_projector, atol=1e-6)
+    for a, b in zip(whole.mean_projector + whole.area_projector, chunked.mean_projector + chunked.area_projector):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_subspaces_select_and_cat():
-    s = Subspaces(torch.arange(3.0).reshape(3, 1, 1, 1, 1), -torch.arange(3.0).reshape(3, 1, 1, 1, 1),
+    s = Subspaces((torch.arange(3.0).reshape(3, 1, 1, 1),), (-torch.arange(3.0).reshape(3, 1, 1, 1),),
                   torch.tensor([True, False, True]), 0.9)
     picked = s.select([2, 2, 0])
-    assert picked.mean_projector.flatten().tolist() == [2, 2, 0] and picked.active.tolist() == [True, True, True]
+    assert picked.mean_projector[0].flatten().tolist() == [2, 2, 0] and picked.active.tolist() == [True, True, True]
     both = Subspaces.cat([s, picked])
     assert len(both) == 6
-    with pytest.raises(ValueError, match="thresholds"):
-        Subspaces.cat([s, Subspaces(s.mean_projector, s.area_projector, s.active, 3)])
+    with pytest.raises(ValueError, match="built differently"):
+        Subspaces.cat([s, Subspaces(s.mean_projector, s.area_projector, s.active, 0.9, 3)])
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(weight="square"), "weight function"), (dict(mode="add"), "mode"), (dict(threshold=1.5), r"\(0, 1\)"),
-    (dict(threshold=0), ">= 1"), (dict(threshold=True), "threshold"), (dict(alpha=float("nan")), "alpha"),
+    (dict(threshold=0), r"\(0, 1\)"), (dict(threshold=True), "threshold"), (dict(alpha=float("nan")), "alpha"),
+    (dict(threshold=2), "rank=k"), (dict(rank=0), ">= 1"), (dict(rank=2.0), "int"), (dict(alpha=float("inf")), "finite"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -180,4 +184,45 @@ def test_config_weight_functions():
                 "inv_centered": 2.0 * (0.5 - a)}
     for name, value in expected.items():
         assert QPertConfig(alpha=2.0, weight=name).weight_of(a) == pytest.approx(value)
-    assert QPertConfig.from_dict(QPertConfig(alpha=4.0, threshold=3).to_dict()) == QPertConfig(alpha=4.0, threshold=3)
+    assert QPertConfig.from_dict(QPertConfig(alpha=4.0, rank=3).to_dict()) == QPertConfig(alpha=4.0, rank=3)
+    assert QPertConfig.from_dict({"alpha": 4.0, "threshold": 3}) == QPertConfig(alpha=4.0, rank=3)  # earlier files
+    with pytest.raises(ValueError, match="neither"):
+        QPertConfig.from_dict({"threshold": 1.0})
+    with pytest.raises(ValueError, match="JSON object"):
+        QPertConfig.from_dict([1, 2])
+
+
+def test_identity_projector_is_plain_query_scaling():
+    torch.manual_seed(3)
+    keys = torch.randn(2, 1, 2, 17, 8)
+    weights = torch.zeros(2, 3, 17)
+    weights[0, 0, 1:5], weights[0, 1, 3:12], weights[1, 0, 2:4] = 1.0, 0.5, 1.0
+    areas = torch.tensor([[0.1, 0.4, 0.0], [0.3, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    cfg = QPertConfig(alpha=2.0, weight="inv_area", projector="identity")
+    subs = compute_subspaces(keys, weights, areas, valid, cfg)
+    q = torch.randn(2, 3, 2, 8)
+    out = perturb_queries(q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], cfg), subs.active,
+                          keep_norm=False)
+    mean_weight = torch.tensor([(cfg.weight_of(0.1) + cfg.weight_of(0.4)) / 2, cfg.weight_of(0.3)])
+    assert torch.allclose(out, q * (1 + mean_weight)[:, None, None, None], atol=1e-5)
+
+
+def test_random_projector_has_the_paper_rank_and_ignores_the_keys():
+    torch.manual_seed(4)
+    keys = torch.randn(2, 2, 3, 17, 8)
+    weights = torch.zeros(2, 1, 17)
+    weights[:, 0, 2:14] = 1.0  # the same box in both images, 12 tokens
+    args = (weights, torch.full((2, 1), 0.2), torch.ones(2, 1, dtype=torch.bool))
+    random_9, random_8 = QPertConfig(threshold=0.9, projector="random"), QPertConfig(rank=8, projector="random")
+    paper = torch.stack(compute_subspaces(keys, *args, QPertConfig(threshold=0.9)).mean_projector, 1)
+    rand = torch.stack(compute_subspaces(keys, *args, random_9).mean_projector, 1)
+    trace = lambda p: p.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    assert torch.allclose(trace(rand), trace(paper), atol=1e-4)  # same rank per object, layer and head
+    assert torch.allclose(rand @ rand, rand, atol=1e-5) and torch.allclose(rand, rand.transpose(-1, -2), atol=1e-6)
+    assert (rand - paper).abs().max() > 0.1
+    other = torch.stack(compute_subspaces(keys * 3 + 1, *args, random_8).mean_projector, 1)
+    full = torch.stack(compute_subspaces(keys, *args, random_8).mean_projector, 1)
+    assert torch.allclose(other, full, atol=1e-6)  # same rank (8): the keys do not move a random subspace
+    again = torch.stack(compute_subspaces(keys[1:], *[a[1:] for a in args], random_9).mean_projector, 1)
+    assert torch.allclose(again[0], rand[1], atol=1e-6)  # an object's subspace does not depend on its batch

@@ -18,18 +18,18 @@ from PIL import Image
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 import qpert
-from qpert.data.boxes import flickr30k_entities_boxes
+from qpert.data.box_sources import flickr30k_entities_boxes
 from qpert.data.datasets import load_dataset
 from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.registry import LoadedModel
 from qpert.models.tiny import randomize, tiny_blip2, tiny_processor
 from qpert.scoring import score
-from contract import needs_cpp_compiler
-from test_eval_pipeline import WORDS, bench  # noqa: F401  (bench is a fixture)
+from helpers.contract import needs_cpp_compiler
+from helpers.bench import WORDS
 
 DEVICE = os.environ.get("QPERT_TEST_DEVICE", "cuda")
-pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                                reason="no CUDA device (bench/gpu_check.sh runs these on a GPU machine)")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+                                reason="no CUDA device (bench/gpu_check.sh runs these on a GPU machine)")]
 
 HALF_TOLERANCE = {"fp16": (0.01, 0.05), "bf16": (0.04, 0.2)}   # (ITC, ITM) max |difference| to float32
 CONFIG = qpert.QPertConfig(alpha=8.0, weight="constant", threshold=0.99)

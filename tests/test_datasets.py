@@ -3,6 +3,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from qpert.errors import QPertError
 from PIL import Image
 
 from qpert.data.captions import pre_caption
@@ -258,8 +260,8 @@ def test_normalize_image_id():
     assert normalize_image_id("val2014/COCO_val2014_000000391895.jpg") == "391895"
     assert normalize_image_id("1007129816.jpg") == "1007129816"
     assert normalize_image_id("img_a") == "img_a"
-    with pytest.raises(TypeError):
-        normalize_image_id(1.5)
+    with pytest.raises(QPertError, match="image id must be an int or a str"):
+        normalize_image_id(1.5)  # an annotation file with a malformed id: a data error, one line in the CLI
 
 
 def test_empty_or_incomplete_annotation_files(flickr_lavis):

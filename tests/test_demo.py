@@ -37,3 +37,24 @@ def test_demo_writes_report_with_figure(random_shapes_model, tmp_path):
     images = {seed: sorted(p.read_bytes() for p in (data / seed).rglob("*.png")) for seed in ("seed1000", "seed2000")}
     assert len(images["seed1000"]) == 30 and len(images["seed2000"]) == 40
     assert not set(images["seed1000"]) & set(images["seed2000"])
+
+
+@pytest.mark.slow
+def test_demo_ablation_rows_and_rank_labels(random_shapes_model, tmp_path):
+    """--ablation: each control gets its own alpha by the same rule, one table row per method; example
+    queries never show the tie-worst rank of a right image that re-ranking did not see."""
+    result = run_demo(tmp_path / "demo", model=str(random_shapes_model), seeds=(2000, 2001), n_test=40, n_val=30,
+                      alphas=(0.5, 2.0), k=4, progress=False, ablation=True)
+    assert set(result.alphas) == {"qpert", "official projector", "random subspace", "query scaling"}
+    assert set(result.alphas.values()) <= {0.5, 2.0}
+    for res in result.tests.values():
+        methods = res.settings["methods"]
+        assert methods["random subspace"]["projector"] == "random" and methods["qpert"]["projector"] == "paper"
+        assert methods["query scaling"]["alpha"] == result.alphas["query scaling"]
+    table = result.ablation_table().splitlines()
+    assert [line.split("  ")[0].strip() for line in table[1:]] == ["baseline", *result.alphas]
+    assert all(line.count("±") == 6 for line in table[1:])
+    page = result.report.read_text()
+    assert "Ablation: which part of Q-Pert helps" in page and "toy model" in page.lower()
+    labels = re.findall(r"\((rank \d+|not in the top \d+)\)", page)
+    assert labels and all(label == "not in the top 4" or int(label.split()[1]) <= 4 for label in labels)

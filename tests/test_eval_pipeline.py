@@ -12,62 +12,15 @@ import torch
 from PIL import Image
 
 import qpert
-from qpert.data.boxes import flickr30k_entities_boxes
+from helpers.bench import IDS, WORDS, qpert_cli
+from qpert.data.box_sources import flickr30k_entities_boxes
 from qpert.data.datasets import load_dataset
 from qpert.eval import cache as cache_module
 from qpert.eval.metrics import retrieval_metrics
 from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.tiny import tiny_blip2, tiny_processor
-from contract import needs_cpp_compiler
-from processes import kill_when
-
-COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 210), "green": (30, 190, 40), "yellow": (230, 220, 40)}
-IDS = ["1000092795", "10002456", "1000268201", "1000344755", "1000366164", "1000523639", "1000919630"]
-WORDS = "a an the small big red blue green yellow square box in corner left right photo of with".split()
-
-
-def entities_xml(width, height, boxes):
-    objects = "".join(
-        f"<object><name>{i + 1}</name><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax>"
-        f"<ymax>{y1}</ymax></bndbox></object>" for i, (x0, y0, x1, y1) in enumerate(boxes))
-    scene = "<object><name>99</name><scene>1</scene></object>"
-    return (f"<annotation><filename>x.jpg</filename><size><width>{width}</width><height>{height}</height>"
-            f"<depth>3</depth></size>{objects}{scene}</annotation>")
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    """7 Flickr-style images with coloured squares, LAVIS captions, Entities XML, detector JSON, tiny model."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    entries, detections = [], []
-    for n, image_id in enumerate(IDS):
-        w, h = int(rng.integers(60, 140)), int(rng.integers(60, 140))
-        pixels = rng.integers(80, 150, size=(h, w, 3), dtype=np.uint8)
-        boxes, caps = [], []
-        for j, colour in enumerate(rng.choice(list(COLOURS), size=2, replace=False)):
-            side = int(rng.integers(6, min(w, h) // (2 - j % 2 + 1)))
-            x0, y0 = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
-            pixels[y0:y0 + side, x0:x0 + side] = COLOURS[colour]
-            boxes.append((x0, y0, x0 + side, y0 + side))
-            caps.append(f"a {'small' if side * side < 0.1 * w * h else 'big'} {colour} square")
-        path = root / "flickr30k/images/flickr30k-images" / f"{image_id}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(path, quality=95)
-        (root / "flickr30k/Annotations").mkdir(parents=True, exist_ok=True)
-        (root / "flickr30k/Annotations" / f"{image_id}.xml").write_text(entities_xml(w, h, boxes))
-        entries.append({"image": f"flickr30k-images/{image_id}.jpg",
-                        "caption": [caps[0], caps[1], f"{caps[0]} with {caps[1]}", f"a photo of {caps[1]}",
-                                    f"{caps[1]} in the corner"]})
-        detections += [{"image_id": int(image_id), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": 0.9 - 0.1 * j,
-                        "category_id": 1} for j, (x0, y0, x1, y1) in enumerate(boxes)]
-    (root / "flickr30k/annotations").mkdir(parents=True, exist_ok=True)
-    (root / "flickr30k/annotations/flickr30k_test.json").write_text(json.dumps(entries))
-    (root / "detections.json").write_text(json.dumps(detections))
-    model_dir = root / "model"
-    tiny_blip2(seed=11).save_pretrained(model_dir)
-    tiny_processor(WORDS, str(model_dir)).save_pretrained(model_dir)
-    return root, model_dir
+from helpers.contract import needs_cpp_compiler
+from helpers.processes import kill_when
 
 
 def reference_scores(model, processor, dataset, boxes, config, k):
@@ -132,6 +85,7 @@ def test_pipeline_matches_plain_per_pair_reference(bench, itm):
 
 
 @needs_cpp_compiler
+@pytest.mark.slow
 def test_compiled_vision_encoder_scores_as_eager(bench, tmp_path):
     """``compile_vision``: the vision encoder runs through torch.compile (inductor, here on the CPU) and the
     evaluation gives the eager run's scores (ranks may swap on this random model's near-ties); the Q-Former with
@@ -165,6 +119,7 @@ def test_compile_without_a_cpp_compiler_is_a_clear_error(bench, monkeypatch):
         qpert.compile_vision_encoder(qpert.load_model(str(bench[1])).model)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_recomputing(bench, tmp_path, monkeypatch):
     root, model_dir = bench
     dataset = load_dataset("flickr30k", root, split="test")
@@ -220,14 +175,11 @@ def test_corrupt_image_is_a_counted_logged_skip(bench, tmp_path, caplog):
                       EvalOptions(itm=False, progress=False))
     assert result.skipped_images == [IDS[2]]
     assert result.settings["num_images"] == 6 and result.settings["num_texts"] == 30
+    assert result.settings["k"] == 64  # no k given, no registered spec: BLIP-2's (the paper's) re-ranking depth
     assert "skipping unreadable image" in caplog.text
 
 
-def qpert_cli(*args):
-    return subprocess.run([sys.executable, "-c", "from qpert.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=600)
-
-
+@pytest.mark.slow
 def test_cli_eval_and_tune_end_to_end(bench, tmp_path):
     root, model_dir = bench
     common = ["--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root),
@@ -266,6 +218,7 @@ def test_cli_eval_bad_layouts_are_clear(bench, tmp_path, args, message):
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_run_killed_by_sigkill_resumes_identically(bench, tmp_path):
     """Kill a real `qpert eval` process as soon as its first cache file lands, then run again."""
     root, model_dir = bench
@@ -285,6 +238,88 @@ def test_cli_run_killed_by_sigkill_resumes_identically(bench, tmp_path):
     assert a["baseline"] == b["baseline"] and a["qpert"] == b["qpert"]
 
 
+def test_bin_boxes_place_images_by_another_source(bench, tmp_path):
+    """Perturb with detector boxes, bin by Entities (the paper's protocol): the bins follow the bin boxes."""
+    root, model_dir = bench
+    dataset = load_dataset("flickr30k", root, split="test")
+    entities = flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids)
+    whole = [{"image_id": int(i), "bbox": [0, 0, 500, 500], "score": 1.0, "category_id": 1} for i in IDS]
+    (tmp_path / "whole.json").write_text(json.dumps(whole))  # one box covering every image: all in the last bin
+    common = ["eval", "--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root), "--no-cache",
+              "--no-itm", "--boxes", f"coco-json:{tmp_path / 'whole.json'}"]
+    out = qpert_cli(*common, "--bin-boxes", "entities", "--output", str(tmp_path / "binned.json"))
+    assert out.returncode == 0, out.stderr
+    assert "binned by flickr30k-entities" in out.stdout
+    binned = json.loads((tmp_path / "binned.json").read_text())
+    assert binned["settings"]["bin_boxes"] == "flickr30k-entities" and binned["settings"]["boxes"] == "detector"
+    expected = np.bincount(np.floor(entities.max_areas(dataset.image_ids) * 10).astype(int), minlength=10) * 5
+    assert binned["baseline"]["t2i"]["bins"]["count"] == expected.tolist()
+    out = qpert_cli(*common, "--output", str(tmp_path / "own.json"))
+    assert out.returncode == 0, out.stderr
+    own = json.loads((tmp_path / "own.json").read_text())
+    assert own["baseline"]["t2i"]["bins"]["count"] == [0] * 9 + [35] and own["settings"]["bin_boxes"] == "detector"
+
+
+def test_bin_boxes_on_a_coco_layout(tmp_path):
+    """COCO images: perturb with COCO instances, bin by detector results (the paper bins COCO by CO-DINO)."""
+    rng = np.random.default_rng(1)
+    entries, instances, detections = [], {"images": [], "annotations": [], "categories": []}, []
+    for n in range(4):
+        image_id = 100 + n
+        name = f"COCO_val2014_{image_id:012d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+            _mkdir(tmp_path / "coco/images/val2014") / name)
+        entries.append({"image": f"val2014/{name}", "caption": [f"a photo of a {w} square" for w in WORDS[4:9]]})
+        instances["images"].append({"id": image_id, "height": 40, "width": 50, "file_name": name})
+        instances["annotations"].append({"id": n, "image_id": image_id, "bbox": [0, 0, 10, 10], "category_id": 1,
+                                         "iscrowd": 0, "area": 100})
+        side = [10, 20, 30, 45][n]  # detector areas 0.04, 0.16, 0.36, 0.81 of the 50 x 40 image
+        detections.append({"image_id": image_id, "bbox": [0, 0, side, side * 40 / 50], "score": 0.9, "category_id": 1})
+    (_mkdir(tmp_path / "coco/annotations") / "coco_karpathy_test.json").write_text(json.dumps(entries))
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    (tmp_path / "codino.json").write_text(json.dumps(detections))
+    model_dir = tmp_path / "model"
+    tiny_blip2(seed=2).save_pretrained(model_dir)
+    tiny_processor(WORDS, str(model_dir)).save_pretrained(model_dir)
+    out = qpert_cli("eval", "--model", str(model_dir), "--dataset", "coco", "--data-root", str(tmp_path),
+                    "--no-cache", "--no-itm", "--boxes", f"coco-instances:{tmp_path / 'instances.json'}",
+                    "--bin-boxes", f"coco-json:{tmp_path / 'codino.json'}", "--output", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["settings"]["bin_boxes"] == "detector" and result["settings"]["boxes"] == "coco-instances"
+    assert result["qpert"]["i2t"]["bins"]["count"] == [1, 1, 0, 1, 0, 0, 0, 0, 1, 0]  # not the instances' 0.05
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.mark.slow
+def test_official_compat_end_to_end(bench, tmp_path):
+    """--compat official: official box rules and conventions, float32, its own cache entries."""
+    root, model_dir = bench
+    dataset = load_dataset("flickr30k", root, split="test")
+    common = ["eval", "--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root), "--k", "3",
+              "--cache-dir", str(tmp_path / "cache")]
+    for compat in ("paper", "official", "official"):
+        out = qpert_cli(*common, "--compat", compat, "--output", str(tmp_path / f"{compat}.json"))
+        assert out.returncode == 0, out.stderr
+    official = json.loads((tmp_path / "official.json").read_text())
+    s = official["settings"]
+    assert s["compat"] == "official" and s["dtype"] == "float32" and s["methods"]["qpert"]["compat"] == "official"
+    assert "official-code rules" in s["boxes_summary"] and official["qpert"]["convention"] == "official"
+    fresh = qpert_cli(*common[:-2], "--no-cache", "--compat", "official", "--output", str(tmp_path / "fresh.json"))
+    assert fresh.returncode == 0, fresh.stderr
+    assert json.loads((tmp_path / "fresh.json").read_text())["qpert"] == official["qpert"]  # cache keyed by compat
+    boxes = flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids, rules="official")
+    assert [len(boxes[i].boxes) for i in IDS] == [2] + [1] * 6  # only the entities the Sentences mention
+    out = qpert_cli(*common, "--compat", "official", "--dtype", "fp16")
+    assert out.returncode == 2 and out.stderr.count("error:") == 1 and "float32" in out.stderr
+    out = qpert_cli(*common, "--compat", "official", "--projector", "random")
+    assert out.returncode == 2 and "--compat paper" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_a_second_run_on_the_cache_keeps_the_first_runs_temporaries(tmp_path):
     """Two `qpert eval` sharing a cache: the one starting second removes only temporaries whose writer is gone
     (here a killed run's), never those another live process is still writing."""
@@ -295,7 +330,8 @@ def test_a_second_run_on_the_cache_keeps_the_first_runs_temporaries(tmp_path):
         [sys.executable, "-c", "import sys, torch; from pathlib import Path; from safetensors.torch import save; "
                                "from qpert.atomic import atomic_write\n"
                                f"with atomic_write(Path({str(final)!r})) as f:\n"
-                               "    f.write(save({'x': torch.arange(3.0)})); print('writing', flush=True); sys.stdin.read()"],
+                               "    f.write(save({'x': torch.arange(3.0)})); print('writing', flush=True)\n"
+                               "    sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline() == "writing\n"

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qpert.adapters.mha import MultiheadAttentionSite
+from qpert.errors import UnsupportedModelError
 
 E, H, L, S, B = 16, 4, 3, 5, 2
 
@@ -101,7 +102,7 @@ def test_user_masks_are_kept(data):
 
 def test_unsupported_calls_are_clear_errors(data):
     query, _, key = data
-    with pytest.raises(ValueError, match="add_bias_kv"):
+    with pytest.raises(UnsupportedModelError, match="add_bias_kv"):
         MultiheadAttentionSite("attn", nn.MultiheadAttention(E, H, add_bias_kv=True))
-    with pytest.raises(ValueError, match="causal"):
+    with pytest.raises(UnsupportedModelError, match="causal"):
         hooked(make_mha(), query, key, key, attn_mask=torch.zeros(L, S), is_causal=True)

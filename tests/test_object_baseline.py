@@ -17,16 +17,17 @@ from transformers import SiglipImageProcessor, SiglipProcessor
 import qpert
 from qpert.errors import UnsupportedModelError
 from qpert.eval.pipeline import EvalOptions, evaluate
-from qpert.models.registry import LoadedModel, family_of, retriever_of
+from qpert.models.registry import LoadedModel, family_of, retrieval_heads
 from qpert.models.tiny import tiny_blip2, tiny_processor
 from qpert.object_baseline import object_masks, object_similarities
 from qpert.scoring import score
-from reference_hooks import shortest_edge_objects, stretch_objects
-from test_blip import tiny_blip
-from test_eval_pipeline import WORDS, bench, qpert_cli  # noqa: F401  (bench is a fixture)
-from test_retrieval_families import fixture_data, reranked, tiny_coca_dir
-from test_internvl import tiny_loaded as tiny_internvl_loaded
-from test_siglip import tiny_siglip
+from helpers.reference_hooks import shortest_edge_objects, stretch_objects
+from helpers.models import tiny_blip
+from helpers.bench import WORDS, qpert_cli
+from helpers.bench import fixture_data, reranked
+from helpers.models import tiny_coca_dir
+from helpers.internvl_standin import tiny_loaded as tiny_internvl_loaded
+from helpers.models import tiny_siglip
 
 TEXTS = ["a small red square", "a big blue square in the corner", "the green box"]
 BOXES = [[[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0]], [], [[30.0, 30.0, 90.0, 90.0], [50.0, 5.0, 52.0, 7.0]]]
@@ -64,12 +65,12 @@ def images():
 
 
 def tokens_of(loaded, images):
-    retriever = retriever_of(loaded.model)
+    retriever = retrieval_heads(loaded.model)
     return retriever.image_tokens(loaded.model, retriever.preprocess(loaded.model, loaded.processor, images))
 
 
 def test_whole_image_box_is_the_image_without_its_prefix(loaded, images):
-    model, retriever = loaded.model, retriever_of(loaded.model)
+    model, retriever = loaded.model, retrieval_heads(loaded.model)
     layout = family_of(model).token_layout(model)
     tokens = tokens_of(loaded, images)
     masks = object_masks(layout, [[[0, 0, w, h]] for h, w in SIZES], SIZES)[:, 0]
@@ -83,7 +84,7 @@ def test_whole_image_box_is_the_image_without_its_prefix(loaded, images):
 
 
 def test_combined_score_is_model_score_plus_best_object(loaded, images):
-    model, retriever = loaded.model, retriever_of(loaded.model)
+    model, retriever = loaded.model, retrieval_heads(loaded.model)
     name = type(model).__name__.lower()
     results = score(loaded, images, BOXES, TEXTS, CONFIG, object_baseline=True)
     tokens = tokens_of(loaded, images)
@@ -106,7 +107,7 @@ def test_blip_has_no_pooling_to_restrict(tmp_path, images):
     tokens = torch.zeros(1, 17, 32)
     masks = torch.ones(1, 1, 17, dtype=torch.bool)
     with pytest.raises(UnsupportedModelError, match="object-embedding"):
-        object_similarities(model, retriever_of(model), tokens, masks, torch.zeros(2, 16), torch.zeros(1, 2))
+        object_similarities(model, retrieval_heads(model), tokens, masks, torch.zeros(2, 16), torch.zeros(1, 2))
 
 
 def test_pipeline_matches_scoring(bench, tmp_path):

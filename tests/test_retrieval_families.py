@@ -16,38 +16,23 @@ from PIL import Image
 from transformers import BlipImageProcessor, BlipProcessor, SiglipImageProcessor, SiglipProcessor, SiglipVisionModel
 
 import qpert
-from qpert.data.boxes import flickr30k_entities_boxes
-from qpert.data.datasets import load_dataset
+from helpers.bench import fixture_data, reranked
+from helpers.models import tiny_coca_dir
 from qpert.errors import UnsupportedModelError
 from qpert.eval.metrics import retrieval_metrics
 from qpert.eval.pipeline import EvalOptions, evaluate
-from qpert.models.registry import LoadedModel, family_of, retriever_of
-from qpert.models.tiny import randomize, tiny_processor
+from qpert.models.registry import LoadedModel, family_of, retrieval_heads
+from qpert.models.tiny import tiny_processor
 from qpert.scoring import score
-from test_blip import tiny_blip
-from test_eval_pipeline import WORDS, bench, qpert_cli  # noqa: F401  (bench is a fixture)
-from test_siglip import tiny_siglip, tiny_siglip_config
-from test_internvl import own_itc, tiny_loaded as tiny_internvl_loaded
-from test_siglip2 import TEXT_LENGTH, tiny_siglip2, tiny_siglip2_processor
+from helpers.models import tiny_blip
+from helpers.bench import WORDS, qpert_cli
+from helpers.models import tiny_siglip, tiny_siglip_config
+from helpers.internvl_standin import own_itc, tiny_loaded as tiny_internvl_loaded
+from helpers.models import TEXT_LENGTH, tiny_siglip2, tiny_siglip2_processor
 
 TEXTS = ["a small red square", "a big blue square in the corner", "the green box", "a photo of a yellow square"]
 BOXES = [[[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0]], [[30.0, 30.0, 90.0, 90.0]], [[50.0, 5.0, 70.0, 30.0]]]
 CONFIG = qpert.QPertConfig(alpha=4.0, weight="constant", threshold=0.95)
-
-
-def tiny_coca_dir(path):
-    """A tiny CoCa saved in OpenCLIP's folder layout; the full vocabulary so its own tokenizer fits."""
-    open_clip = pytest.importorskip("open_clip")
-    from safetensors.torch import save_file
-    from test_coca import MODEL_CFG
-
-    cfg = dict(MODEL_CFG, text_cfg=dict(MODEL_CFG["text_cfg"], vocab_size=49408),
-               multimodal_cfg=dict(MODEL_CFG["multimodal_cfg"], vocab_size=49408))
-    torch.manual_seed(0)
-    model = randomize(open_clip.CoCa(**cfg), 0, std=0.5)
-    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": dict(cfg, custom_text=True)}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "open_clip_model.safetensors")
-    return path
 
 
 @pytest.fixture(scope="module", params=["blip", "siglip", "coca", "siglip2", "internvl"])
@@ -85,7 +70,7 @@ def forward_itc(model, processor, image, texts) -> torch.Tensor:
     if name == "InternVLModel":
         ids = processor.tokenizer(["summarize:" + t for t in texts], padding="max_length", max_length=80,
                                   padding_side="right", return_tensors="pt").input_ids
-        return own_itc(model, retriever_of(model).preprocess(model, processor, [image]), ids)[0]
+        return own_itc(model, retrieval_heads(model).preprocess(model, processor, [image]), ids)[0]
     if name == "Siglip2Model":
         ids = processor.tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, return_tensors="pt").input_ids
         logits = model(input_ids=ids, **processor.image_processor([image], return_tensors="pt")).logits_per_image[0]
@@ -100,8 +85,10 @@ def forward_itc(model, processor, image, texts) -> torch.Tensor:
 
 
 def forward_itm(model, processor, image, texts) -> torch.Tensor:
-    """(T,) BLIP's ITM logit of one image with each text."""
+    """(T,) BLIP's ITM logit of one image with each text, [ENC] first as BLIP's evaluation feeds it
+    (the tiny BLIP's vocabulary ends with [DEC] = bos, then [ENC])."""
     tok = processor.tokenizer(texts, padding="longest", return_tensors="pt")
+    tok["input_ids"][:, 0] = model.config.text_config.vocab_size - 1
     px = processor.image_processor([image], return_tensors="pt").pixel_values.expand(len(texts), -1, -1, -1)
     return model(pixel_values=px, **tok, use_itm_head=True).itm_score[:, 1]
 
@@ -159,23 +146,6 @@ def test_models_without_retrieval_heads_are_refused(images):
     vision = SiglipVisionModel(tiny_siglip_config().vision_config).eval()
     with pytest.raises(UnsupportedModelError, match="SiglipVisionModel has no image-text retrieval heads.*CoCa"):
         score(LoadedModel("v", vision, None, None), images, BOXES, TEXTS, CONFIG)
-
-
-def fixture_data(root):
-    dataset = load_dataset("flickr30k", root, split="test")
-    return dataset, flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids)
-
-
-def reranked(final: torch.Tensor, itc: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """ITM + ITC on each query's top k by ITC, -inf elsewhere (DESIGN.md §2)."""
-    t2i, i2t = torch.full_like(itc, -torch.inf), torch.full_like(itc, -torch.inf)
-    for t in range(itc.shape[1]):
-        top = itc[:, t].topk(k).indices
-        t2i[top, t] = final[top, t]
-    for i in range(itc.shape[0]):
-        top = itc[i].topk(k).indices
-        i2t[i, top] = final[i, top]
-    return t2i.numpy(), i2t.numpy()
 
 
 def test_pipeline_matches_scoring_on_the_fixture(bench, loaded, tmp_path):
@@ -253,7 +223,7 @@ def test_cli_eval_coca_defaults_to_itc_and_refuses_itm(bench, tmp_path):
 def test_vision_encoder_is_what_image_tokens_runs_outside_qpert(loaded, images):
     """What ``compile_vision_encoder`` compiles: a stack that ``image_tokens`` runs once per batch and that holds
     none of the cross-attentions Q-Pert hooks (their per-batch state must stay out of compiled code)."""
-    model, retriever = loaded.model, retriever_of(loaded.model)
+    model, retriever = loaded.model, retrieval_heads(loaded.model)
     encoder = retriever.vision_encoder(model)
     inside = {id(m) for m in encoder.modules()}
     sites = family_of(model).sites(model)

@@ -21,9 +21,9 @@ from qpert.search import indexer
 from qpert.search.indexer import IndexSettings, build_index
 from qpert.search.searcher import PhotoIndex
 from qpert.search.vectors import VectorIndex
-from contract import needs_cpp_compiler
-from processes import kill_when
-from search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
+from helpers.contract import needs_cpp_compiler
+from helpers.processes import kill_when
+from helpers.search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
 
 CONFIG = qpert.QPertConfig(alpha=4.0)
 
@@ -132,6 +132,16 @@ def test_incremental_update_adds_modifies_removes_and_skips_the_rest(models, tmp
     assert report.updated == 5 and calls == []
     hits = PhotoIndex(tmp_path / "index", device="cpu").search("a green circle", k=10)
     assert sorted(h.path for h in hits) == sorted(after)
+
+    paper_vectors = catalog_state(tmp_path / "index")[2]  # compat="official": re-embedded, in float32
+    official = settings_for(models, qpert=qpert.QPertConfig(alpha=1.0, compat="official"))
+    assert official.dtype == "fp32"
+    assert build_index(photos, tmp_path / "index", official, device="cpu", progress=False).updated == 5
+    assert not np.allclose(catalog_state(tmp_path / "index")[2], paper_vectors)
+    index = PhotoIndex(tmp_path / "index", device="cpu")
+    assert index.settings.qpert.compat == "official" and len(index.search("a green circle", k=10, itm=True)) == 5
+    with pytest.raises(ValueError, match="float32"):
+        settings_for(models, qpert=qpert.QPertConfig(compat="official"), dtype="fp16")
 
 
 def test_corrupt_photos_are_reported_and_skipped_until_they_change(models, tmp_path):
@@ -345,9 +355,9 @@ def test_other_families_index_and_search_by_itc(family, models, tmp_path):
 
     from qpert.errors import UnsupportedModelError
     from qpert.models.tiny import tiny_processor
-    from search_fixtures import WORDS
-    from test_retrieval_families import tiny_coca_dir
-    from test_siglip import tiny_siglip
+    from helpers.search_fixtures import WORDS
+    from helpers.models import tiny_coca_dir
+    from helpers.models import tiny_siglip
 
     model_dir = tmp_path / family
     model_dir.mkdir()
@@ -403,7 +413,7 @@ def test_open_vocabulary_detector_finds_what_the_prompts_name(models, tmp_path):
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
     from qpert.search.detectors import keep
-    from search_fixtures import save_tiny_owlv2
+    from helpers.search_fixtures import save_tiny_owlv2
 
     owl = save_tiny_owlv2(tmp_path / "owlv2")
     prompts = ("a dog", "a red kite")
@@ -638,7 +648,7 @@ def test_non_finite_alpha_is_refused_and_an_overflow_never_stored(models, tmp_pa
     photos = photo_folder(tmp_path / "photos", count=2)
     out = index_cli("index", str(photos), "--model", str(models[0]), "--detector", "none", "--alpha", "inf",
                     check=False)
-    assert out.returncode == 2 and "error: Invalid value for '--alpha'" in out.stderr
+    assert out.returncode == 2 and "error: alpha must be a finite real number" in out.stderr
     with pytest.raises(ValueError, match="non-finite image embeddings"):
         build_index(photos, tmp_path / "index", settings_for(models, qpert=qpert.QPertConfig(alpha=1e308)),
                     device="cpu", progress=False)

@@ -24,7 +24,7 @@ from urllib.request import urlopen
 
 import pytest
 from PIL import Image
-from search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
+from helpers.search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
 
 from qpert import QPertConfig
 from qpert.search.detectors import DetectorOptions
@@ -222,12 +222,12 @@ def test_foreign_host_header_is_refused(served):
 
 
 @pytest.mark.parametrize("host", [
-    "127.0.0.1.evil.example", "127.0.0.1.evil.example:80", "127.evil.example", "127.0.0.1evil", "localhost.evil.example",
-    "localhost.", "evil.localhost", "[::1].evil.example", "127.1", "2130706433", "0x7f.0.0.1", "127.0.0.1:", "",
+    "127.0.0.1.evil.example", "127.0.0.1.evil.example:80", "127.evil.example", "127.0.0.1evil",
+    "localhost.evil.example", "localhost.", "evil.localhost", "[::1].evil.example", "127.1", "2130706433", "0x7f.0.0.1", "127.0.0.1:", "",
     "evil.example", "127.0.0.1 evil", "[::2]",
 ])
 def test_host_names_that_only_look_like_loopback_are_refused(served, host):
-    status, headers, body = raw_get(served.url, "/api/info", host=host)
+    status, _, body = raw_get(served.url, "/api/info", host=host)
     assert status == 403 and json.loads(body) == {"error": "unknown Host header"}
 
 

@@ -7,35 +7,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor, SiglipVisionModel
+from transformers import SiglipImageProcessor, SiglipProcessor, SiglipVisionModel
 
 import qpert
-from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
+from helpers.models import tiny_siglip, tiny_siglip_config
+from helpers.contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.core import prepare_boxes, token_weights
 from qpert.models.registry import MODELS, family_of
-from qpert.models.tiny import randomize, tiny_processor
-from reference_hooks import ReferenceHooks, stretch_objects
+from qpert.models.tiny import tiny_processor
+from helpers.reference_hooks import ReferenceHooks, stretch_objects
 
 CONFIGS = [
     dict(alpha=1.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
     dict(alpha=0.6, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
-    dict(alpha=0.8, weight="area", threshold=2, keep_norm=False, mode="enhance"),
+    dict(alpha=0.8, weight="area", rank=2, keep_norm=False, mode="enhance"),
     dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
 ]
-
-
-def tiny_siglip_config() -> SiglipConfig:
-    return SiglipConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         vocab_size=100, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=30, patch_size=7),
-    )
-
-
-def tiny_siglip(seed: int = 0) -> SiglipModel:
-    torch.manual_seed(seed)
-    return randomize(SiglipModel(tiny_siglip_config()), seed).eval()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +40,7 @@ def pooled(model, pixels):
         return model.vision_model(pixel_values=pixels).pooler_output
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
 def test_matches_plain_reference(model, pixels, cfg):
     def reference():
         ref = ReferenceHooks(stretch_objects(BOXES, SIZES, input_size=30, grid=4, patch=7, prefix=0), cfg)

@@ -12,41 +12,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor
 
 import qpert
-from contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
+from helpers.models import MAX_PATCHES, PATCH, TEXT_LENGTH, tiny_siglip2, tiny_siglip2_processor
+from helpers.contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.core import prepare_boxes, token_weights
-from qpert.models.registry import MODELS, family_of, retriever_of
-from qpert.models.tiny import randomize, tiny_processor
+from qpert.models.registry import MODELS, family_of, retrieval_heads
 from qpert.scoring import score
-from reference_hooks import ReferenceHooks
+from helpers.reference_hooks import ReferenceHooks
 
-PATCH, MAX_PATCHES, TEXT_LENGTH = 4, 20, 16
 CONFIGS = [
     dict(alpha=1.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
     dict(alpha=0.6, weight="inv_area", threshold=0.8, keep_norm=True, mode="enhance"),
-    dict(alpha=0.8, weight="area", threshold=2, keep_norm=False, mode="enhance"),
+    dict(alpha=0.8, weight="area", rank=2, keep_norm=False, mode="enhance"),
     dict(alpha=1.0, weight="constant", threshold=0.95, keep_norm=False, mode="orthogonal"),
 ]
-
-
-def tiny_siglip2(seed: int = 0) -> Siglip2Model:
-    config = Siglip2Config(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         vocab_size=100, max_position_embeddings=TEXT_LENGTH, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_patches=16, patch_size=PATCH),
-    )
-    torch.manual_seed(seed)
-    return randomize(Siglip2Model(config), seed, std=0.5).eval()
-
-
-def tiny_siglip2_processor(vocab_dir: str) -> Siglip2Processor:
-    tokenizer = tiny_processor(["a", "small", "red", "square", "the", "green", "box"], vocab_dir).tokenizer
-    return Siglip2Processor(image_processor=Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=MAX_PATCHES),
-                            tokenizer=tokenizer)
 
 
 def random_images(sizes) -> list[Image.Image]:
@@ -99,7 +79,7 @@ def test_the_batch_has_different_grids(pixels):
     assert pixels["pixel_attention_mask"].sum(1).tolist() == [20, 16, 20]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
 def test_matches_plain_reference(model, pixels, cfg):
     def reference():
         ref = ReferenceHooks(naflex_objects(BOXES, SIZES, pixels["spatial_shapes"].tolist()), cfg)
@@ -136,7 +116,7 @@ def test_box_on_one_patch_maps_to_that_token_on_each_grid(model, processor):
 
 def test_padding_tokens_stay_masked(model, processor, pixels):
     """With Q-Pert on, what the padding tokens hold still does not reach the embedding."""
-    retriever = retriever_of(model)
+    retriever = retrieval_heads(model)
     tokens = retriever.image_tokens(model, {k: pixels[k] for k in ("pixel_values", "pixel_attention_mask",
                                                                    "spatial_shapes")})
     padding = tokens[..., -1] == 0
@@ -145,7 +125,7 @@ def test_padding_tokens_stay_masked(model, processor, pixels):
     noisy[..., :-1][padding] = 10 * torch.randn(int(padding.sum()), tokens.shape[-1] - 1)
     handle = qpert.attach(model, qpert.QPertConfig(alpha=1.0))
     try:
-        subspaces = handle.compute_subspaces(retriever.key_tokens(model, tokens), BOXES, SIZES)
+        subspaces = handle.compute_subspaces(tokens, BOXES, SIZES)  # the family drops the mask channel itself
         with handle.objects(subspaces=subspaces):
             clean, dirty = retriever.image_embeddings(model, tokens), retriever.image_embeddings(model, noisy)
     finally:
@@ -156,7 +136,7 @@ def test_padding_tokens_stay_masked(model, processor, pixels):
 def test_registry_and_scores_of_a_saved_model(tmp_path):
     """Loaded from disk as ``qpert score`` loads it: scores equal the model's own forward, without and with Q-Pert."""
     spec = MODELS["siglip2-so400m-naflex"]
-    assert (spec.source, spec.model_class, spec.alpha_grid) == ("google/siglip2-so400m-patch16-naflex",
+    assert (spec.source, spec.model_class, spec.alphas) == ("google/siglip2-so400m-patch16-naflex",
                                                                  "Siglip2Model", (0.2, 0.4, 0.6, 0.8, 1.0))
     tiny_siglip2(seed=1).save_pretrained(tmp_path)
     tiny_siglip2_processor(str(tmp_path)).save_pretrained(tmp_path)
@@ -189,7 +169,7 @@ def test_registry_and_scores_of_a_saved_model(tmp_path):
 
 def test_whole_image_box_pools_every_patch(model, pixels):
     """The object embedding of a box covering the image is the image embedding (no prefix token, padding masked)."""
-    retriever = retriever_of(model)
+    retriever = retrieval_heads(model)
     tokens = retriever.image_tokens(model, {k: pixels[k] for k in ("pixel_values", "pixel_attention_mask",
                                                                    "spatial_shapes")})
     keep = token_weights(prepare_boxes([[[0, 0, w, h]] for h, w in SIZES], SIZES),
@@ -210,7 +190,7 @@ def test_half_precision_runs_without_nan(pixels):
 
 
 def test_cli_scores_a_saved_naflex_model(tmp_path):
-    from test_eval_pipeline import qpert_cli
+    from helpers.bench import qpert_cli
 
     tiny_siglip2(seed=2).save_pretrained(tmp_path)
     tiny_siglip2_processor(str(tmp_path)).save_pretrained(tmp_path)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import qpert
-from qpert.data.boxes import flickr30k_entities_boxes, read_entities_sentences
+from qpert.data.box_sources import flickr30k_entities_boxes, read_entities_sentences
 from qpert.data.captions import pre_caption
 from qpert.data.datasets import load_dataset
 from qpert.eval.metrics import retrieval_metrics

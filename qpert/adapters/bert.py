@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .site import CrossAttentionSite
 
-class BertCrossAttentionSite:
+
+class BertCrossAttentionSite(CrossAttentionSite):
     """One cross-attention module whose keys are projected image tokens."""
 
     def __init__(self, name: str, module: nn.Module):

@@ -18,15 +18,18 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
+from ..errors import UnsupportedModelError
+from .site import CrossAttentionSite
+
 _PARAMS = list(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]  # query, key, value, ...
 
 
-class MultiheadAttentionSite:
+class MultiheadAttentionSite(CrossAttentionSite):
     """One ``nn.MultiheadAttention`` whose keys are image tokens and whose queries are perturbed."""
 
     def __init__(self, name: str, module: nn.MultiheadAttention):
         if module.bias_k is not None or module.add_zero_attn:
-            raise ValueError(f"{name}: Q-Pert does not support nn.MultiheadAttention with add_bias_kv or "
+            raise UnsupportedModelError(f"{name}: Q-Pert does not support nn.MultiheadAttention with add_bias_kv or "
                              "add_zero_attn (their extra key would escape the perturbation)")
         self.name = name
         self.module = module
@@ -66,7 +69,7 @@ class MultiheadAttentionSite:
             if not on_image_tokens(key):
                 return None
             if bound.get("is_causal", False):
-                raise ValueError(f"{self.name}: Q-Pert cannot perturb a causal nn.MultiheadAttention call")
+                raise UnsupportedModelError(f"{self.name}: Q-Pert cannot perturb a causal nn.MultiheadAttention call")
             q = self._heads(query, 0)
             new = on_queries(q)
             if new is None:
@@ -105,6 +108,6 @@ def find_multihead_attentions(root: nn.Module, names: tuple[str, ...]) -> list[M
     for name in names:
         module = modules.get(name)
         if not isinstance(module, nn.MultiheadAttention):
-            raise ValueError(f"expected an nn.MultiheadAttention at {name!r}, found {type(module).__name__}")
+            raise UnsupportedModelError(f"expected an nn.MultiheadAttention at {name!r}, found {type(module).__name__}")
         sites.append(MultiheadAttentionSite(name, module))
     return sites

@@ -20,8 +20,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..errors import UnsupportedModelError
+from .site import CrossAttentionSite
 
-class LlamaCrossAttentionSite:
+
+class LlamaCrossAttentionSite(CrossAttentionSite):
     """One QLLaMA cross-attention whose keys are projected, normalized image tokens."""
 
     def __init__(self, name: str, module: nn.Module):
@@ -30,7 +33,7 @@ class LlamaCrossAttentionSite:
         self.num_heads = int(module.num_heads)
         self.head_dim = int(module.head_dim)
         if module.k_proj.out_features != self.num_heads * self.head_dim:
-            raise ValueError(f"{name}: k_proj gives {module.k_proj.out_features} features, expected "
+            raise UnsupportedModelError(f"{name}: k_proj gives {module.k_proj.out_features} features, expected "
                              f"num_heads x head_dim = {self.num_heads * self.head_dim} (grouped keys are not supported)")
         params = list(inspect.signature(module.forward).parameters)
         self._tokens_position = params.index("vision_hidden_states")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from ..errors import ConfigError
+
 # LAVIS's blip_caption default; the BLIP-2 retrieval eval configs do not override it.
 DEFAULT_MAX_WORDS = 50
 
@@ -26,7 +28,7 @@ def pre_caption(caption: str, max_words: int = DEFAULT_MAX_WORDS) -> str:
     inside the text, exactly as in LAVIS.
     """
     if max_words < 1:
-        raise ValueError(f"max_words must be >= 1, got {max_words}")
+        raise ConfigError(f"max_words must be >= 1, got {max_words}")
     caption = _PUNCTUATION.sub(" ", caption.lower())
     caption = _WHITESPACE_RUN.sub(" ", caption)
     caption = caption.rstrip("\n").strip(" ")

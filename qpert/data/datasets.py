@@ -31,7 +31,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from qpert.data.captions import DEFAULT_MAX_WORDS, pre_caption
+from ..errors import ConfigError, DataError
+from .captions import DEFAULT_MAX_WORDS, pre_caption
 
 PathLike = Union[str, Path]
 
@@ -39,7 +40,7 @@ DATASET_NAMES = ("flickr30k", "coco", "flickr30k-fg", "coco-fg")
 SPLITS = ("test", "val")
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(DataError):
     """A dataset file or folder is missing or not in a recognized format."""
 
 
@@ -118,9 +119,9 @@ def load_dataset(
     one would otherwise surface hours later inside a model run).
     """
     if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+        raise ConfigError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; retrieval evaluation uses {SPLITS}")
+        raise ConfigError(f"unknown split {split!r}; retrieval evaluation uses {SPLITS}")
     base = name.removesuffix("-fg")
     source = _SOURCES[base]
     root = Path(root)
@@ -266,7 +267,7 @@ def normalize_image_id(value: Union[int, str]) -> str:
     files name images in all these ways; this is how they are matched to a dataset.
     """
     if isinstance(value, bool) or not isinstance(value, (int, str, np.integer)):
-        raise TypeError(f"image id must be an int or a str, got {value!r}")
+        raise DataError(f"image id must be an int or a str, got {value!r}")
     if not isinstance(value, str):
         return str(int(value))
     text = value.strip()

@@ -18,6 +18,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..atomic import atomic_write, remove_stale_temporaries
+from ..errors import CacheError
+
+#: Bumped whenever qpert computes features differently for the same model and inputs (0.2: PIL image
+#: processors, BLIP's [ENC]): caches written by another version are never read.
+FEATURES_VERSION = 2
 
 
 def model_fingerprint(model: torch.nn.Module) -> Any:
@@ -25,8 +30,8 @@ def model_fingerprint(model: torch.nn.Module) -> Any:
     or (OpenCLIP, which has none) the name and shape of every weight."""
     config = getattr(model, "config", None)
     if hasattr(config, "to_dict"):
-        return config.to_dict()
-    return [type(model).__name__] + [[name, list(t.shape)] for name, t in model.state_dict().items()]
+        return [FEATURES_VERSION, config.to_dict()]
+    return [FEATURES_VERSION, type(model).__name__] + [[name, list(t.shape)] for name, t in model.state_dict().items()]
 
 
 def content_key(*parts: Any) -> str:
@@ -62,7 +67,7 @@ class FeatureStore:
             return load_file(path)
         except (SafetensorError, OSError) as e:  # damaged outside our control: drop it, recompute
             path.unlink(missing_ok=True)
-            raise KeyError(f"cache file {path} was unreadable ({e}) and has been removed") from e
+            raise CacheError(f"cache file {path} was unreadable ({e}) and has been removed: run again to recompute it") from e
 
     def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

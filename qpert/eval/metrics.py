@@ -6,18 +6,28 @@ blocks of gallery rows, so a 5k x 25k score matrix needs no Python loop over que
 Ties count against the query: a negative whose score equals the positive's is ranked ahead
 of it. This is the pessimistic convention, so a degenerate scorer (e.g. all scores equal)
 gets rank = gallery size instead of a flattering rank 1.
+
+Two conventions (``convention``): ``"paper"`` (below) and ``"official"``, the arithmetic of
+the authors' released code (``BaseTask.report_metrics`` / ``compute_metrics`` /
+``report_metircs_on_size`` in NEC-N-SOGI/query-perturbation @ c6e0294), to reproduce its
+published numbers: see :func:`median_rank` and :func:`official_area_bins`. The official ranks
+come from ``np.argsort(score)[::-1]``, which orders ties arbitrarily; qpert keeps its own tie
+rule in both conventions, since with float scores ties only arise among the -100 fillers
+that ITM re-ranking puts beyond its top-k, where they cannot change R@1/5/10.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
 KS = (1, 5, 10)
 NUM_BINS = 10
+MetricConvention = Literal["paper", "official"]
+CONVENTIONS = ("paper", "official")
 DIRECTIONS = ("t2i", "i2t")
 METRIC_KEYS = (
     "R@1", "R@5", "R@10",
@@ -38,7 +48,9 @@ class RetrievalMetrics:
     ``t2i`` / ``i2t`` map each of :data:`METRIC_KEYS` to a number (percentages for recalls),
     or None where undefined (no non-empty bin, or bin 0 empty). ``bin_recall[d]["R@K"]`` holds
     the 10 per-bin values (None for empty bins) and ``bin_counts[d]`` the number of queries
-    per bin. ``ranks[d]`` are the 1-based positive ranks, kept for per-query analysis.
+    per bin. ``num_images_without_boxes`` counts the images in no bin. ``ranks[d]`` are the
+    1-based positive ranks, kept for per-query analysis. ``convention`` is ``"paper"`` or
+    ``"official"`` (see the module docstring).
     """
 
     t2i: dict[str, Optional[float]]
@@ -48,6 +60,7 @@ class RetrievalMetrics:
     empty_bins: list[int]
     num_images_without_boxes: int
     ranks: dict[str, np.ndarray] = field(repr=False)
+    convention: MetricConvention = "paper"
 
     def to_dict(self) -> dict:
         """JSON-ready dict (plain floats, ints, None, lists); ranks are left out."""
@@ -60,6 +73,7 @@ class RetrievalMetrics:
         out["bin_edges"] = [b / NUM_BINS for b in range(NUM_BINS + 1)]
         out["empty_bins"] = list(self.empty_bins)
         out["num_images_without_boxes"] = self.num_images_without_boxes
+        out["convention"] = self.convention
         return out
 
 
@@ -111,8 +125,16 @@ def recall_at_k(ranks: np.ndarray, k: int) -> float:
     return float(100.0 * np.mean(ranks <= k))
 
 
-def median_rank(ranks: np.ndarray) -> float:
-    """Median rank in the VSE++/SCAN convention: floor(median of 0-based ranks) + 1."""
+def median_rank(ranks: np.ndarray, convention: MetricConvention = "paper") -> float:
+    """Median of the 1-based ranks.
+
+    ``"paper"``: the VSE++/SCAN convention, floor(median of 0-based ranks) + 1.
+    ``"official"``: ``np.median(ranks0 + 1)``, which is x.5 for an even query count whose two
+    middle ranks differ.
+    """
+    _check_convention(convention)
+    if convention == "official":
+        return float(np.median(ranks))
     return float(np.floor(np.median(ranks - 1)) + 1)
 
 
@@ -127,6 +149,31 @@ def area_bins(max_areas: np.ndarray) -> np.ndarray:
         raise ValueError("max_areas must lie in [0, 1] (or be NaN for images without boxes)")
     bins = np.full(areas.shape, -1, dtype=np.int64)
     bins[valid] = np.minimum(np.floor(areas[valid] * NUM_BINS), NUM_BINS - 1).astype(np.int64)
+    return bins
+
+
+def official_area_bins(max_areas: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-direction bin index (-1: in no bin) of each image, as the official code bins them.
+
+    Areas are cast to float32 and bin b holds ``edges[b] <= area < edges[b+1]`` with
+    ``edges = np.linspace(0, 1.0, 11)``, so an area >= 1.0, negative (the official -1 of an
+    image without annotation) or NaN is in no bin. The official code ran on numpy 1.24, whose
+    value-based casting compared the float32 image areas with float32-rounded edges (I2T),
+    but the texts' areas, copied into a float64 array, with float64 edges (T2I): an area that
+    rounds to float32(0.7) or float32(0.9), the two edges float32 rounds down, lands one bin
+    higher for I2T than for T2I. Both are reproduced.
+    """
+    areas32 = np.asarray(max_areas, dtype=np.float32)
+    edges = np.linspace(0, 1.0, NUM_BINS + 1)
+    compared = {
+        "i2t": (areas32, edges.astype(np.float32)),
+        "t2i": (areas32.astype(np.float64), edges),
+    }
+    bins = {}
+    for direction, (areas, direction_edges) in compared.items():
+        bins[direction] = np.full(areas.shape, -1, dtype=np.int64)
+        for b in range(NUM_BINS):
+            bins[direction][(direction_edges[b] <= areas) & (areas < direction_edges[b + 1])] = b
     return bins
 
 
@@ -146,6 +193,7 @@ def retrieval_metrics(
     max_areas: np.ndarray,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     i2t_scores: Optional[np.ndarray] = None,
+    convention: MetricConvention = "paper",
 ) -> RetrievalMetrics:
     """All metrics of the protocol from an (images x texts) score matrix, higher = better.
 
@@ -154,20 +202,29 @@ def retrieval_metrics(
     still ranked against the whole gallery. mR@K is the harmonic mean over non-empty bins;
     empty bins are listed in ``empty_bins`` and reported with a warning. With ITM re-ranking
     each direction has its own matrix (as in BLIP's evaluation): ``scores`` then ranks T2I and
-    ``i2t_scores`` (same shape) ranks I2T.
+    ``i2t_scores`` (same shape) ranks I2T. ``convention="official"`` bins with
+    :func:`official_area_bins` (any area allowed: -1 means no annotation) and takes the
+    official :func:`median_rank`; everything else is shared (the official code reports the
+    per-bin values, mR@K is their harmonic mean as in the paper).
     """
+    _check_convention(convention)
     scores, text_to_image = _check_inputs(scores, text_to_image, block_rows)
     max_areas = np.asarray(max_areas)
     if max_areas.shape != (scores.shape[0],):
         raise ValueError(f"max_areas must have shape ({scores.shape[0]},), got {max_areas.shape}")
-    image_bins = area_bins(max_areas)
+    if convention == "official":
+        image_bins = official_area_bins(max_areas)
+    else:
+        image_bins = dict.fromkeys(DIRECTIONS, area_bins(max_areas))
     ranks = {
         "t2i": _t2i_ranks(scores, text_to_image, block_rows),
         "i2t": _i2t_ranks(scores if i2t_scores is None else _check_inputs(i2t_scores, text_to_image, block_rows)[0],
                           text_to_image, block_rows),
     }
-    query_bins = {"t2i": image_bins[text_to_image], "i2t": image_bins}
-    empty_bins = [b for b in range(NUM_BINS) if not np.any(image_bins == b)]
+    query_bins = {"t2i": image_bins["t2i"][text_to_image], "i2t": image_bins["i2t"]}
+    empty_bins = [
+        b for b in range(NUM_BINS) if not all(np.any(image_bins[d] == b) for d in DIRECTIONS)
+    ]
     if empty_bins:
         warnings.warn(
             f"no image has its largest object in area bin(s) {empty_bins} "
@@ -192,7 +249,7 @@ def retrieval_metrics(
             values[f"mR@{k}"] = harmonic_mean(filled) if filled else None
         for k in KS:
             values[f"small_R@{k}"] = per_bin[f"R@{k}"][0]
-        values["median_rank"] = median_rank(r)
+        values["median_rank"] = median_rank(r, convention)
         summary[d] = values
         bin_recall[d] = per_bin
         bin_counts[d] = [int(np.sum(qb == b)) for b in range(NUM_BINS)]
@@ -203,8 +260,9 @@ def retrieval_metrics(
         bin_recall=bin_recall,
         bin_counts=bin_counts,
         empty_bins=empty_bins,
-        num_images_without_boxes=int(np.sum(image_bins < 0)),
+        num_images_without_boxes=int(np.sum(image_bins["i2t"] < 0)),
         ranks=ranks,
+        convention=convention,
     )
 
 
@@ -249,6 +307,11 @@ def _cell(value: Optional[float], signed: bool = False) -> str:
     if value is None:
         return "-"
     return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown metric convention {convention!r}; expected one of {CONVENTIONS}")
 
 
 def _check_inputs(

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from ..adapters import find_bert_cross_attentions
 from ..core import TokenLayout
-from .family import ModelFamily, Retriever
+from .family import QFORMER_ALPHAS, ModelFamily, RetrievalHeads
 from .pair_batching import pairs_of_images
 from .processing import bert_tokenize, pixel_values as preprocess
 from .processing import vision_tokens as image_tokens  # (B, N, C): what the Q-Former cross-attends to
@@ -80,11 +80,14 @@ def itm_scores(model: nn.Module, tokens: torch.Tensor, input_ids: torch.Tensor, 
 
 BLIP2 = ModelFamily(
     name="blip2",
-    class_names=("Blip2ForImageTextRetrieval", "Blip2Model", "Blip2ForConditionalGeneration"),
+    classes=("transformers.Blip2ForImageTextRetrieval", "transformers.Blip2Model",
+             "transformers.Blip2ForConditionalGeneration"),
     sites=lambda model: find_bert_cross_attentions(model.qformer),
     token_layout=blip2_token_layout,
-    retriever=Retriever(class_names=("Blip2ForImageTextRetrieval",), image_tokens=image_tokens,
-                        image_embeddings=image_embeddings, text_embeddings=text_embeddings, itc_scores=itc_scores,
-                        itm_scores=itm_scores, tokenize=bert_tokenize, preprocess=preprocess,
-                        roi_embeddings=roi_embeddings, vision_encoder=lambda model: model.vision_model),
+    alpha_grid=QFORMER_ALPHAS,
+    retrieval=RetrievalHeads(image_tokens=image_tokens, image_embeddings=image_embeddings,
+                             text_embeddings=text_embeddings, itc_scores=itc_scores, tokenize=bert_tokenize,
+                             preprocess=preprocess, itm_scores=itm_scores, roi_embeddings=roi_embeddings,
+                             vision_encoder=lambda model: model.vision_model),
+    retrieval_classes=("transformers.Blip2ForImageTextRetrieval",),
 )

@@ -19,8 +19,8 @@ from torch.nn import functional as F
 
 from ..adapters import MultiheadAttentionSite, find_multihead_attentions
 from ..core import TokenLayout
-from ..errors import UnsupportedModelError
-from .family import ModelFamily, Retriever, cosine_scores, keys_restricted
+from ..errors import MissingDependencyError, UnsupportedModelError
+from .family import POOLER_ALPHAS, ModelFamily, RetrievalHeads, cosine_scores, keys_restricted
 
 #: OpenCLIP's image resize modes; "longest" pads, which a patch grid layout does not model.
 _RESIZE = {"shortest": "shortest_edge", "squash": "stretch"}
@@ -65,7 +65,7 @@ def load_open_clip(model_name: str, pretrained: Union[None, str], device: Union[
     try:
         import open_clip
     except ImportError:
-        raise ImportError("OpenCLIP models need the open_clip_torch package: pip install 'qpert[openclip]'") from None
+        raise MissingDependencyError("OpenCLIP models need the open_clip_torch package: pip install 'qpert[openclip]'") from None
     model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
     model.to(device=device, dtype=dtype).eval()
     return model, OpenClipProcessor(transform, open_clip.get_tokenizer(model_name))
@@ -115,9 +115,10 @@ def preprocess(model: nn.Module, processor: OpenClipProcessor, images: Sequence[
 
 
 COCA = ModelFamily(
-    name="coca", class_names=("CoCa",), sites=coca_sites, token_layout=coca_token_layout,
-    retriever=Retriever(class_names=("CoCa",), image_tokens=image_tokens, image_embeddings=image_embeddings,
-                        text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
-                        preprocess=preprocess, key_tokens=key_tokens, roi_embeddings=roi_embeddings,
-                        vision_encoder=lambda model: _visual(model).transformer),
+    name="coca", classes=("open_clip.CoCa",), sites=coca_sites, token_layout=coca_token_layout,
+    alpha_grid=POOLER_ALPHAS, key_tokens=key_tokens,
+    retrieval=RetrievalHeads(image_tokens=image_tokens, image_embeddings=image_embeddings,
+                             text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
+                             preprocess=preprocess, roi_embeddings=roi_embeddings,
+                             vision_encoder=lambda model: _visual(model).transformer),
 )

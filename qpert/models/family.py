@@ -1,6 +1,8 @@
 """What the attach step, scoring and evaluation need to know about a family of models."""
 from __future__ import annotations
 
+import importlib
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -9,14 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..adapters import CrossAttentionSite
+from ..adapters import CrossAttentionSite, KeyTokens, same_tokens
 from ..core import Layout
 
 Tensor = torch.Tensor
-
-
-def _same_tokens(model: nn.Module, tokens: Tensor) -> Tensor:
-    return tokens
 
 
 def cosine_scores(image_emb: Tensor, text_emb: Tensor) -> Tensor:
@@ -41,48 +39,51 @@ def keys_restricted(attention: nn.MultiheadAttention, keep: Tensor) -> Iterator[
         hook.remove()
 
 
+#: The paper's alpha grids: BLIP-2's cross-attention (and BLIP's, of the same shape) and the pooling
+#: heads' (CoCa; SigLIP and InternVL-G start from it).
+QFORMER_ALPHAS: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0, 10.0)
+POOLER_ALPHAS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
 @dataclass(frozen=True)
-class Retriever:
-    """How scoring and evaluation drive a family's retrieval heads from cached vision tokens.
+class RetrievalHeads:
+    """How scoring, evaluation and search drive a family's retrieval heads from cached image tokens.
 
-    Splitting the image side at the tokens lets an evaluation encode every image once and
-    score it under any number of Q-Pert settings; all functions run under ``torch.no_grad``.
+    Splitting the image side at the tokens lets an evaluation encode every image once and score it
+    under any number of Q-Pert settings; all functions run under ``torch.no_grad``.
 
-    image_tokens(model, pixels) -> (B, N, C): what the feature cache stores and what
-        Q-Pert's cross-attention reads (through ``key_tokens``).
-    image_embeddings(model, tokens) -> normalized ITC image embeddings, (B, D) or (B, Q, D);
-        Q-Pert acts here when the family's cross-attention is in the image path.
-    text_embeddings(model, input_ids, attention_mask) -> (T, D) normalized ITC text embeddings.
-    itc_scores(image_emb, text_emb) -> (B, T) float scores; only their order per query matters.
-    itm_scores(model, tokens, input_ids, attention_mask, image_index=None) -> (P,) matching logits of
-        P pairs (text p with image ``image_index[p]`` of ``tokens``, default row p; pairs sharing an image
-        share its key / value projections), or None when the family has no ITM head (no re-ranking then).
-    tokenize(model, processor, texts) -> (input_ids, attention_mask).
-    preprocess(model, processor, images) -> pixels for ``image_tokens``: pixel_values, or whatever else the
-        vision tower takes (SigLIP 2 NaFlex: the processor's patches, padding mask and grid shapes).
-    key_tokens(model, tokens) -> what the cross-attention's key projection reads, for
-        ``QPertHandle.compute_subspaces`` (the tokens themselves unless the family normalizes first).
-    roi_embeddings(model, tokens, keep) -> ``image_embeddings`` with the head's pooling over the image
-        tokens restricted to ``keep`` (B, N) bool: the object embeddings of the object-embedding
-        baseline (``qpert.object_baseline``); None when the ITC embedding pools nothing (BLIP's CLS).
-    load_processor(source) -> the processor ``tokenize`` and ``preprocess`` take, where
-        ``AutoProcessor.from_pretrained(source)`` is not it (InternVL-G).
-    vision_encoder(model) -> the transformer stack inside ``image_tokens``: most of the encoding
-        time and none of Q-Pert's hooks, so ``qpert.compile_vision_encoder`` can compile it.
-    class_names: the family's classes that carry these heads.
+    The required core:
+        image_tokens(model, pixels) -> (B, N, C): what the feature cache stores; Q-Pert's
+            ``QPertHandle.compute_subspaces`` takes them (the family's ``key_tokens`` applied).
+        image_embeddings(model, tokens) -> normalized ITC image embeddings, (B, D) or (B, Q, D);
+            Q-Pert acts here when the family's cross-attention is in the image path.
+        text_embeddings(model, input_ids, attention_mask) -> (T, D) normalized ITC text embeddings.
+        itc_scores(image_emb, text_emb) -> (B, T) float scores; only their order per query matters.
+        tokenize(model, processor, texts) -> (input_ids, attention_mask).
+        preprocess(model, processor, images) -> pixels for ``image_tokens``: pixel_values, or whatever
+            else the vision tower takes (SigLIP 2 NaFlex: the processor's patches, mask and grid shapes).
+
+    Optional capabilities (None: the family does not have it):
+        itm_scores(model, tokens, input_ids, attention_mask, image_index=None) -> (P,) matching logits
+            of P pairs (text p with image ``image_index[p]`` of ``tokens``, default row p; pairs sharing
+            an image share its key / value projections): ITM re-ranking.
+        roi_embeddings(model, tokens, keep) -> ``image_embeddings`` with the head's pooling restricted to
+            ``keep`` (B, N) bool: the object-embedding baseline (``qpert.object_baseline``).
+        vision_encoder(model) -> the transformer stack inside ``image_tokens``, most of the encoding time
+            and none of Q-Pert's hooks: what ``qpert.compile_vision_encoder`` compiles.
+        load_processor(source) -> the processor ``tokenize`` and ``preprocess`` take, where
+            ``AutoProcessor.from_pretrained(source)`` is not it (InternVL-G).
     """
 
-    class_names: tuple[str, ...]
     image_tokens: Callable[[nn.Module, Any], Tensor]
     image_embeddings: Callable[[nn.Module, Tensor], Tensor]
     text_embeddings: Callable[[nn.Module, Tensor, Tensor], Tensor]
     itc_scores: Callable[[Tensor, Tensor], Tensor]
     tokenize: Callable[[nn.Module, Any, Sequence[str]], tuple[Tensor, Tensor]]
     preprocess: Callable[[nn.Module, Any, Sequence[Image.Image]], Any]
-    vision_encoder: Callable[[nn.Module], nn.Module]
     itm_scores: Optional[Callable[..., Tensor]] = None
-    key_tokens: Callable[[nn.Module, Tensor], Tensor] = _same_tokens
     roi_embeddings: Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]] = None
+    vision_encoder: Optional[Callable[[nn.Module], nn.Module]] = None
     load_processor: Optional[Callable[[str], Any]] = None
 
     @property
@@ -90,15 +91,52 @@ class Retriever:
         return self.itm_scores is not None
 
 
+def is_instance(model: nn.Module, qualified_name: str) -> bool:
+    """Whether ``model`` is an instance of ``"package.Class"`` (subclasses too); a bare ``"Class"``
+    (remote code, which has no importable module) matches by class name along the model's MRO."""
+    module_name, _, class_name = qualified_name.rpartition(".")
+    if not module_name:
+        return any(cls.__name__ == class_name for cls in type(model).__mro__)
+    module = sys.modules.get(module_name.partition(".")[0])
+    if module is None:  # never imported, so the model cannot be one of its classes
+        return False
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    return isinstance(cls, type) and isinstance(model, cls)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
-    """A family of model classes sharing one adapter and one way to place boxes on tokens."""
+    """A family of model classes sharing one adapter and one way to place boxes on tokens.
+
+    name: unique (``qpert.register_family``); classes: ``"package.Class"`` names, matched with
+    ``isinstance`` so subclasses work, or bare class names for remote code; sites(model) -> the
+    cross-attentions to hook; token_layout(model) -> where image tokens sit on the patch grid;
+    alpha_grid: the alpha values ``qpert tune`` searches; key_tokens(model, tokens) -> what the
+    sites' key projections read, given ``retrieval.image_tokens``'s output (the tokens themselves
+    unless the family normalizes first); retrieval: its retrieval heads, carried by
+    ``retrieval_classes`` (default: all of ``classes``).
+    """
 
     name: str
-    class_names: tuple[str, ...]
+    classes: tuple[str, ...]
     sites: Callable[[nn.Module], list[CrossAttentionSite]]
     token_layout: Callable[[nn.Module], Layout]
-    retriever: Optional[Retriever] = None
+    alpha_grid: tuple[float, ...] = QFORMER_ALPHAS
+    key_tokens: KeyTokens = same_tokens
+    retrieval: Optional[RetrievalHeads] = None
+    retrieval_classes: tuple[str, ...] = ()
 
     def supports(self, model: nn.Module) -> bool:
-        return type(model).__name__ in self.class_names
+        return any(is_instance(model, name) for name in self.classes)
+
+    def retrieval_of(self, model: nn.Module) -> Optional[RetrievalHeads]:
+        """The retrieval heads, if ``model`` is one of the classes that carry them."""
+        if self.retrieval is None:
+            return None
+        carriers = self.retrieval_classes or self.classes
+        return self.retrieval if any(is_instance(model, name) for name in carriers) else None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes' bare names, for messages and saved folders' ``architectures``."""
+        return tuple(name.rpartition(".")[2] for name in self.classes)

@@ -1,8 +1,11 @@
-"""InternVL-G (``OpenGVLab/InternVL-14B-224px``, remote code): Q-Pert on every QLLaMA cross-attention.
+"""InternVL-G (``OpenGVLab/InternVL-14B-224px``, remote code): Q-Pert on every QLLaMA cross-attention
+and on ``clip_projector``'s attention pooling.
 
 The checkpoint's ``InternVLModel`` holds an InternViT-6B (``vision_model``: CLS + 16 x 16 patches
 of 14 px at 224 px) and QLLaMA (``qllama``), whose 96 learned queries cross-attend to all of the
-ViT's output tokens in every other decoder layer (see ``qpert.adapters.qllama``).
+ViT's output tokens in every other decoder layer (see ``qpert.adapters.qllama``); ``clip_projector``
+pools the ViT tokens with one query, their mean (``qpert.adapters.pooling``). The paper's
+supplement (A.2.1) perturbs both, so qpert does by default.
 
 Retrieval follows the model's own ``encode_image(image, mode="InternVL-G")`` and ``encode_text``
 and InternVL's ``clip_benchmark`` retrieval setup: images through ``build_transform('retrieval')``
@@ -32,18 +35,22 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision import transforms as T
 
-from ..adapters import LlamaCrossAttentionSite, find_llama_cross_attentions
+from ..adapters import AttentionPoolingSite, CrossAttentionSite, find_llama_cross_attentions
 from ..core import TokenLayout
 from ..errors import UnsupportedModelError
-from .family import ModelFamily, Retriever, cosine_scores
+from .family import POOLER_ALPHAS, ModelFamily, RetrievalHeads, cosine_scores
 
 #: clip_benchmark's InternVL text setup.
 TEXT_PREFIX, MAX_TEXT_TOKENS, PAD_TOKEN_ID = "summarize:", 80, 0
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def internvl_sites(model: nn.Module) -> list[LlamaCrossAttentionSite]:
-    return find_llama_cross_attentions(model.qllama)
+def internvl_sites(model: nn.Module) -> list[CrossAttentionSite]:
+    """QLLaMA's cross-attentions, then ``clip_projector``'s attention pooling over the ViT tokens: the
+    paper's supplement (A.2.1) perturbs both. ``clip_projector2`` pools QLLaMA's outputs, not image
+    tokens, and is left alone. ``qpert.attach(model, config, exclude=("clip_projector",))`` perturbs
+    QLLaMA alone."""
+    return [*find_llama_cross_attentions(model.qllama), AttentionPoolingSite("clip_projector", model.clip_projector)]
 
 
 def _input_size(model: nn.Module) -> int:
@@ -152,10 +159,10 @@ class _QLLaMAFamily(ModelFamily):
 
 
 INTERNVL = _QLLaMAFamily(
-    name="internvl", class_names=("InternVLModel", "InternVL_G"), sites=internvl_sites,
-    token_layout=internvl_token_layout,
-    retriever=Retriever(class_names=("InternVLModel", "InternVL_G"), image_tokens=image_tokens,
-                        image_embeddings=image_embeddings, text_embeddings=text_embeddings, itc_scores=cosine_scores,
-                        tokenize=tokenize, preprocess=preprocess, load_processor=load_processor,
-                        roi_embeddings=roi_embeddings, vision_encoder=lambda model: model.vision_model),
+    name="internvl", classes=("InternVLModel", "InternVL_G"), sites=internvl_sites,  # remote code: by class name
+    token_layout=internvl_token_layout, alpha_grid=POOLER_ALPHAS,
+    retrieval=RetrievalHeads(image_tokens=image_tokens, image_embeddings=image_embeddings,
+                             text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
+                             preprocess=preprocess, roi_embeddings=roi_embeddings,
+                             vision_encoder=lambda model: model.vision_model, load_processor=load_processor),
 )

@@ -19,8 +19,8 @@ from torch.nn import functional as F
 
 from ..adapters import MultiheadAttentionSite, find_multihead_attentions
 from ..core import TokenLayout
-from ..errors import UnsupportedModelError
-from .family import ModelFamily, Retriever, cosine_scores, keys_restricted
+from ..errors import ConfigError, UnsupportedModelError
+from .family import POOLER_ALPHAS, ModelFamily, RetrievalHeads, cosine_scores, keys_restricted
 from .processing import pixel_values as preprocess, vision_tokens
 
 
@@ -37,7 +37,7 @@ class GridInResizedImage(TokenLayout):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.resize != "stretch" or any(r < g * p for r, g, p in zip(self.resized_to, self.grid, self.patch)):
-            raise ValueError(f"a {self.grid} grid of {self.patch} patches does not fit a stretch to {self.resized_to}")
+            raise ConfigError(f"a {self.grid} grid of {self.patch} patches does not fit a stretch to {self.resized_to}")
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -93,10 +93,12 @@ def tokenize(model: nn.Module, processor: Any, texts: Sequence[str]) -> tuple[to
 
 
 SIGLIP = ModelFamily(
-    name="siglip", class_names=("SiglipModel", "SiglipVisionModel"), sites=siglip_sites,
+    name="siglip", classes=("transformers.SiglipModel", "transformers.SiglipVisionModel"), sites=siglip_sites,
     token_layout=siglip_token_layout,
-    retriever=Retriever(class_names=("SiglipModel",), image_tokens=vision_tokens, image_embeddings=image_embeddings,
-                        text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
-                        preprocess=preprocess, roi_embeddings=roi_embeddings,
-                        vision_encoder=lambda model: _vision(model).encoder),
+    alpha_grid=POOLER_ALPHAS,  # not in the paper: a pooling head like CoCa's, so CoCa's grid
+    retrieval=RetrievalHeads(image_tokens=vision_tokens, image_embeddings=image_embeddings,
+                             text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
+                             preprocess=preprocess, roi_embeddings=roi_embeddings,
+                             vision_encoder=lambda model: _vision(model).encoder),
+    retrieval_classes=("transformers.SiglipModel",),
 )

@@ -24,7 +24,8 @@ from torch.nn import functional as F
 from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
 
 from ..core import TokenLayout
-from .family import ModelFamily, Retriever, cosine_scores, keys_restricted
+from ..errors import ConfigError
+from .family import POOLER_ALPHAS, ModelFamily, RetrievalHeads, cosine_scores, keys_restricted
 from .siglip import siglip_sites, text_embeddings, tokenize
 
 
@@ -57,7 +58,7 @@ def preprocess(model: nn.Module, processor: Any, images: Sequence[Image.Image]) 
     layout, num_tokens = naflex_token_layout(model), out["pixel_values"].shape[1]
     expected = [layout.for_image(im.height, im.width, num_tokens).grid for im in images]
     if out["spatial_shapes"].tolist() != [list(g) for g in expected]:
-        raise ValueError(f"the image processor chose patch grids {out['spatial_shapes'].tolist()}, Q-Pert's box "
+        raise ConfigError(f"the image processor chose patch grids {out['spatial_shapes'].tolist()}, Q-Pert's box "
                          f"mapping expects {expected}: use Siglip2ImageProcessor with do_resize=True")
     return {k: out[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
 
@@ -93,10 +94,11 @@ def roi_embeddings(model: nn.Module, tokens: torch.Tensor, keep: torch.Tensor) -
 
 
 SIGLIP2_NAFLEX = ModelFamily(
-    name="siglip2-naflex", class_names=("Siglip2Model", "Siglip2VisionModel"), sites=siglip_sites,
-    token_layout=naflex_token_layout,
-    retriever=Retriever(class_names=("Siglip2Model",), image_tokens=image_tokens, image_embeddings=image_embeddings,
-                        text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
-                        preprocess=preprocess, key_tokens=key_tokens, roi_embeddings=roi_embeddings,
-                        vision_encoder=lambda model: _vision(model).encoder),
+    name="siglip2-naflex", classes=("transformers.Siglip2Model", "transformers.Siglip2VisionModel"),
+    sites=siglip_sites, token_layout=naflex_token_layout, alpha_grid=POOLER_ALPHAS, key_tokens=key_tokens,
+    retrieval=RetrievalHeads(image_tokens=image_tokens, image_embeddings=image_embeddings,
+                             text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
+                             preprocess=preprocess, roi_embeddings=roi_embeddings,
+                             vision_encoder=lambda model: _vision(model).encoder),
+    retrieval_classes=("transformers.Siglip2Model",),
 )

@@ -9,7 +9,9 @@ from typing import Iterable, Optional
 
 import torch
 from transformers import (BertTokenizerFast, Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
-                          Blip2Processor, BlipImageProcessor)
+                          Blip2Processor)
+
+from .processing import pil_image_processor_class
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -68,5 +70,5 @@ def tiny_processor(words: Iterable[str], vocab_dir: str, image_size: int = 28) -
     with open(path, "w") as f:
         f.write("\n".join(vocab) + "\n")
     tokenizer = BertTokenizerFast(path, do_lower_case=True)  # positional: vocab_file in 4.x, vocab in 5.x
-    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    image_processor = pil_image_processor_class("BlipImageProcessor")(size={"height": image_size, "width": image_size})
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer)

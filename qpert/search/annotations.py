@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..data.boxes import BoxFormatError
+from ..errors import MissingFileError
+from ..data.box_sources import BoxFormatError
 from .detectors import DetectorOptions, Detections, keep
 
 
@@ -22,7 +23,7 @@ def read_annotations(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"annotations file {path} does not exist") from None
+        raise MissingFileError(f"annotations file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BoxFormatError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict) or not {"images", "annotations"} <= set(data):

@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from ..errors import IndexBusyError, IndexDamagedError
+from ..errors import ConfigError, IndexBusyError, IndexDamagedError, MissingFileError
 from .detectors import Detections
 
 #: How long a reader or writer waits for a lock (SQLite retries meanwhile) before saying so.
@@ -92,7 +92,7 @@ class Catalog:
         with self._errors():
             if readonly:
                 if not self.path.is_file():
-                    raise FileNotFoundError(f"{self.path} is missing: run `qpert index` to build the index")
+                    raise MissingFileError(f"{self.path} is missing: run `qpert index` to build the index")
                 self.db = sqlite3.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True,
                                           timeout=BUSY_SECONDS, check_same_thread=False)
             else:
@@ -158,7 +158,7 @@ class Catalog:
     def vectors(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids (n,), vectors (n, Q, D)) of every photo, ``variant`` "baseline" or "qpert"."""
         if variant not in ("baseline", "qpert"):
-            raise ValueError(f"unknown vector variant {variant!r}")
+            raise ConfigError(f"unknown vector variant {variant!r}")
         ids, blobs = [], []
         with self._errors():
             for photo_id, blob in self.db.execute(f"SELECT id, {variant} FROM photos ORDER BY id"):

@@ -9,8 +9,9 @@ from typing import Optional
 
 import typer
 
-from ..cli_options import (ALPHA, COMPILE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, THRESHOLD, TRUST_REMOTE_CODE, WEIGHT,
-                           check_device, finite, qpert_config)
+from ..cli_options import (ALPHA, COMPAT, COMPILE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, RANK, THRESHOLD,
+                           TRUST_REMOTE_CODE, WEIGHT, check_device, qpert_config)
+from ..config import Compat, Weight
 from ..terminal import printable
 
 INDEX_DEVICE = typer.Option("auto", callback=check_device,
@@ -26,15 +27,15 @@ def index(
     photos: Path = typer.Argument(..., metavar="PHOTOS", help="Folder of photos (JPEG, PNG, WebP; subfolders included, hidden ones not)."),
     index_dir: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: PHOTOS/.qpert-index)."),
     model: str = MODEL, detector: str = DETECTOR,
-    detector_threshold: float = typer.Option(0.5, callback=finite, help="Keep detections scoring at least this."),
+    detector_threshold: float = typer.Option(0.5, help="Keep detections scoring at least this."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated detector labels to keep (default: all)."),
     max_boxes: int = typer.Option(10, min=1, help="Keep at most this many boxes per photo, best first."),
     prompts: Optional[str] = typer.Option(None, help="Comma-separated things an open-vocabulary detector (OWLv2, "
                                                      "OWL-ViT) looks for, e.g. 'a person,a dog,a red kite'."),
     annotations: Optional[Path] = typer.Option(None, help="COCO instances JSON with boxes for some photos (file_name "
                                                           "relative to PHOTOS): those photos skip the detector."),
-    alpha: float = ALPHA, weight: str = WEIGHT, threshold: str = THRESHOLD,
-    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
+    alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
+    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT,
     faiss: str = typer.Option("flat", help="flat (exact), hnsw or ivf (approximate, for large collections)."),
     itm_features: bool = typer.Option(True, "--itm-features/--no-itm-features",
                                       help="Keep each photo's vision tokens (fp16) for `search --itm` and for "
@@ -62,7 +63,7 @@ def index(
     settings = IndexSettings(
         model=model, detector=detector,
         detector_options=DetectorOptions(detector_threshold, max_boxes, _names(classes), _names(prompts)),
-        qpert=qpert_config(alpha, weight, threshold, keep_norm, orthogonal),
+        qpert=qpert_config(alpha, weight, threshold, rank, keep_norm, orthogonal, compat),
         annotations=str(annotations.resolve()) if annotations else None, faiss=faiss, itm_features=itm_features,
         dtype=dtype, trust_remote_code=trust_remote_code)
     try:

@@ -21,6 +21,7 @@ from typing import Any, Optional, Protocol, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from ..errors import ConfigError
 
 TORCHVISION_CONFIG = "detector.json"
 #: transformers model types that detect what a text prompt names.
@@ -39,9 +40,9 @@ class DetectorOptions:
 
     def __post_init__(self) -> None:
         if not 0 <= self.score_threshold <= 1:
-            raise ValueError(f"the detector score threshold is a probability in [0, 1], got {self.score_threshold}")
+            raise ConfigError(f"the detector score threshold is a probability in [0, 1], got {self.score_threshold}")
         if self.max_boxes < 1:
-            raise ValueError(f"max boxes must be at least 1, got {self.max_boxes}")
+            raise ConfigError(f"max boxes must be at least 1, got {self.max_boxes}")
 
 
 @dataclass
@@ -130,7 +131,7 @@ class OpenVocabularyDetector:
     def __init__(self, model: torch.nn.Module, processor: Any, spec: str, options: DetectorOptions,
                  device: torch.device):
         if not options.prompts:
-            raise ValueError(f"{spec} is an open-vocabulary detector: say what to look for with prompts "
+            raise ConfigError(f"{spec} is an open-vocabulary detector: say what to look for with prompts "
                              "(--prompts 'a person,a dog,a red kite')")
         self.model, self.processor, self.spec, self.options, self.device = model.eval().to(device), processor, \
             spec, options, device
@@ -159,7 +160,7 @@ def load_detector(spec: str, options: Optional[DetectorOptions] = None, device: 
         return _torchvision_folder(path, spec, options, device)
     if spec.startswith("hf:") or path.is_dir():
         return _transformers(str(path), spec, options, device)
-    raise ValueError(f"unknown detector {spec!r}: use torchvision:<model name>, hf:<hub id or folder>, or a folder "
+    raise ConfigError(f"unknown detector {spec!r}: use torchvision:<model name>, hf:<hub id or folder>, or a folder "
                      f"with {TORCHVISION_CONFIG}")
 
 
@@ -170,7 +171,7 @@ def _torchvision_pretrained(spec: str, options: DetectorOptions, device: torch.d
     name = spec.split(":", 1)[1]
     available = torchvision.models.list_models(module=torchvision.models.detection)
     if name not in available:
-        raise ValueError(f"{name!r} is not a torchvision detection model; choose one of {', '.join(available)}")
+        raise ConfigError(f"{name!r} is not a torchvision detection model; choose one of {', '.join(available)}")
     weights = get_model_weights(name).DEFAULT
     return TorchvisionDetector(get_model(name, weights=weights), weights.meta["categories"], spec, options, device)
 

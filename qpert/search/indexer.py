@@ -28,15 +28,16 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..adapters import ImageObjects
 from ..atomic import atomic_write, remove_stale_temporaries
 from ..attach import attach
-from ..config import QPertConfig
-from ..errors import IndexBusyError, IndexDamagedError
-from ..terminal import printable
+from ..config import QPertConfig, compat_dtype
+from ..errors import ConfigError, IndexBusyError, IndexDamagedError, MissingFileError
 from ..eval.cache import FeatureStore, content_key, model_fingerprint
 from ..models.compiling import compile_vision_encoder
-from ..models.registry import LoadedModel, load_model, retriever_of
-from . import distributed
+from ..models.registry import LoadedModel, load_model, retrieval_heads
+from ..terminal import printable
+from .. import distributed
 from .annotations import annotated_detections, read_annotations
 from .catalog import Catalog, NewPhoto, PhotoRow
 from .detectors import Detections, Detector, DetectorOptions, load_detector
@@ -69,7 +70,8 @@ class IndexSettings:
 
     def __post_init__(self) -> None:
         if self.faiss not in KINDS:
-            raise ValueError(f"unknown FAISS index kind {self.faiss!r}; choose one of {', '.join(KINDS)}")
+            raise ConfigError(f"unknown FAISS index kind {self.faiss!r}; choose one of {', '.join(KINDS)}")
+        object.__setattr__(self, "dtype", compat_dtype(self.qpert.compat, self.dtype))  # official: float32
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -130,12 +132,12 @@ def _check_compatible(manifest: Optional[dict], photos_dir: Path, settings: Inde
     if manifest is None:
         return
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"this index has format {manifest.get('format')}, qpert {FORMAT} reads; build a new one")
+        raise ConfigError(f"this index has format {manifest.get('format')}, qpert {FORMAT} reads; build a new one")
     if Path(manifest["photos"]) != photos_dir:
-        raise ValueError(f"this index belongs to the photo folder {manifest['photos']}, not {photos_dir}; "
+        raise ConfigError(f"this index belongs to the photo folder {manifest['photos']}, not {photos_dir}; "
                          "use another --index folder")
     if manifest["settings"]["model"] != settings.model:
-        raise ValueError(f"this index was built with model {manifest['settings']['model']!r}; its vectors cannot be "
+        raise ConfigError(f"this index was built with model {manifest['settings']['model']!r}; its vectors cannot be "
                          f"mixed with {settings.model!r}'s: use another --index folder")
 
 
@@ -154,7 +156,7 @@ class Indexer:
                  batch_size: int = 8, progress: bool = True, ranks: Optional[distributed.Ranks] = None,
                  compile_vision: bool = False, rehash: bool = False):
         if batch_size < 1:
-            raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+            raise ConfigError(f"the batch size must be at least 1, got {batch_size}")
         self.photos_dir = Path(photos_dir).resolve()
         self.index_dir = Path(index_dir).resolve()
         self.settings = settings
@@ -170,7 +172,7 @@ class Indexer:
         self.ranks.barrier()
         self.loaded: LoadedModel = load_model(settings.model, device=self.device, dtype=settings.dtype,
                                               trust_remote_code=settings.trust_remote_code)
-        self.retriever = retriever_of(self.loaded.model)
+        self.retriever = retrieval_heads(self.loaded.model)
         if compile_vision:
             compile_vision_encoder(self.loaded.model)
         self.detector: Optional[Detector] = None if settings.detector == NO_DETECTOR else \
@@ -312,21 +314,18 @@ class Indexer:
                     images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q, D) float32 ITC image embeddings without and with Q-Pert on the detections."""
         model = self.loaded.model
-        handle = attach(model, self.settings.qpert)
-        try:
+        with attach(model, self.settings.qpert) as handle:
             baseline = self.retriever.image_embeddings(model, tokens)
-            subspaces = handle.compute_subspaces(self.retriever.key_tokens(model, tokens), [d.boxes for d in detections],
-                                                 [(im.height, im.width) for im in images])
-            with handle.objects(subspaces=subspaces):
+            objects = ImageObjects.from_boxes(handle, tokens, [d.boxes for d in detections],
+                                              [(im.height, im.width) for im in images])
+            with objects.perturb():
                 qpert = self.retriever.image_embeddings(model, tokens)
-        finally:
-            handle.detach()
         if not torch.isfinite(baseline).all():
-            raise ValueError(f"{self.settings.model} gave non-finite image embeddings (dtype {baseline.dtype}); "
-                             "try --dtype fp32")
+            raise ConfigError(f"{self.settings.model} gave non-finite image embeddings (dtype {baseline.dtype}); "
+                              "try --dtype fp32")
         if not torch.isfinite(qpert).all():  # an overflow: never store vectors no search can rank
-            raise ValueError(f"Q-Pert with alpha={self.settings.qpert.alpha:g} gave non-finite image embeddings "
-                             f"(an overflow in {baseline.dtype}); choose a smaller --alpha")
+            raise ConfigError(f"Q-Pert with alpha={self.settings.qpert.alpha:g} gave non-finite image embeddings "
+                              f"(an overflow in {baseline.dtype}); choose a smaller --alpha")
         shape = (tokens.shape[0], -1, baseline.shape[-1])
         return baseline.float().reshape(shape).cpu(), qpert.float().reshape(shape).cpu()
 
@@ -425,7 +424,7 @@ def build_index(photos_dir: Path, index_dir: Optional[Path] = None, settings: Op
     Under ``torchrun`` every rank takes a share of the photos and rank 0 writes the index.
     """
     if not Path(photos_dir).is_dir():
-        raise FileNotFoundError(f"photo folder {photos_dir} does not exist or is not a folder")
+        raise MissingFileError(f"photo folder {photos_dir} does not exist or is not a folder")
     index_dir = Path(index_dir) if index_dir is not None else Path(photos_dir) / ".qpert-index"
     ranks = distributed.start()
     try:

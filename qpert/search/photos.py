@@ -12,6 +12,7 @@ from typing import BinaryIO, Iterator, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import DataError, MissingFileError
 from ..terminal import printable
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
 
 
-class UnreadablePhotoError(ValueError):
+class UnreadablePhotoError(DataError):
     """A file with a photo suffix that does not decode: reported and skipped, never indexed."""
 
 
@@ -63,7 +64,7 @@ def scan_photos(root: Path, exclude: Path | None = None) -> FolderScan:
     A folder or file that cannot be read is reported in ``unreadable`` and the rest is still scanned."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"photo folder {root} does not exist or is not a folder")
+        raise MissingFileError(f"photo folder {root} does not exist or is not a folder")
     real_root = root.resolve()
     skip = _identity(exclude) if exclude is not None else None
     scan = FolderScan()

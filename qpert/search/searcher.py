@@ -15,10 +15,11 @@ from typing import BinaryIO, Optional
 import numpy as np
 import torch
 
+from ..adapters import ImageObjects
 from ..attach import attach
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, MissingFileError, UnsupportedModelError
 from ..eval.cache import FeatureStore
-from ..models.registry import load_model, retriever_of
+from ..models.registry import load_model, retrieval_heads
 from .catalog import Catalog, PhotoRow
 from .indexer import CATALOG, IndexSettings, model_key, read_manifest, settings_from_json, tokens_key
 from .photos import open_inside
@@ -48,7 +49,7 @@ class PhotoIndex:
         self.index_dir = Path(index_dir)
         manifest = read_manifest(self.index_dir)
         if manifest is None:
-            raise FileNotFoundError(f"{self.index_dir} is not a qpert index (no index.json); build one with "
+            raise MissingFileError(f"{self.index_dir} is not a qpert index (no index.json); build one with "
                                     "`qpert index PHOTOS_DIR`")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
@@ -79,7 +80,7 @@ class PhotoIndex:
         if not same_model:
             self.loaded = load_model(settings.model, device=self.device, dtype=settings.dtype,
                                      trust_remote_code=settings.trust_remote_code)
-            self.retriever = retriever_of(self.loaded.model)
+            self.retriever = retrieval_heads(self.loaded.model)
             self.model_key = model_key(self.loaded, settings)
         if self.handle is None:
             self.handle = attach(self.loaded.model, settings.qpert)
@@ -119,9 +120,9 @@ class PhotoIndex:
                candidates: int = 32) -> list[Hit]:
         """The ``k`` best photos for ``query``; ``itm`` re-ranks the best ``max(k, candidates)`` by ITM + ITC."""
         if not query.strip():
-            raise ValueError("the search query is empty")
+            raise ConfigError("the search query is empty")
         if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+            raise ConfigError(f"k must be at least 1, got {k}")
         model, processor = self.loaded.model, self.loaded.processor
         ids, mask = self.retriever.tokenize(model, processor, [query])
         text = self.retriever.text_embeddings(model, ids, mask).float().cpu().numpy()
@@ -130,8 +131,8 @@ class PhotoIndex:
         rows = [self.rows[int(i)] for i in photo_ids]
         itm_scores = self._itm(rows, ids, mask, qpert) if itm and rows else None
         if itm_scores is not None and not np.isfinite(itm_scores).all():
-            raise ValueError(f"ITM re-ranking gave non-finite scores (Q-Pert alpha={self.settings.qpert.alpha:g} "
-                             "overflows this model); search without --itm or re-index with a smaller --alpha")
+            raise ConfigError(f"ITM re-ranking gave non-finite scores (Q-Pert alpha={self.settings.qpert.alpha:g} "
+                              "overflows this model); search without --itm or re-index with a smaller --alpha")
         order = np.argsort(-(itm_scores + itc), kind="stable") if itm_scores is not None else np.arange(len(rows))
         hits = []
         for rank, j in enumerate(order[:k]):
@@ -145,7 +146,7 @@ class PhotoIndex:
         if not self.retriever.has_itm:
             raise UnsupportedModelError(f"{self.settings.model} has no ITM head: search without --itm")
         if not self.settings.itm_features:
-            raise ValueError("this index was built with --no-itm-features: rebuild it with vision tokens for --itm")
+            raise ConfigError("this index was built with --no-itm-features: rebuild it with vision tokens for --itm")
         model = self.loaded.model
         dtype = next(model.parameters()).dtype
         tokens = torch.stack([self._tokens(row) for row in rows]).to(self.device, dtype)
@@ -154,8 +155,7 @@ class PhotoIndex:
             return self.retriever.itm_scores(model, tokens, ids, mask).cpu().numpy()
         boxes = [r.detections.boxes for r in rows]
         sizes = [(r.height, r.width) for r in rows]
-        subspaces = self.handle.compute_subspaces(self.retriever.key_tokens(model, tokens), boxes, sizes)
-        with self.handle.objects(subspaces=subspaces):
+        with ImageObjects.from_boxes(self.handle, tokens, boxes, sizes).perturb():
             return self.retriever.itm_scores(model, tokens, ids, mask).cpu().numpy()
 
     def _tokens(self, row: PhotoRow) -> torch.Tensor:
@@ -163,7 +163,7 @@ class PhotoIndex:
         try:
             return self.features.load("tokens", key)["tokens"]
         except (KeyError, FileNotFoundError) as e:
-            raise ValueError(f"the vision tokens of {row.path} are missing from the index; run `qpert index` "
+            raise ConfigError(f"the vision tokens of {row.path} are missing from the index; run `qpert index` "
                              "again to repair it") from e
 
     def photo_path(self, photo_id: int) -> Path:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 from urllib.parse import parse_qs, urlsplit
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ..terminal import printable
 from .catalog import PhotoRow
 from .indexer import THUMBNAILS
@@ -261,10 +261,10 @@ def allowed_host_names(bind_host: str, extra: Iterable[str]) -> frozenset[str]:
 
 def host_name(name: str) -> str:
     """``name`` as a Host header names it (lower case; an IPv6 address bracketed, in its short form);
-    ``ValueError`` when it is not a host name or address."""
+    ``ConfigError`` when it is not a host name or address."""
     canonical = _canonical(name.strip().lower())
     if canonical is None:
-        raise ValueError(f"not a host name or address: {name!r}")
+        raise ConfigError(f"not a host name or address: {name!r}")
     return canonical
 
 
@@ -288,9 +288,9 @@ def is_wildcard(host: str) -> bool:
 def check_exposure(host: str, allowed_hosts: list[str]) -> None:
     """A server on every interface must be told which Host names to answer: it never answers all."""
     if is_wildcard(host) and not allowed_hosts:
-        raise ValueError(f"--host {host or repr('')} listens on every network interface: add --allow-host NAME for "
-                         "each name or address browsers use to reach this machine (other Host headers are refused, "
-                         "against DNS rebinding)")
+        raise ConfigError(f"--host {host or repr('')} listens on every network interface: add --allow-host NAME for "
+                          "each name or address browsers use to reach this machine (other Host headers are refused, "
+                          "against DNS rebinding)")
 
 
 def host_allowed(header: str, allowed: frozenset[str]) -> bool:

@@ -11,10 +11,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from ..atomic import atomic_write
+from ..errors import ConfigError, MissingDependencyError
+
+try:
+    import faiss
+except ImportError:  # the ``search`` extra
+    raise MissingDependencyError("photo search needs FAISS: pip install 'qpert[search]'") from None
 
 KINDS = ("flat", "hnsw", "ivf")
 
@@ -31,7 +36,7 @@ class VectorIndex:
     def build(cls, ids: np.ndarray, vectors: np.ndarray, kind: str = "flat") -> "VectorIndex":
         """``vectors`` (n, Q, D) float32, L2-normalized (ITC embeddings are)."""
         if kind not in KINDS:
-            raise ValueError(f"unknown FAISS index kind {kind!r}; choose one of {', '.join(KINDS)}")
+            raise ConfigError(f"unknown FAISS index kind {kind!r}; choose one of {', '.join(KINDS)}")
         n, q, d = vectors.shape
         flat = np.ascontiguousarray(vectors.reshape(n * q, d), dtype=np.float32)
         index = _empty(kind, d, len(flat))

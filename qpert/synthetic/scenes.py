@@ -26,6 +26,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import ConfigError
+
 #: Saturated colours, far from the grey background (channel spread > 100).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -67,9 +69,9 @@ class SceneConfig:
 
     def __post_init__(self) -> None:
         if self.small_side[1] ** 2 >= SMALL_AREA * self.image_size ** 2:
-            raise ValueError("small shapes must stay below 10% of the image area")
+            raise ConfigError("small shapes must stay below 10% of the image area")
         if self.large_side[0] ** 2 < SMALL_AREA * self.image_size ** 2:
-            raise ValueError("large shapes must cover at least 10% of the image area")
+            raise ConfigError("large shapes must cover at least 10% of the image area")
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def shape_mask(shape: str, side: int) -> np.ndarray:
         return np.abs(dx) + np.abs(dy) <= r
     if shape == "cross":
         return (np.abs(dx) <= side / 6) | (np.abs(dy) <= side / 6)
-    raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
+    raise ConfigError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
 def position_of(box: tuple[int, int, int, int], image_size: int) -> str:

@@ -1,7 +1,7 @@
 """Write synthetic scenes in the on-disk formats of Flickr30K and Flickr30K Entities.
 
 The files are exactly what :func:`qpert.data.datasets.load_dataset` ("flickr30k") and
-:func:`qpert.data.boxes.flickr30k_entities_boxes` read for the real datasets, so the whole
+:func:`qpert.data.box_sources.flickr30k_entities_boxes` read for the real datasets, so the whole
 evaluation path, loaders included, runs on the synthetic benchmark unchanged.
 """
 from __future__ import annotations

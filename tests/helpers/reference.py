@@ -34,8 +34,8 @@ def grid_coverage(x0, y0, x1, y1, grid, patch, prefix):
     return out
 
 
-def projector(keys: np.ndarray, m: np.ndarray, threshold) -> np.ndarray:
-    """keys (N, d), token weights m (N,) -> P onto the object's K-subspace."""
+def projector(keys: np.ndarray, m: np.ndarray, threshold: float, rank=None) -> np.ndarray:
+    """keys (N, d), token weights m (N,) -> P onto the object's K-subspace (``rank`` fixed, or by ``threshold``)."""
     kt = m[:, None] * keys
     c = kt.T @ kt
     lam, u = np.linalg.eigh(c)
@@ -43,8 +43,8 @@ def projector(keys: np.ndarray, m: np.ndarray, threshold) -> np.ndarray:
     if lam[0] <= 0:
         return np.zeros_like(c)
     nonzero = int((lam > lam[0] * 1e-5).sum())
-    if isinstance(threshold, int):
-        r = threshold
+    if rank is not None:
+        r = rank
     else:
         ratios = np.cumsum(lam) / lam.sum()
         r = max(1, int((ratios < threshold).sum()))
@@ -61,7 +61,7 @@ def perturb(q: np.ndarray, keys: np.ndarray, objects, cfg) -> np.ndarray:
     for h in range(q.shape[1]):
         delta = np.zeros_like(q[:, h])
         for m, a in kept:
-            p = projector(keys[:, h], m, cfg["threshold"])
+            p = projector(keys[:, h], m, cfg.get("threshold", 0.99), cfg.get("rank"))
             w = -1.0 if cfg["mode"] == "orthogonal" else weight_fn(cfg["weight"], cfg["alpha"], a)
             delta += w * (q[:, h] @ p.T)
         out[:, h] = q[:, h] + delta / len(kept)

@@ -14,6 +14,8 @@ from typing import Optional, Protocol, Sequence, Union
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+
 BoxesLike = Union[None, np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
 
 
@@ -39,7 +41,7 @@ class TokenLayout:
 
     def __post_init__(self) -> None:
         if self.resize not in ("stretch", "shortest_edge"):
-            raise ValueError(f"unknown resize mode {self.resize!r}")
+            raise ConfigError(f"unknown resize mode {self.resize!r}")
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -119,7 +121,7 @@ def _as_box_array(b: BoxesLike, index: int) -> np.ndarray:
     if arr.ndim == 1 and arr.shape[0] == 4:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] != 4:
-        raise ValueError(f"boxes[{index}] must have shape (M, 4) as x0, y0, x1, y1; got shape {arr.shape}")
+        raise ConfigError(f"boxes[{index}] must have shape (M, 4) as x0, y0, x1, y1; got shape {arr.shape}")
     return arr
 
 
@@ -127,23 +129,25 @@ def _as_image_size(size: Sequence[float], index: int) -> tuple[float, float]:
     try:
         h, w = (float(v) for v in size)
     except (TypeError, ValueError):
-        raise ValueError(f"image_sizes[{index}] must be (height, width), got {size!r}") from None
+        raise ConfigError(f"image_sizes[{index}] must be (height, width), got {size!r}") from None
     if not (math.isfinite(h) and math.isfinite(w) and h > 0 and w > 0):
-        raise ValueError(f"image_sizes[{index}] must be positive (height, width), got {size!r}")
+        raise ConfigError(f"image_sizes[{index}] must be positive (height, width), got {size!r}")
     return h, w
 
 
-def prepare_boxes(boxes: Sequence[BoxesLike], image_sizes: Sequence[Sequence[float]]) -> BoxBatch:
+def prepare_boxes(boxes: Sequence[BoxesLike], image_sizes: Sequence[Sequence[float]], clip: bool = True) -> BoxBatch:
     """Validate, clip and pad one list of xyxy boxes per image.
 
     Boxes reaching outside the image are clipped to it. NaN/inf, inverted and zero-area boxes
     (also those with no area left inside the image) are dropped with a :class:`QPertWarning`.
-    A mismatch between the number of box lists and of image sizes raises ``ValueError``.
+    ``clip=False`` (``compat="official"``) keeps every finite box as given, in float64, as the
+    official code does: its masks slice them with Python's rules, negative indices included.
+    A mismatch between the number of box lists and of image sizes raises ``ConfigError``.
     """
     if isinstance(boxes, (np.ndarray, torch.Tensor)) and boxes.ndim == 2:
-        raise ValueError("boxes must be one (M, 4) array per image (a list), not a single 2-D array")
+        raise ConfigError("boxes must be one (M, 4) array per image (a list), not a single 2-D array")
     if len(boxes) != len(image_sizes):
-        raise ValueError(
+        raise ConfigError(
             f"got {len(boxes)} box lists but {len(image_sizes)} image sizes: give one (M, 4) box array "
             "and one (height, width) per image of the batch"
         )
@@ -152,11 +156,12 @@ def prepare_boxes(boxes: Sequence[BoxesLike], image_sizes: Sequence[Sequence[flo
     for i, (b, (h, w)) in enumerate(zip(boxes, sizes)):
         arr = _as_box_array(b, i)
         finite = np.isfinite(arr).all(axis=1)
-        inverted = finite & ((arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1]))
+        inverted = finite & ((arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1])) & clip
         clipped = arr.copy()
-        clipped[:, [0, 2]] = np.clip(clipped[:, [0, 2]], 0, w)
-        clipped[:, [1, 3]] = np.clip(clipped[:, [1, 3]], 0, h)
-        empty = finite & ~inverted & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
+        if clip:
+            clipped[:, [0, 2]] = np.clip(clipped[:, [0, 2]], 0, w)
+            clipped[:, [1, 3]] = np.clip(clipped[:, [1, 3]], 0, h)
+        empty = finite & ~inverted & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])) & clip
         for what, mask in (("non-finite", ~finite), ("inverted (x1 < x0 or y1 < y0)", inverted),
                            ("zero-area or outside the image", empty)):
             if mask.any():
@@ -166,10 +171,10 @@ def prepare_boxes(boxes: Sequence[BoxesLike], image_sizes: Sequence[Sequence[flo
                 )
         kept.append(clipped[finite & ~inverted & ~empty])
     m = max((len(k) for k in kept), default=0)
-    out = torch.zeros(len(kept), m, 4, dtype=torch.float32)
+    out = torch.zeros(len(kept), m, 4, dtype=torch.float32 if clip else torch.float64)
     valid = torch.zeros(len(kept), m, dtype=torch.bool)
     for i, k in enumerate(kept):
-        out[i, : len(k)] = torch.from_numpy(k).float()
+        out[i, : len(k)] = torch.from_numpy(k).to(out.dtype)
         valid[i, : len(k)] = True
     return BoxBatch(out, valid, torch.tensor(sizes, dtype=torch.float32).reshape(-1, 2))
 
@@ -203,7 +208,7 @@ def token_weights(batch: BoxBatch, layout: Layout, device: Optional[torch.device
     if isinstance(layout, TokenLayout):
         out = _grid_weights(batch.boxes, batch.valid, batch.image_sizes, layout)
     elif num_tokens is None:
-        raise ValueError("a per-image token layout needs num_tokens, the length of the image-token sequence")
+        raise ConfigError("a per-image token layout needs num_tokens, the length of the image-token sequence")
     else:
         out = torch.zeros(len(batch), batch.boxes.shape[1], num_tokens)
         for i, (h, w) in enumerate(batch.image_sizes.round().int().tolist()):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from reference import coverage, grid_coverage, perturb
+from helpers.reference import coverage, grid_coverage, perturb
 
 
 def coverage_shortest_edge(box, image_hw, crop, grid, patch, prefix=1):
