@@ -9,6 +9,7 @@ projection is that ideal share, without the reads of other ranks' features from 
 
     python bench/eval_projection.py --image-size 364 --images 4 --k 4 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from overhead import full_size_blip2
 from PIL import Image
 
 import qpert
@@ -30,12 +32,29 @@ from qpert.eval.pipeline import EvalOptions, _Run
 from qpert.models.registry import LoadedModel
 from qpert.models.tiny import tiny_processor
 
-from overhead import full_size_blip2
-
 BENCHMARKS = {"Flickr30K 1K test": (1000, 5000), "COCO 5K test": (5000, 25000)}
 #: Process counts the projection is given for.
 WORLD_SIZES = (1, 8)
-WORDS = "a man woman dog cat with red blue small big ball hat on the in street park holding".split()
+WORDS = [
+    "a",
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "with",
+    "red",
+    "blue",
+    "small",
+    "big",
+    "ball",
+    "hat",
+    "on",
+    "the",
+    "in",
+    "street",
+    "park",
+    "holding",
+]
 
 
 def synthetic_gallery(folder: Path, n_images: int, seed: int) -> tuple[RetrievalDataset, BoxSet]:
@@ -51,13 +70,29 @@ def synthetic_gallery(folder: Path, n_images: int, seed: int) -> tuple[Retrieval
         wh = rng.uniform(8, [w * 0.4, h * 0.4], size=(10, 2))
         boxes[str(i)] = ImageBoxes(np.concatenate([xy, np.minimum(xy + wh, [w, h])], 1).astype(np.float32), (h, w))
     ids = [str(i) for i in range(n_images)]
-    dataset = RetrievalDataset("synthetic", "test", ids, ids, paths, texts, np.repeat(np.arange(n_images), 5),
-                               [list(range(5 * i, 5 * i + 5)) for i in range(n_images)])
+    dataset = RetrievalDataset(
+        "synthetic",
+        "test",
+        ids,
+        ids,
+        paths,
+        texts,
+        np.repeat(np.arange(n_images), 5),
+        [list(range(5 * i, 5 * i + 5)) for i in range(n_images)],
+    )
     return dataset, BoxSet("random", boxes, [])
 
 
-def measure_projection(image_size: int, n_images: int, k: int, batch_size: int, itm_batch_size: int, device: str,
-                       dtype: torch.dtype, model: Optional[torch.nn.Module] = None) -> dict:
+def measure_projection(
+    image_size: int,
+    n_images: int,
+    k: int,
+    batch_size: int,
+    itm_batch_size: int,
+    device: str,
+    dtype: torch.dtype,
+    model: Optional[torch.nn.Module] = None,
+) -> dict:
     """Per-item costs of the real pipeline's stages on a small gallery, and the benchmarks' projected time."""
     with tempfile.TemporaryDirectory() as tmp:
         dataset, boxes = synthetic_gallery(Path(tmp), n_images, seed=0)
@@ -65,8 +100,9 @@ def measure_projection(image_size: int, n_images: int, k: int, batch_size: int, 
         model = model if model is not None else full_size_blip2(image_size, device, dtype)
         loaded = LoadedModel("blip2-full-size-random", model, processor, None)
         methods = {"baseline": None, "qpert": qpert.QPertConfig(alpha=8.0)}
-        options = EvalOptions(itm=True, k=k, batch_size=batch_size, itm_batch_size=itm_batch_size,
-                              shard_size=64, progress=False)
+        options = EvalOptions(
+            itm=True, k=k, batch_size=batch_size, itm_batch_size=itm_batch_size, shard_size=64, progress=False
+        )
         run = _Run(loaded, dataset, boxes, options, Ranks())
         times = {}
 
@@ -85,9 +121,14 @@ def measure_projection(image_size: int, n_images: int, k: int, batch_size: int, 
         for name, config in methods.items():
             itc = run.itc_scores(config, text_emb)
             n_img, n_txt = itc.shape
-            pairs = len(set(zip(itc.topk(k, 0).indices.flatten().tolist(), np.tile(np.arange(n_txt), k))) |
-                        set(zip(np.repeat(np.arange(n_img), k), itc.topk(k, 1).indices.flatten().tolist())))
-            stage(f"ITM [{name}]", lambda: run.itm_rerank(config, itc, ids, mask, name))
+            pairs = len(
+                set(zip(itc.topk(k, 0).indices.flatten().tolist(), np.tile(np.arange(n_txt), k)))
+                | set(zip(np.repeat(np.arange(n_img), k), itc.topk(k, 1).indices.flatten().tolist()))
+            )
+            stage(
+                f"ITM [{name}]",
+                lambda config=config, itc=itc, name=name: run.itm_rerank(config, itc, ids, mask, name),
+            )
             per_pair[name] = times[f"ITM [{name}]"] / pairs
         run.handle.detach()
         n_texts = len(dataset.texts)
@@ -97,22 +138,34 @@ def measure_projection(image_size: int, n_images: int, k: int, batch_size: int, 
     for bench, (n_img, n_txt) in BENCHMARKS.items():
         itc_s = n_img * per_image + n_txt * per_text
         itm_s = (n_img + n_txt) * 64 * sum(per_pair.values())
-        projections[bench] = {world: {"itc_s": itc_s / world, "itm_s": itm_s / world,
-                                      "total_min": (itc_s + itm_s) / world / 60} for world in WORLD_SIZES}
-    return {"per_image_s": per_image, "per_text_s": per_text, "per_itm_pair_s": per_pair, "stage_s": times,
-            "gallery": {"images": n_images, "texts": n_texts, "k": k}, "projections": projections}
+        projections[bench] = {
+            world: {"itc_s": itc_s / world, "itm_s": itm_s / world, "total_min": (itc_s + itm_s) / world / 60}
+            for world in WORLD_SIZES
+        }
+    return {
+        "per_image_s": per_image,
+        "per_text_s": per_text,
+        "per_itm_pair_s": per_pair,
+        "stage_s": times,
+        "gallery": {"images": n_images, "texts": n_texts, "k": k},
+        "projections": projections,
+    }
 
 
 def print_projection(result: dict) -> None:
     per_pair = result["per_itm_pair_s"]
-    print(f"  per image (vision + ITC embeddings, both methods): {result['per_image_s']:.4f} s; "
-          f"per text {result['per_text_s'] * 1e3:.2f} ms; ITM per pair: baseline {per_pair['baseline'] * 1e3:.2f} ms, "
-          f"Q-Pert {per_pair['qpert'] * 1e3:.2f} ms ({100 * (per_pair['qpert'] / per_pair['baseline'] - 1):+.1f}%)")
+    print(
+        f"  per image (vision + ITC embeddings, both methods): {result['per_image_s']:.4f} s; "
+        f"per text {result['per_text_s'] * 1e3:.2f} ms; ITM per pair: baseline {per_pair['baseline'] * 1e3:.2f} ms, "
+        f"Q-Pert {per_pair['qpert'] * 1e3:.2f} ms ({100 * (per_pair['qpert'] / per_pair['baseline'] - 1):+.1f}%)"
+    )
     for bench, by_world in result["projections"].items():
         for world, p in by_world.items():
-            print(f"  projected {bench}, baseline + Q-Pert, ITC + ITM top-64 both directions, {world} process"
-                  f"{'es' if world > 1 else ''}: ITC stages {p['itc_s'] / 60:.1f} min + ITM {p['itm_s'] / 60:.1f} min "
-                  f"= {p['total_min']:.1f} min")
+            print(
+                f"  projected {bench}, baseline + Q-Pert, ITC + ITM top-64 both directions, {world} process"
+                f"{'es' if world > 1 else ''}: ITC stages {p['itc_s'] / 60:.1f} min + ITM {p['itm_s'] / 60:.1f} min "
+                f"= {p['total_min']:.1f} min"
+            )
 
 
 def main() -> None:
@@ -130,10 +183,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    result = measure_projection(args.image_size, args.images, args.k, args.batch_size, args.itm_batch_size,
-                                args.device, dtype)
-    print(f"full-size BLIP-2 (random weights), {args.image_size}px, {args.dtype}, {args.device}, "
-          f"{torch.get_num_threads()} threads; gallery {args.images} images, k={args.k}")
+    result = measure_projection(
+        args.image_size, args.images, args.k, args.batch_size, args.itm_batch_size, args.device, dtype
+    )
+    print(
+        f"full-size BLIP-2 (random weights), {args.image_size}px, {args.dtype}, {args.device}, "
+        f"{torch.get_num_threads()} threads; gallery {args.images} images, k={args.k}"
+    )
     print_projection(result)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), **result}, indent=2))

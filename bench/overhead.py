@@ -7,6 +7,7 @@ cached vision tokens and cached subspaces. Prints a table of medians and overhea
 
     python bench/overhead.py --image-size 364 --batch 2 --pairs 32 --repeats 3 --json out.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,8 @@ import json
 import platform
 import statistics
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
@@ -63,8 +65,16 @@ def paired(base: Callable, pert: Callable, repeats: int, device: str) -> tuple[f
     return statistics.median(tb), statistics.median(tp), statistics.median(p / b for p, b in zip(tp, tb))
 
 
-def measure_overhead(image_size: int, batch: int, n_boxes: int, pairs: int, repeats: int, device: str,
-                     dtype: torch.dtype, model: Optional[Blip2ForImageTextRetrieval] = None) -> dict[str, tuple]:
+def measure_overhead(
+    image_size: int,
+    batch: int,
+    n_boxes: int,
+    pairs: int,
+    repeats: int,
+    device: str,
+    dtype: torch.dtype,
+    model: Optional[Blip2ForImageTextRetrieval] = None,
+) -> dict[str, tuple]:
     """{step: (baseline s, Q-Pert s or None, median ratio or None)} for one input size."""
     torch.manual_seed(0)
     model = model if model is not None else full_size_blip2(image_size, device, dtype)
@@ -117,8 +127,11 @@ def measure_overhead(image_size: int, batch: int, n_boxes: int, pairs: int, repe
 
     rows[itm_row(pairs)] = paired(itm, itm_qpert, repeats, device)
     pair_tokens = tokens[pair_img.to(device)]
-    rows[ITM_PER_PAIR] = (statistics.median(timed(lambda: B.itm_scores(model, pair_tokens, ids, mask), device)
-                                            for _ in range(repeats)), None, None)
+    rows[ITM_PER_PAIR] = (
+        statistics.median(timed(lambda: B.itm_scores(model, pair_tokens, ids, mask), device) for _ in range(repeats)),
+        None,
+        None,
+    )
     handle.detach()
     return rows
 
@@ -166,17 +179,27 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     rows = measure_overhead(args.image_size, args.batch, args.boxes, args.pairs, args.repeats, args.device, dtype)
-    header = (f"qpert {qpert.__version__} | BLIP-2 ViT-g + Q-Former (random weights), {args.image_size}px, "
-              f"{args.boxes} boxes/image, batch {args.batch}, {args.dtype}, {args.device} "
-              f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}")
+    header = (
+        f"qpert {qpert.__version__} | BLIP-2 ViT-g + Q-Former (random weights), {args.image_size}px, "
+        f"{args.boxes} boxes/image, batch {args.batch}, {args.dtype}, {args.device} "
+        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
     print(header)
     print_rows(rows)
-    print(f"Q-Pert's own work per encoding batch (token weights + keys + subspaces): "
-          f"{100 * own_share(rows):.2f}% of the baseline encoding (the end-to-end ratio above is noisier)")
+    print(
+        f"Q-Pert's own work per encoding batch (token weights + keys + subspaces): "
+        f"{100 * own_share(rows):.2f}% of the baseline encoding (the end-to-end ratio above is noisier)"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"setup": header, "rows": {k: dict(zip(("baseline_s", "qpert_s", "ratio"), v))
-                                                 for k, v in rows.items()}}, f, indent=2)
+            json.dump(
+                {
+                    "setup": header,
+                    "rows": {k: dict(zip(("baseline_s", "qpert_s", "ratio"), v)) for k, v in rows.items()},
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ stored boxes and tokens, no detection, no vision encoding).
 
     OMP_NUM_THREADS=1 python bench/search.py --photos 300 --json bench/out/search.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ def search_latency(vectors_total: int, per_image: int, dim: int, queries: int, s
     rng = np.random.default_rng(seed)
     n = vectors_total // per_image
     centres = rng.normal(size=(1000, dim)).astype(np.float32)
-    vectors = _unit(centres[rng.integers(0, len(centres), size=(n, per_image))]
-                    + 0.7 * rng.normal(size=(n, per_image, dim)).astype(np.float32))
+    vectors = _unit(
+        centres[rng.integers(0, len(centres), size=(n, per_image))]
+        + 0.7 * rng.normal(size=(n, per_image, dim)).astype(np.float32)
+    )
     texts = _unit(centres[rng.integers(0, len(centres), size=queries)] + rng.normal(size=(queries, dim)))
     ids = np.arange(n)
     rows, exact = [], None
@@ -53,9 +56,17 @@ def search_latency(vectors_total: int, per_image: int, dim: int, queries: int, s
         if kind == "flat":
             exact = found
         recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]))
-        rows.append({"kind": kind, "images": n, "vectors_per_image": per_image, "build_s": round(build, 3),
-                     "median_ms": round(1000 * float(np.median(times)), 3),
-                     "p95_ms": round(1000 * float(np.percentile(times, 95)), 3), "recall@10": round(recall, 3)})
+        rows.append(
+            {
+                "kind": kind,
+                "images": n,
+                "vectors_per_image": per_image,
+                "build_s": round(build, 3),
+                "median_ms": round(1000 * float(np.median(times)), 3),
+                "p95_ms": round(1000 * float(np.percentile(times, 95)), 3),
+                "recall@10": round(recall, 3),
+            }
+        )
     return rows
 
 
@@ -64,28 +75,44 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def indexing_throughput(photos: int, batch_size: int) -> list[dict]:
+    from search_fixtures import save_tiny_blip2, save_tiny_detr, write_photo
+
     import qpert
     from qpert.search.detectors import DetectorOptions
     from qpert.search.indexer import IndexSettings, build_index
-    from search_fixtures import save_tiny_blip2, save_tiny_detr, write_photo
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for i in range(photos):
             write_photo(root / "photos" / f"{i // 100:02d}" / f"p{i:05d}.jpg", seed=i, size=(240, 320))
-        settings = IndexSettings(model=str(save_tiny_blip2(root / "blip2")), detector=str(save_tiny_detr(root / "detr")),
-                                 detector_options=DetectorOptions(score_threshold=0.0, max_boxes=5),
-                                 qpert=qpert.QPertConfig(alpha=4.0))
+        settings = IndexSettings(
+            model=str(save_tiny_blip2(root / "blip2")),
+            detector=str(save_tiny_detr(root / "detr")),
+            detector_options=DetectorOptions(score_threshold=0.0, max_boxes=5),
+            qpert=qpert.QPertConfig(alpha=4.0),
+        )
         rows = []
-        for what, run_settings in (("first index", settings), ("re-run, nothing changed", settings),
-                                   ("re-run, new alpha (re-embed)", IndexSettings(**{**settings.__dict__,
-                                                                                   "qpert": qpert.QPertConfig(alpha=2.0)}))):
+        for what, run_settings in (
+            ("first index", settings),
+            ("re-run, nothing changed", settings),
+            (
+                "re-run, new alpha (re-embed)",
+                IndexSettings(**{**settings.__dict__, "qpert": qpert.QPertConfig(alpha=2.0)}),
+            ),
+        ):
             start = time.perf_counter()
-            report = build_index(root / "photos", root / "index", run_settings, device="cpu", batch_size=batch_size,
-                                 progress=False)
+            report = build_index(
+                root / "photos", root / "index", run_settings, device="cpu", batch_size=batch_size, progress=False
+            )
             seconds = time.perf_counter() - start
-            rows.append({"run": what, "photos": report.photos, "seconds": round(seconds, 2),
-                         "photos_per_s": round(report.photos / seconds, 1)})
+            rows.append(
+                {
+                    "run": what,
+                    "photos": report.photos,
+                    "seconds": round(seconds, 2),
+                    "photos_per_s": round(report.photos / seconds, 1),
+                }
+            )
         return rows
 
 
@@ -103,14 +130,19 @@ def main() -> None:
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
-    result = {"machine": platform.processor() or platform.machine(), "threads": 1,
-              "search": search_latency(args.vectors, 1, args.dim, args.queries)
-              + search_latency(args.vectors, 32, args.dim, args.queries),
-              "indexing": indexing_throughput(args.photos, args.batch_size)}
+    result = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": 1,
+        "search": search_latency(args.vectors, 1, args.dim, args.queries)
+        + search_latency(args.vectors, 32, args.dim, args.queries),
+        "indexing": indexing_throughput(args.photos, args.batch_size),
+    }
     print(f"{'index':6s} {'images':>7s} {'vec/img':>7s} {'build s':>8s} {'median ms':>10s} {'p95 ms':>8s} {'R@10':>6s}")
     for r in result["search"]:
-        print(f"{r['kind']:6s} {r['images']:7d} {r['vectors_per_image']:7d} {r['build_s']:8.2f} {r['median_ms']:10.3f} "
-              f"{r['p95_ms']:8.3f} {r['recall@10']:6.3f}")
+        print(
+            f"{r['kind']:6s} {r['images']:7d} {r['vectors_per_image']:7d} {r['build_s']:8.2f} {r['median_ms']:10.3f} "
+            f"{r['p95_ms']:8.3f} {r['recall@10']:6.3f}"
+        )
     print()
     for r in result["indexing"]:
         print(f"{r['run']:30s} {r['photos']:5d} photos {r['seconds']:7.2f} s {r['photos_per_s']:7.1f} photos/s")

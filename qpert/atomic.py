@@ -7,6 +7,7 @@ the file, and the lock with it); the kernel drops the lock when the writer exits
 exits (kill -9 included). A cleaner that can take the lock knows the writer is gone and removes the file; one
 that cannot leaves it alone, so two processes sharing a folder never delete each other's work.
 """
+
 from __future__ import annotations
 
 import fcntl

@@ -1,7 +1,9 @@
 """``qpert.attach(model, config)``: the two-line entry point."""
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from torch import nn
 

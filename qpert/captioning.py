@@ -3,6 +3,7 @@
 Generation runs the Q-Former once on the image and hands its query outputs to the language
 model; Q-Pert perturbs that Q-Former pass, so the objects' boxes steer what the caption is about.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,10 +13,10 @@ import torch
 from PIL import Image
 
 from .attach import attach
-from .models.family import is_instance
 from .config import QPertConfig
 from .core.geometry import BoxesLike
 from .errors import UnsupportedModelError
+from .models.family import is_instance
 from .models.registry import LoadedModel
 
 CAPTION_CLASSES = ("transformers.Blip2ForConditionalGeneration",)
@@ -28,8 +29,14 @@ class Captions:
 
 
 @torch.no_grad()
-def caption(loaded: LoadedModel, image: Image.Image, boxes: BoxesLike, config: QPertConfig,
-            max_new_tokens: int = 30, **generate_kwargs: Any) -> Captions:
+def caption(
+    loaded: LoadedModel,
+    image: Image.Image,
+    boxes: BoxesLike,
+    config: QPertConfig,
+    max_new_tokens: int = 30,
+    **generate_kwargs: Any,
+) -> Captions:
     """The caption of ``image`` without and with Q-Pert on its objects (the paper's Fig. 8).
 
     Args:
@@ -47,8 +54,10 @@ def caption(loaded: LoadedModel, image: Image.Image, boxes: BoxesLike, config: Q
     """
     model, processor = loaded.model, loaded.processor
     if not any(is_instance(model, name) for name in CAPTION_CLASSES):
-        raise UnsupportedModelError(f"captioning needs {' or '.join(CAPTION_CLASSES)} (e.g. blip2-opt-2.7b); "
-                                    f"{loaded.name} is a {type(model).__name__}")
+        raise UnsupportedModelError(
+            f"captioning needs {' or '.join(CAPTION_CLASSES)} (e.g. blip2-opt-2.7b); "
+            f"{loaded.name} is a {type(model).__name__}"
+        )
     weight = model.vision_model.embeddings.patch_embedding.weight
     pixels = processor.image_processor([image.convert("RGB")], return_tensors="pt").pixel_values
     pixels = pixels.to(weight.device, weight.dtype)

@@ -1,19 +1,36 @@
 """The ``qpert`` command line. Nothing below this module knows about it."""
+
 from __future__ import annotations
 
 import logging
 import sys
-from contextlib import contextmanager
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn, Optional
 
 import typer
 
 from . import __version__
-from .cli_options import (ALPHA, COMPAT, COMPILE, DEVICE, DTYPE, EXCLUDE_SITE, KEEP_NORM, MODEL, ORTHOGONAL, PROJECTOR, RANK,
-                          THRESHOLD, TRUST_REMOTE_CODE, WEIGHT, parse_box, qpert_config)
+from .cli_options import (
+    ALPHA,
+    COMPAT,
+    COMPILE,
+    DEVICE,
+    DTYPE,
+    EXCLUDE_SITE,
+    KEEP_NORM,
+    MODEL,
+    ORTHOGONAL,
+    PROJECTOR,
+    RANK,
+    THRESHOLD,
+    TRUST_REMOTE_CODE,
+    WEIGHT,
+    parse_box,
+    qpert_config,
+)
 from .config import Compat, Projector, QPertConfig, Weight, compat_dtype
 from .errors import QPertError
 from .search.commands import register as register_search_commands
@@ -22,8 +39,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Object-Aware Query Perturbation (Q-Pert, ECCV 2024): make BLIP-2 and other vision-language models "
-         "notice small objects, training-free. Boxes of the objects in an image amplify, inside every "
-         "cross-attention, the part of each query that lies in the object's key subspace.",
+    "notice small objects, training-free. Boxes of the objects in an image amplify, inside every "
+    "cross-attention, the part of each query that lies in the object's key subspace.",
 )
 
 #: What the command line shows as one line: what the user gave is wrong, or the machine refused (a full disk).
@@ -40,8 +57,10 @@ def models() -> None:
     for spec in MODELS.values():
         grid = ", ".join(f"{a:g}" for a in spec.alphas)
         source = "(bundled with qpert)" if Path(spec.source).is_absolute() else spec.source
-        typer.echo(f"{spec.name:15s} {source:34s} {spec.image_size:4d}px  alpha [{grid}]  k {spec.rerank_k:3d}  "
-                   f"{spec.description}")
+        typer.echo(
+            f"{spec.name:15s} {source:34s} {spec.image_size:4d}px  alpha [{grid}]  k {spec.rerank_k:3d}  "
+            f"{spec.description}"
+        )
 
 
 def _print_scores(texts: list[str], results: dict, title: str) -> None:
@@ -50,7 +69,9 @@ def _print_scores(texts: list[str], results: dict, title: str) -> None:
     base, pert = results["baseline"], results["qpert"]
     for i in range(base.itc.shape[0]):
         for j, text in enumerate(texts):
-            row = f"  {text[:34]:34s} {base.itc[i, j]:8.4f} {pert.itc[i, j]:8.4f} {pert.itc[i, j] - base.itc[i, j]:+7.4f}"
+            row = (
+                f"  {text[:34]:34s} {base.itc[i, j]:8.4f} {pert.itc[i, j]:8.4f} {pert.itc[i, j] - base.itc[i, j]:+7.4f}"
+            )
             if base.itm is not None:
                 row += f"   {base.itm[i, j]:8.4f} {pert.itm[i, j]:8.4f} {pert.itm[i, j] - base.itm[i, j]:+7.4f}"
             typer.echo(row)
@@ -73,8 +94,8 @@ def example(seed: int = typer.Option(0, help="Seed of the random weights and ima
     texts = ["a small red square in the corner", "a large blue rectangle", "a green circle"]
     rng = np.random.default_rng(seed)
     pixels = rng.integers(90, 140, size=(120, 160, 3), dtype=np.uint8)
-    pixels[10:22, 130:142] = (220, 30, 30)   # small red square, 0.75% of the image
-    pixels[50:110, 20:100] = (30, 40, 200)   # large blue rectangle, 25%
+    pixels[10:22, 130:142] = (220, 30, 30)  # small red square, 0.75% of the image
+    pixels[50:110, 20:100] = (30, 40, 200)  # large blue rectangle, 25%
     boxes = [[[130, 10, 142, 22], [20, 50, 100, 110]]]
     with tempfile.TemporaryDirectory() as tmp:
         processor = tiny_processor(" ".join(texts).split(), tmp)
@@ -83,26 +104,32 @@ def example(seed: int = typer.Option(0, help="Seed of the random weights and ima
     results = score(loaded, [Image.fromarray(pixels)], boxes, texts, config, itm=True)
     typer.echo(f"qpert {__version__}: {config}")
     _print_scores(texts, results, "Tiny random-weight BLIP-2 (Blip2ForImageTextRetrieval), 1 image, 2 boxes:")
-    typer.echo("\nIn Python, with a real checkpoint:\n"
-               "  handle = qpert.attach(model, qpert.QPertConfig(alpha=8.0))\n"
-               "  with handle.objects(boxes, image_sizes): out = model(**inputs)\n"
-               "Real images: qpert score IMAGE --box x0,y0,x1,y1 --text '...' --model blip2-coco")
+    typer.echo(
+        "\nIn Python, with a real checkpoint:\n"
+        "  handle = qpert.attach(model, qpert.QPertConfig(alpha=8.0))\n"
+        "  with handle.objects(boxes, image_sizes): out = model(**inputs)\n"
+        "Real images: qpert score IMAGE --box x0,y0,x1,y1 --text '...' --model blip2-coco"
+    )
 
 
 @app.command()
 def demo(
     out: Path = typer.Option(Path("qpert-demo"), help="Folder for the scenes and report.html."),
-    seeds: Optional[int] = typer.Option(None, min=1, max=5, help="Number of test seeds (default 1, or 5 with --ablation; the "
-                                                   "README's tables use 5)."),
+    seeds: Optional[int] = typer.Option(
+        None, min=1, max=5, help="Number of test seeds (default 1, or 5 with --ablation; the README's tables use 5)."
+    ),
     n_test: int = typer.Option(500, min=2, help="Test scenes per seed."),
     n_val: int = typer.Option(300, min=2, help="Validation scenes (alpha is chosen there)."),
     model: str = typer.Option("blip2-shapes", help="The shipped toy model, or any BLIP-2 retrieval checkpoint."),
     itm: bool = typer.Option(True, "--itm/--no-itm", help="Re-rank the top k by ITM + ITC."),
     k: int = typer.Option(10, min=1, help="Candidates re-ranked by ITM per query."),
-    ablation: bool = typer.Option(False, "--ablation",
-                                  help="Also run the controls (the official code's projector, a random subspace of "
-                                       "the same rank, plain query scaling), each with its own alpha; all 5 test "
-                                       "seeds unless --seeds says otherwise."),
+    ablation: bool = typer.Option(
+        False,
+        "--ablation",
+        help="Also run the controls (the official code's projector, a random subspace of "
+        "the same rank, plain query scaling), each with its own alpha; all 5 test "
+        "seeds unless --seeds says otherwise.",
+    ),
 ) -> None:
     """Offline benchmark in about a minute: synthetic scenes, a small trained BLIP-2, baseline vs Q-Pert.
 
@@ -113,13 +140,16 @@ def demo(
     from .demo import TEST_SEEDS, run_demo
 
     seeds = seeds if seeds is not None else (len(TEST_SEEDS) if ablation else 1)
-    result = run_demo(out, model=model, seeds=TEST_SEEDS[:seeds], n_test=n_test, n_val=n_val, itm=itm, k=k,
-                      ablation=ablation)
+    result = run_demo(
+        out, model=model, seeds=TEST_SEEDS[:seeds], n_test=n_test, n_val=n_val, itm=itm, k=k, ablation=ablation
+    )
     last = list(result.tests.values())[-1]
     from .eval.metrics import format_comparison
 
-    typer.echo(f"{model} (a toy model on synthetic shapes): alpha={result.alpha:g} chosen on the validation seed; "
-               f"{last.settings['num_images']} test scenes per seed, {'ITC + ITM' if itm else 'ITC'}")
+    typer.echo(
+        f"{model} (a toy model on synthetic shapes): alpha={result.alpha:g} chosen on the validation seed; "
+        f"{last.settings['num_images']} test scenes per seed, {'ITC + ITM' if itm else 'ITC'}"
+    )
     typer.echo(format_comparison(last.metrics))
     if seeds > 1:
         typer.echo("\n" + result.summary())
@@ -134,15 +164,24 @@ def score_command(
     text: list[str] = typer.Option(..., "--text", "-t", help="A caption to score; repeat for several."),
     box: list[str] = typer.Option([], "--box", "-b", help="Object box x0,y0,x1,y1 in image pixels; repeat."),
     model: str = typer.Option("blip2-coco", help="Registered name (see `qpert models`), hub id or local folder."),
-    itm: Optional[bool] = typer.Option(None, "--itm/--no-itm", show_default=False,
-                                       help="Also compute ITM + ITC (the re-ranking score); default: when the model "
-                                            "has an ITM head (BLIP-2, BLIP; not CoCa or SigLIP)."),
-    alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
-    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL,
+    itm: Optional[bool] = typer.Option(
+        None,
+        "--itm/--no-itm",
+        show_default=False,
+        help="Also compute ITM + ITC (the re-ranking score); default: when the model "
+        "has an ITM head (BLIP-2, BLIP; not CoCa or SigLIP).",
+    ),
+    alpha: float = ALPHA,
+    weight: Weight = WEIGHT,
+    threshold: float = THRESHOLD,
+    rank: Optional[int] = RANK,
+    keep_norm: bool = KEEP_NORM,
+    orthogonal: bool = ORTHOGONAL,
     compat: Compat = COMPAT,
     device: str = DEVICE,
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
-    trust_remote_code: bool = TRUST_REMOTE_CODE, exclude_site: list[str] = EXCLUDE_SITE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    exclude_site: list[str] = EXCLUDE_SITE,
 ) -> None:
     """Score one image against captions with and without Q-Pert."""
     from .models.registry import load_model
@@ -160,12 +199,19 @@ def score_command(
 def caption_command(
     image: Path = typer.Argument(..., help="Image file (JPEG, PNG, ...)."),
     box: list[str] = typer.Option([], "--box", "-b", help="Object box x0,y0,x1,y1 in image pixels; repeat."),
-    model: str = typer.Option("blip2-opt-2.7b", help="A BLIP-2 captioner (Blip2ForConditionalGeneration): "
-                                                     "registered name, hub id or local folder."),
+    model: str = typer.Option(
+        "blip2-opt-2.7b",
+        help="A BLIP-2 captioner (Blip2ForConditionalGeneration): registered name, hub id or local folder.",
+    ),
     max_new_tokens: int = typer.Option(30, min=1, help="Longest caption, in tokens."),
     num_beams: int = typer.Option(1, min=1, help="Beam width (1: greedy)."),
-    alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
-    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT,
+    alpha: float = ALPHA,
+    weight: Weight = WEIGHT,
+    threshold: float = THRESHOLD,
+    rank: Optional[int] = RANK,
+    keep_norm: bool = KEEP_NORM,
+    orthogonal: bool = ORTHOGONAL,
+    compat: Compat = COMPAT,
     device: str = DEVICE,
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: the checkpoint's)."),
 ) -> None:
@@ -191,68 +237,131 @@ def _read_image(path: Path):
         img = Image.open(path)
         img.load()
     except FileNotFoundError:
-        raise typer.BadParameter(f"no such image: {path}")
+        raise typer.BadParameter(f"no such image: {path}") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-        raise typer.BadParameter(f"{path} is not a readable image ({e})")
+        raise typer.BadParameter(f"{path} is not a readable image ({e})") from e
     return img
 
 
 DEFAULT_CACHE = Path.home() / ".cache" / "qpert"
 
 
-def _eval_options(itm: Optional[bool], k: Optional[int], batch_size: int, itm_batch_size: int, cache_dir: Path,
-                  no_cache: bool, shard_size: int, pairs_per_block: int, compile_vision: bool, exclude_sites: list[str],
-                  object_baseline: bool = False):
+def _eval_options(
+    itm: Optional[bool],
+    k: Optional[int],
+    batch_size: int,
+    itm_batch_size: int,
+    cache_dir: Path,
+    no_cache: bool,
+    shard_size: int,
+    pairs_per_block: int,
+    compile_vision: bool,
+    exclude_sites: list[str],
+    object_baseline: bool = False,
+):
     from .eval.pipeline import EvalOptions
 
-    return EvalOptions(itm=itm, k=k, batch_size=batch_size, itm_batch_size=itm_batch_size,
-                       cache_dir=None if no_cache else cache_dir, shard_size=shard_size,
-                       pairs_per_block=pairs_per_block, compile_vision=compile_vision,
-                       object_baseline=object_baseline, exclude_sites=tuple(exclude_sites))
+    return EvalOptions(
+        itm=itm,
+        k=k,
+        batch_size=batch_size,
+        itm_batch_size=itm_batch_size,
+        cache_dir=None if no_cache else cache_dir,
+        shard_size=shard_size,
+        pairs_per_block=pairs_per_block,
+        compile_vision=compile_vision,
+        object_baseline=object_baseline,
+        exclude_sites=tuple(exclude_sites),
+    )
 
 
 DATASET = typer.Option(..., help="flickr30k, coco, flickr30k-fg or coco-fg.")
 DATA_ROOT = typer.Option(..., help="Folder with flickr30k/ and/or coco/ (and fg/) in the documented layout.")
-BOXES = typer.Option("entities", help="entities[:DIR] (Flickr30K Entities), coco-json:FILE (detector results, "
-                                      "COCO format), coco-instances:FILE or coco-entities:FILE.")
-BIN_BOXES = typer.Option(None, help="Box source that places images in the mR@K area bins and the small-object subset "
-                                    "(same syntax as --boxes; default: --boxes). The paper bins Flickr30K by "
-                                    "Entities boxes, also for its detector rows.")
+BOXES = typer.Option(
+    "entities",
+    help="entities[:DIR] (Flickr30K Entities), coco-json:FILE (detector results, "
+    "COCO format), coco-instances:FILE or coco-entities:FILE.",
+)
+BIN_BOXES = typer.Option(
+    None,
+    help="Box source that places images in the mR@K area bins and the small-object subset "
+    "(same syntax as --boxes; default: --boxes). The paper bins Flickr30K by "
+    "Entities boxes, also for its detector rows.",
+)
 CAPTIONS = typer.Option(None, help="Captions file replacing the default one (e.g. an FG caption JSON).")
 SCORE_THR = typer.Option(0.0, min=0.0, max=1.0, help="With coco-json boxes: keep detections scoring at least this.")
 MAX_BOXES = typer.Option(None, min=1, help="With coco-json boxes: keep at most this many per image (best first).")
-ITM = typer.Option(None, "--itm/--no-itm", show_default=False,
-                   help="Re-rank each query's top k by ITM + ITC (the paper's protocol); default: when the model has "
-                        "an ITM head (BLIP-2, BLIP), ITC only for CoCa and SigLIP.")
-TOP_K = typer.Option(None, "--k", min=1, show_default=False,
-                     help="Candidates re-ranked by ITM per query (default: the model's: 64 for BLIP-2 as in the paper, "
-                          "128 for blip-flickr and 256 for blip-coco as in BLIP's evaluation).")
+ITM = typer.Option(
+    None,
+    "--itm/--no-itm",
+    show_default=False,
+    help="Re-rank each query's top k by ITM + ITC (the paper's protocol); default: when the model has "
+    "an ITM head (BLIP-2, BLIP), ITC only for CoCa and SigLIP.",
+)
+TOP_K = typer.Option(
+    None,
+    "--k",
+    min=1,
+    show_default=False,
+    help="Candidates re-ranked by ITM per query (default: the model's: 64 for BLIP-2 as in the paper, "
+    "128 for blip-flickr and 256 for blip-coco as in BLIP's evaluation).",
+)
 BATCH = typer.Option(16, min=1, help="Images per vision / Q-Former forward.")
 ITM_BATCH = typer.Option(128, min=1, help="(image, text) pairs per ITM forward.")
 CACHE_DIR = typer.Option(DEFAULT_CACHE, help="Feature cache; a killed run resumes from it.")
 NO_CACHE = typer.Option(False, "--no-cache", help="Keep features in memory only.")
 SHARD = typer.Option(64, min=1, help="Images per cache file: the unit of work a resumed run skips (and ranks share).")
-PAIRS_PER_BLOCK = typer.Option(4096, min=1, help="ITM pairs per cache file: the unit of re-ranking work that a resumed "
-                                                 "run skips and that ranks share equally under torchrun.")
+PAIRS_PER_BLOCK = typer.Option(
+    4096,
+    min=1,
+    help="ITM pairs per cache file: the unit of re-ranking work that a resumed "
+    "run skips and that ranks share equally under torchrun.",
+)
 
 
 @app.command("eval")
 def eval_command(
-    model: str = MODEL, dataset: str = DATASET, data_root: Path = DATA_ROOT, boxes: str = BOXES,
+    model: str = MODEL,
+    dataset: str = DATASET,
+    data_root: Path = DATA_ROOT,
+    boxes: str = BOXES,
     bin_boxes: Optional[str] = BIN_BOXES,
-    split: str = typer.Option("test", help="test or val (Karpathy split)."), captions: Optional[str] = CAPTIONS,
-    config: list[Path] = typer.Option([], help="Q-Pert config JSON (from `qpert tune`); repeat to compare several. "
-                                               "Overrides --alpha/--weight/--threshold."),
-    alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
-    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT, projector: Optional[Projector] = PROJECTOR,
-    itm: Optional[bool] = ITM, k: Optional[int] = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
-    device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
-    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
-    pairs_per_block: int = PAIRS_PER_BLOCK, compile_vision: bool = COMPILE,
-    trust_remote_code: bool = TRUST_REMOTE_CODE, exclude_site: list[str] = EXCLUDE_SITE,
-    object_baseline: bool = typer.Option(False, "--object-baseline",
-                                         help="Also score the object-embedding baseline (paper's Table F): model score "
-                                              "+ best similarity of the text to an ROI-pooled object embedding."),
+    split: str = typer.Option("test", help="test or val (Karpathy split)."),
+    captions: Optional[str] = CAPTIONS,
+    config: list[Path] = typer.Option(
+        [],
+        help="Q-Pert config JSON (from `qpert tune`); repeat to compare several. "
+        "Overrides --alpha/--weight/--threshold.",
+    ),
+    alpha: float = ALPHA,
+    weight: Weight = WEIGHT,
+    threshold: float = THRESHOLD,
+    rank: Optional[int] = RANK,
+    keep_norm: bool = KEEP_NORM,
+    orthogonal: bool = ORTHOGONAL,
+    compat: Compat = COMPAT,
+    projector: Optional[Projector] = PROJECTOR,
+    itm: Optional[bool] = ITM,
+    k: Optional[int] = TOP_K,
+    score_threshold: float = SCORE_THR,
+    max_boxes: Optional[int] = MAX_BOXES,
+    device: str = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    batch_size: int = BATCH,
+    itm_batch_size: int = ITM_BATCH,
+    cache_dir: Path = CACHE_DIR,
+    no_cache: bool = NO_CACHE,
+    shard_size: int = SHARD,
+    pairs_per_block: int = PAIRS_PER_BLOCK,
+    compile_vision: bool = COMPILE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    exclude_site: list[str] = EXCLUDE_SITE,
+    object_baseline: bool = typer.Option(
+        False,
+        "--object-baseline",
+        help="Also score the object-embedding baseline (paper's Table F): model score "
+        "+ best similarity of the text to an ROI-pooled object embedding.",
+    ),
     output: Optional[Path] = typer.Option(None, help="Write all metrics and settings here as JSON."),
 ) -> None:
     """Evaluate baseline and Q-Pert on a retrieval benchmark: R@1/5/10, mR@K, small-object R@K.
@@ -266,23 +375,49 @@ def eval_command(
 
     from .eval.api import evaluate_benchmark, read_config_file
 
-    configs = [read_config_file(c) for c in config] or [qpert_config(alpha, weight, threshold, rank, keep_norm,
-                                                                       orthogonal, projector=projector)]
+    configs = [read_config_file(c) for c in config] or [
+        qpert_config(alpha, weight, threshold, rank, keep_norm, orthogonal, projector=projector)
+    ]
     with _ranks() as ranks:
-        result = evaluate_benchmark(model, dataset, data_root, boxes, configs, split=split, captions_file=captions,
-                                    device=str(ranks.device(device)), dtype=dtype, score_threshold=score_threshold,
-                                    max_boxes=max_boxes, trust_remote_code=trust_remote_code, compat=compat,
-                                    bin_boxes=bin_boxes, ranks=ranks,
-                                    options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache,
-                                                          shard_size, pairs_per_block, compile_vision, exclude_site,
-                                                          object_baseline))
+        result = evaluate_benchmark(
+            model,
+            dataset,
+            data_root,
+            boxes,
+            configs,
+            split=split,
+            captions_file=captions,
+            device=str(ranks.device(device)),
+            dtype=dtype,
+            score_threshold=score_threshold,
+            max_boxes=max_boxes,
+            trust_remote_code=trust_remote_code,
+            compat=compat,
+            bin_boxes=bin_boxes,
+            ranks=ranks,
+            options=_eval_options(
+                itm,
+                k,
+                batch_size,
+                itm_batch_size,
+                cache_dir,
+                no_cache,
+                shard_size,
+                pairs_per_block,
+                compile_vision,
+                exclude_site,
+                object_baseline,
+            ),
+        )
     if not ranks.is_main:
         return
     s = result.settings
     binned = f", binned by {s['bin_boxes']}" if s["bin_boxes"] != s["boxes"] else ""
-    typer.echo(f"{model} on {dataset} {split} ({compat} compat): {s['num_images']} images, {s['num_texts']} texts, "
-               f"boxes {s['boxes_summary']}{binned}, {'ITC + ITM top-' + str(s['k']) if s['itm'] else 'ITC only'}, "
-               f"{s['seconds']} s{_pair_rates(result)}")
+    typer.echo(
+        f"{model} on {dataset} {split} ({compat} compat): {s['num_images']} images, {s['num_texts']} texts, "
+        f"boxes {s['boxes_summary']}{binned}, {'ITC + ITM top-' + str(s['k']) if s['itm'] else 'ITC only'}, "
+        f"{s['seconds']} s{_pair_rates(result)}"
+    )
     typer.echo(result.table())
     if output:
         output.write_text(json.dumps(result.to_dict(), indent=2))
@@ -311,19 +446,32 @@ def _pair_rates(result) -> str:
 
 @app.command()
 def tune(
-    model: str = MODEL, dataset: str = DATASET, data_root: Path = DATA_ROOT, boxes: str = BOXES,
-    bin_boxes: Optional[str] = BIN_BOXES, compat: Compat = COMPAT,
+    model: str = MODEL,
+    dataset: str = DATASET,
+    data_root: Path = DATA_ROOT,
+    boxes: str = BOXES,
+    bin_boxes: Optional[str] = BIN_BOXES,
+    compat: Compat = COMPAT,
     split: str = typer.Option("val", help="Tune on the validation split, never on test."),
     alphas: Optional[str] = typer.Option(None, help="Comma-separated alphas (default: the model's paper grid)."),
     thresholds: str = typer.Option("0.8,0.85,0.9,0.95,0.99", help="Comma-separated tau values."),
     weights: Optional[str] = typer.Option(None, help="Comma-separated weight functions (default: all five)."),
     select_by: str = typer.Option("t2i mR@1", help="Selection metric: '<t2i|i2t> <R@1|mR@1|...>'."),
     itm: bool = typer.Option(False, "--itm/--no-itm", help="Score the grid with ITM re-ranking (slow)."),
-    k: Optional[int] = TOP_K, score_threshold: float = SCORE_THR, max_boxes: Optional[int] = MAX_BOXES,
-    device: str = DEVICE, dtype: Optional[str] = DTYPE, batch_size: int = BATCH, itm_batch_size: int = ITM_BATCH,
-    cache_dir: Path = CACHE_DIR, no_cache: bool = NO_CACHE, shard_size: int = SHARD,
-    pairs_per_block: int = PAIRS_PER_BLOCK, compile_vision: bool = COMPILE,
-    trust_remote_code: bool = TRUST_REMOTE_CODE, exclude_site: list[str] = EXCLUDE_SITE,
+    k: Optional[int] = TOP_K,
+    score_threshold: float = SCORE_THR,
+    max_boxes: Optional[int] = MAX_BOXES,
+    device: str = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    batch_size: int = BATCH,
+    itm_batch_size: int = ITM_BATCH,
+    cache_dir: Path = CACHE_DIR,
+    no_cache: bool = NO_CACHE,
+    shard_size: int = SHARD,
+    pairs_per_block: int = PAIRS_PER_BLOCK,
+    compile_vision: bool = COMPILE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    exclude_site: list[str] = EXCLUDE_SITE,
     output: Path = typer.Option(Path("qpert-best.json"), help="Where the best config goes (for eval --config)."),
     results: Optional[Path] = typer.Option(None, help="Also write every setting's metrics here as JSON."),
 ) -> None:
@@ -336,17 +484,40 @@ def tune(
         try:
             return [float(v) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}")
+            raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
 
     with _ranks() as ranks:
-        result, best = run_tune(model, dataset, data_root, boxes, split=split,
-                                alphas=floats(alphas) if alphas else None, thresholds=floats(thresholds),
-                                weights=weights.split(",") if weights else None, select_by=select_by,
-                                device=str(ranks.device(device)), dtype=dtype, score_threshold=score_threshold,
-                                max_boxes=max_boxes, trust_remote_code=trust_remote_code, compat=compat,
-                                bin_boxes=bin_boxes, ranks=ranks,
-                                options=_eval_options(itm, k, batch_size, itm_batch_size, cache_dir, no_cache,
-                                                      shard_size, pairs_per_block, compile_vision, exclude_site))
+        result, best = run_tune(
+            model,
+            dataset,
+            data_root,
+            boxes,
+            split=split,
+            alphas=floats(alphas) if alphas else None,
+            thresholds=floats(thresholds),
+            weights=weights.split(",") if weights else None,
+            select_by=select_by,
+            device=str(ranks.device(device)),
+            dtype=dtype,
+            score_threshold=score_threshold,
+            max_boxes=max_boxes,
+            trust_remote_code=trust_remote_code,
+            compat=compat,
+            bin_boxes=bin_boxes,
+            ranks=ranks,
+            options=_eval_options(
+                itm,
+                k,
+                batch_size,
+                itm_batch_size,
+                cache_dir,
+                no_cache,
+                shard_size,
+                pairs_per_block,
+                compile_vision,
+                exclude_site,
+            ),
+        )
     if not ranks.is_main:
         return
     direction, _, key = select_by.partition(" ")
@@ -357,11 +528,23 @@ def tune(
         cells = [m.t2i["R@1"], m.t2i["mR@1"], m.i2t["R@1"], m.i2t["mR@1"]]
         typer.echo(f"{name:44s} " + " ".join(f"{v:8.2f} " if v is not None else "     n/a " for v in cells))
     best_config = result.settings["methods"][best]
-    output.write_text(json.dumps({"qpert": best_config, "selected_by": select_by,
-                                  "value": getattr(result.metrics[best], direction)[key],
-                                  "baseline": getattr(result.metrics["baseline"], direction)[key],
-                                  "model": model, "dataset": dataset, "split": split, "boxes": boxes,
-                                  "bin_boxes": bin_boxes, "compat": compat}, indent=2))
+    output.write_text(
+        json.dumps(
+            {
+                "qpert": best_config,
+                "selected_by": select_by,
+                "value": getattr(result.metrics[best], direction)[key],
+                "baseline": getattr(result.metrics["baseline"], direction)[key],
+                "model": model,
+                "dataset": dataset,
+                "split": split,
+                "boxes": boxes,
+                "bin_boxes": bin_boxes,
+                "compat": compat,
+            },
+            indent=2,
+        )
+    )
     typer.echo(f"best by {select_by}: {best}; wrote {output} (use: qpert eval --config {output})")
     if results:
         results.write_text(json.dumps(result.to_dict(), indent=2))
@@ -396,12 +579,12 @@ def main() -> None:
     except _CLICK.UsageError as e:
         if type(e).__name__ == "NoArgsIsHelpError":
             typer.echo(e.ctx.get_help() if e.ctx else str(e))
-            raise SystemExit(2)
+            raise SystemExit(2) from None
         command = e.ctx.command_path if e.ctx else "qpert"
         _fail(f"{e.format_message()} (see {command} --help)")
     except typer.Abort:
         typer.secho("interrupted", err=True)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     except USER_ERRORS as e:
         _fail(str(e))
     raise SystemExit(code if isinstance(code, int) else 0)

@@ -1,8 +1,9 @@
 """Q-Pert hyper-parameters (DESIGN.md §1), and which computation of them to run."""
+
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 import math
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional
 
 from .errors import ConfigError
@@ -71,8 +72,10 @@ class QPertConfig:
         if self.projector not in PROJECTORS:
             raise ConfigError(f"unknown projector {self.projector!r}; choose one of {list(PROJECTORS)}")
         if self.compat == "official" and self.projector != "official":
-            raise ConfigError("compat='official' runs the official code's own projector; the ablation projectors "
-                             f"({self.projector!r}) run with compat='paper'")
+            raise ConfigError(
+                "compat='official' runs the official code's own projector; the ablation projectors "
+                f"({self.projector!r}) run with compat='paper'"
+            )
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
             raise ConfigError(f"threshold is a contribution ratio in (0, 1), got {t!r}; a fixed rank is rank=k")
@@ -106,7 +109,7 @@ class QPertConfig:
         return f"rank{self.rank}" if self.rank is not None else f"t{self.threshold:g}"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QPertConfig":
+    def from_dict(cls, d: dict[str, Any]) -> QPertConfig:
         """Also reads configs saved by earlier versions: without ``compat``, ``projector`` or ``rank``
         (the paper's, and no fixed rank), and with an integer ``threshold`` meaning a fixed rank."""
         if not isinstance(d, dict):
@@ -120,8 +123,10 @@ class QPertConfig:
         if isinstance(old, int) and not isinstance(old, bool) and "rank" not in d:
             d["rank"], d["threshold"] = old, 0.99  # earlier versions: an int threshold was a fixed rank
         elif isinstance(old, float) and old >= 1.0:
-            raise ConfigError(f"threshold {old} is neither a contribution ratio in (0, 1) nor, as a float, a rank: "
-                             f"write threshold (0, 1) or rank (an int) in the config file")
+            raise ConfigError(
+                f"threshold {old} is neither a contribution ratio in (0, 1) nor, as a float, a rank: "
+                f"write threshold (0, 1) or rank (an int) in the config file"
+            )
         return cls(**d)
 
 

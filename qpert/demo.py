@@ -5,24 +5,26 @@ same loaders and evaluation pipeline as the benchmarks. alpha is chosen on a val
 never on a test seed; the report shows the metrics, R@1 per object-size bin (the paper's Fig. 2)
 and a few small-object queries with their top images.
 """
+
 from __future__ import annotations
 
 import base64
 import html
 import io
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from .config import QPertConfig
-from .errors import MissingDependencyError
 from .data.box_sources import BoxSet, flickr30k_entities_boxes
 from .data.datasets import RetrievalDataset, load_dataset
+from .errors import MissingDependencyError
 from .eval.metrics import NUM_BINS, RetrievalMetrics, format_comparison
 from .eval.pipeline import EvalOptions, EvalResult, evaluate
 from .models.registry import MODELS, family_of, load_model
@@ -35,15 +37,25 @@ SUMMARY_KEYS = ("R@1", "R@5", "R@10", "mR@1", "small_R@1")
 #: Q-Pert and the ablation's controls, by the projector each object gets (qpert.config.PROJECTORS):
 #: the official code's Vᵀ D_S V, a random subspace of the same rank (does the object subspace matter?)
 #: and P = I, plain query scaling by 1 + mean weight (is it only sharper attention?).
-ABLATION = {"qpert": "paper", "official projector": "official", "random subspace": "random",
-            "query scaling": "identity"}
-ABLATION_COLUMNS = (("t2i", "R@1"), ("t2i", "mR@1"), ("t2i", "small_R@1"), ("i2t", "R@1"), ("i2t", "mR@1"),
-                    ("i2t", "small_R@1"))
+ABLATION = {
+    "qpert": "paper",
+    "official projector": "official",
+    "random subspace": "random",
+    "query scaling": "identity",
+}
+ABLATION_COLUMNS = (
+    ("t2i", "R@1"),
+    ("t2i", "mR@1"),
+    ("t2i", "small_R@1"),
+    ("i2t", "R@1"),
+    ("i2t", "mR@1"),
+    ("i2t", "small_R@1"),
+)
 
 
 @dataclass
 class DemoResult:
-    alphas: dict[str, float]   # per method, chosen on the validation seed by T2I mR@1
+    alphas: dict[str, float]  # per method, chosen on the validation seed by T2I mR@1
     validation: EvalResult
     tests: dict[int, EvalResult]
     report: Path
@@ -82,7 +94,7 @@ class DemoResult:
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    """"mean ± std" over seeds; one seed has no spread to show (not a spread of zero)."""
+    """ "mean ± std" over seeds; one seed has no spread to show (not a spread of zero)."""
     if len(values) == 1:
         return f"{values[0]:15.2f}"
     return f"{statistics.mean(values):8.2f} ± {statistics.stdev(values):4.2f}"
@@ -94,9 +106,18 @@ def _split(folder: Path, seed: int, count: int, split: str) -> tuple[RetrievalDa
     return dataset, flickr30k_entities_boxes(layout.entities, dataset.image_ids)
 
 
-def run_demo(out_dir: Path, model: str = DEMO_MODEL, seeds: Sequence[int] = TEST_SEEDS[:1], n_test: int = 500,
-             n_val: int = 300, alphas: Optional[Sequence[float]] = None, itm: bool = True, k: int = 10,
-             progress: bool = True, ablation: bool = False) -> DemoResult:
+def run_demo(
+    out_dir: Path,
+    model: str = DEMO_MODEL,
+    seeds: Sequence[int] = TEST_SEEDS[:1],
+    n_test: int = 500,
+    n_val: int = 300,
+    alphas: Optional[Sequence[float]] = None,
+    itm: bool = True,
+    k: int = 10,
+    progress: bool = True,
+    ablation: bool = False,
+) -> DemoResult:
     """Choose alpha on the validation seed, evaluate baseline and Q-Pert on each test seed, write a report.
 
     ``ablation`` adds the controls of :data:`ABLATION`, each with its own alpha chosen by the same rule.
@@ -110,26 +131,51 @@ def run_demo(out_dir: Path, model: str = DEMO_MODEL, seeds: Sequence[int] = TEST
         torch.set_num_threads(threads)
 
 
-def _run_demo(out_dir: Path, model: str, seeds: Sequence[int], n_test: int, n_val: int,
-              alphas: Optional[Sequence[float]], itm: bool, k: int, progress: bool, ablation: bool) -> DemoResult:
+def _run_demo(
+    out_dir: Path,
+    model: str,
+    seeds: Sequence[int],
+    n_test: int,
+    n_val: int,
+    alphas: Optional[Sequence[float]],
+    itm: bool,
+    k: int,
+    progress: bool,
+    ablation: bool,
+) -> DemoResult:
     loaded = load_model(model)
     spec = MODELS.get(model)
     alphas = alphas or (spec.alphas if spec else family_of(loaded.model).alpha_grid)
     projectors = ABLATION if ablation else {"qpert": "paper"}
     val_data, val_boxes = _split(out_dir / "data" / f"seed{VALIDATION_SEED}", VALIDATION_SEED, n_val, "val")
-    grid = {method: {_grid_name(method, a): QPertConfig(alpha=a, weight="constant", threshold=0.99,
-                                                        projector=projector) for a in alphas}
-            for method, projector in projectors.items()}
-    validation = evaluate(loaded, val_data, val_boxes, {"baseline": None, **{n: c for g in grid.values()
-                                                                            for n, c in g.items()}},
-                          EvalOptions(itm=False, progress=progress))
-    chosen = {method: configs[max(configs, key=lambda n: validation.metrics[n].t2i["mR@1"] or 0.0)]
-              for method, configs in grid.items()}
+    grid = {
+        method: {
+            _grid_name(method, a): QPertConfig(alpha=a, weight="constant", threshold=0.99, projector=projector)
+            for a in alphas
+        }
+        for method, projector in projectors.items()
+    }
+    validation = evaluate(
+        loaded,
+        val_data,
+        val_boxes,
+        {"baseline": None, **{n: c for g in grid.values() for n, c in g.items()}},
+        EvalOptions(itm=False, progress=progress),
+    )
+    chosen = {
+        method: configs[max(configs, key=lambda n: validation.metrics[n].t2i["mR@1"] or 0.0)]
+        for method, configs in grid.items()
+    }
     tests = {}
     for seed in seeds:
         data, boxes = _split(out_dir / "data" / f"seed{seed}", seed, n_test, "test")
-        tests[seed] = evaluate(loaded, data, boxes, {"baseline": None, **chosen},
-                               EvalOptions(itm=itm, k=k, progress=progress, keep_scores=True))
+        tests[seed] = evaluate(
+            loaded,
+            data,
+            boxes,
+            {"baseline": None, **chosen},
+            EvalOptions(itm=itm, k=k, progress=progress, keep_scores=True),
+        )
         tests[seed].settings["seed"] = seed
         last = (data, boxes)
     result = DemoResult({m: c.alpha for m, c in chosen.items()}, validation, tests, out_dir / "report.html")
@@ -195,13 +241,20 @@ def _examples(result: EvalResult, data: RetrievalDataset, boxes: BoxSet, n: int 
     rows = []
     for t in list(better) + [w for w in worse if pert[w] > base[w]]:
         cells = []
+        target = data.text_to_image[t]
         for name in ("baseline", "qpert"):
             top = np.argsort(-result.scores[name][:, t], kind="stable")[:5]
-            thumbs = "".join(f'<img src="{_thumbnail(data.image_paths[i], boxes[data.image_ids[i]].boxes, i == data.text_to_image[t])}">'
-                             for i in top)
+            thumbs = "".join(
+                f'<img src="{_thumbnail(data.image_paths[i], boxes[data.image_ids[i]].boxes, i == target)}">'
+                for i in top
+            )
             cells.append(f"<td><b>{name}</b> ({_rank_label(result, name, t, data)})<br>{thumbs}</td>")
         rows.append(f"<tr><td>{html.escape(data.texts[t])}</td>{''.join(cells)}</tr>")
-    return "<table class=ex><tr><th>query</th><th>baseline top 5</th><th>Q-Pert top 5</th></tr>" + "".join(rows) + "</table>"
+    return (
+        "<table class=ex><tr><th>query</th><th>baseline top 5</th><th>Q-Pert top 5</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _rank_label(result: EvalResult, name: str, text: int, data: RetrievalDataset) -> str:
@@ -226,8 +279,10 @@ Toy model: these numbers show the mechanism on synthetic shapes, not what BLIP-2
 
 def _write_report(result: DemoResult, data: RetrievalDataset, boxes: BoxSet) -> None:
     seed, last = list(result.tests.items())[-1]
-    val_rows = "".join(f"<tr><td>{n}</td><td>{m.t2i['R@1']:.2f}</td><td>{m.t2i['mR@1']:.2f}</td></tr>"
-                       for n, m in result.validation.metrics.items())
+    val_rows = "".join(
+        f"<tr><td>{n}</td><td>{m.t2i['R@1']:.2f}</td><td>{m.t2i['mR@1']:.2f}</td></tr>"
+        for n, m in result.validation.metrics.items()
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>qpert demo</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} pre{{background:#f4f4f4;padding:1em}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}
@@ -237,10 +292,12 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;v
 demonstrates the mechanism, not the paper's numbers; real results come from <code>qpert eval</code> with BLIP-2
 weights). Ground-truth boxes; alpha = {result.alpha:g} (constant weight, tau 0.99) chosen by T2I mR@1 on validation
 seed {VALIDATION_SEED}; test seeds {", ".join(map(str, result.tests))}.</p>
-<h2>{"Mean ± std over test seeds" if len(result.tests) > 1 else "Headline metrics"} (T2I)</h2><pre>{html.escape(result.summary())}</pre>
+<h2>{"Mean ± std over test seeds" if len(result.tests) > 1 else "Headline metrics"} (T2I)</h2>
+<pre>{html.escape(result.summary())}</pre>
 {_ablation_section(result)}
 <h2>Test seed {seed}: all metrics</h2><pre>{html.escape(format_comparison(last.metrics))}</pre>
-<h2>R@1 per object-size bin (test seed {seed})</h2><img src="{_bin_chart({n: last.metrics[n] for n in ("baseline", "qpert")})}">
+<h2>R@1 per object-size bin (test seed {seed})</h2>
+<img src="{_bin_chart({n: last.metrics[n] for n in ("baseline", "qpert")})}">
 <h2>Small-object queries (top 5; green frame: the right image; white: ground-truth boxes)</h2>
 {_examples(last, data, boxes)}
 <h2>Validation (alpha selection)</h2><table><tr><th>setting</th><th>T2I R@1</th><th>T2I mR@1</th></tr>{val_rows}</table>

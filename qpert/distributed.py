@@ -3,11 +3,13 @@
 torch.distributed carries everything (NCCL on GPUs, gloo on CPUs); the processes share work
 through the feature cache on a file system they all see, and small results through collectives.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,7 +39,7 @@ class Ranks:
 
     def strided(self, items: Sequence[T]) -> list[T]:
         """This rank's items: every world-th, from its own rank on."""
-        return list(items[self.rank::self.world])
+        return list(items[self.rank :: self.world])
 
     def contiguous(self, count: int) -> range:
         """This rank's part of ``range(count)`` split into ``world`` runs of (nearly) equal length."""

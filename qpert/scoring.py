@@ -1,9 +1,11 @@
 """Score images against texts with and without Q-Pert (the library's one-call use), for any family
 with retrieval heads (``qpert.models.family.RetrievalHeads``)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -32,15 +34,24 @@ def resolve_itm(heads: RetrievalHeads, itm: Optional[bool], model_name: str) -> 
     if itm is None:
         return heads.has_itm
     if itm and not heads.has_itm:
-        raise UnsupportedModelError(f"{model_name} has no image-text matching (ITM) head, so ITM re-ranking is "
-                                    "unavailable; score it with ITC only (--no-itm)")
+        raise UnsupportedModelError(
+            f"{model_name} has no image-text matching (ITM) head, so ITM re-ranking is "
+            "unavailable; score it with ITC only (--no-itm)"
+        )
     return itm
 
 
 @torch.no_grad()
-def score(loaded: LoadedModel, images: Sequence[Image.Image], boxes: Sequence[BoxesLike], texts: Sequence[str],
-          config: QPertConfig, itm: Optional[bool] = None, object_baseline: bool = False,
-          exclude_sites: Sequence[str] = ()) -> dict[str, Scores]:
+def score(
+    loaded: LoadedModel,
+    images: Sequence[Image.Image],
+    boxes: Sequence[BoxesLike],
+    texts: Sequence[str],
+    config: QPertConfig,
+    itm: Optional[bool] = None,
+    object_baseline: bool = False,
+    exclude_sites: Sequence[str] = (),
+) -> dict[str, Scores]:
     """Score every image against every text, with and without Q-Pert.
 
     Vision tokens and Q-Pert subspaces are computed once per image and reused for every text.
@@ -102,6 +113,11 @@ def _check_finite(results: dict[str, Scores], config: QPertConfig) -> None:
     """NaN or inf scores rank nothing: say so instead of printing or ranking them."""
     for name, scores in results.items():
         if any(t is not None and not torch.isfinite(t).all() for t in (scores.itc, scores.itm)):
-            raise ConfigError(f"the {name} scores are not finite" + (
-                f" (Q-Pert with alpha={config.alpha:g} overflows this model; choose a smaller --alpha)"
-                if name == "qpert" else ""))
+            raise ConfigError(
+                f"the {name} scores are not finite"
+                + (
+                    f" (Q-Pert with alpha={config.alpha:g} overflows this model; choose a smaller --alpha)"
+                    if name == "qpert"
+                    else ""
+                )
+            )

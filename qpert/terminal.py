@@ -1,4 +1,5 @@
 """Text from outside (file names, labels) made safe to print on a terminal."""
+
 from __future__ import annotations
 
 import unicodedata

@@ -39,6 +39,7 @@ re-ranking images by it still costs R@1 against ITC alone (runs d1-d4 in TRAININ
 Use ``--threads 1`` on a machine whose other cores are busy: PyTorch's CPU threads wait on
 each other and two threads competing with another process ran ~15x slower than one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,15 +71,36 @@ SCENES = SceneConfig()
 def shapes_config() -> Blip2Config:
     """Small enough for a few-MB checkpoint and CPU training; 8-px patches on 64-px images."""
     return Blip2Config(
-        vision_config=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=SCENES.image_size, patch_size=8, attention_dropout=0.0,
-                           initializer_range=0.02),  # the default 1e-10 assumes pre-trained weights
-        qformer_config=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                            cross_attention_frequency=1, vocab_size=len(SPECIAL_TOKENS) + len(vocabulary()),
-                            max_position_embeddings=48, use_qformer_text_input=True, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=0.0),
-        text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
-                         vocab_size=len(SPECIAL_TOKENS) + len(vocabulary())),
+        vision_config=dict(
+            hidden_size=96,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=SCENES.image_size,
+            patch_size=8,
+            attention_dropout=0.0,
+            initializer_range=0.02,
+        ),  # the default 1e-10 assumes pre-trained weights
+        qformer_config=dict(
+            hidden_size=96,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            cross_attention_frequency=1,
+            vocab_size=len(SPECIAL_TOKENS) + len(vocabulary()),
+            max_position_embeddings=48,
+            use_qformer_text_input=True,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+        text_config=dict(
+            model_type="opt",
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            ffn_dim=64,
+            vocab_size=len(SPECIAL_TOKENS) + len(vocabulary()),
+        ),
         num_query_tokens=8,
         image_text_hidden_size=64,
         use_qformer_text_input=True,
@@ -89,7 +111,9 @@ def shapes_processor() -> Blip2Processor:
     """A word-level BERT tokenizer over the scene vocabulary and BLIP's image processor at the scene size."""
     words = SPECIAL_TOKENS + vocabulary()
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
-    image_processor = pil_image_processor_class("BlipImageProcessor")(size={"height": SCENES.image_size, "width": SCENES.image_size})
+    image_processor = pil_image_processor_class("BlipImageProcessor")(
+        size={"height": SCENES.image_size, "width": SCENES.image_size}
+    )
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer)
 
 
@@ -104,30 +128,47 @@ def build_model(seed: int) -> Blip2ForImageTextRetrieval:
 # ------------------------------------------------------------------ training forwards (with gradients)
 def encode_images(model: Blip2ForImageTextRetrieval, tokens: Tensor) -> Tensor:
     queries = model.query_tokens.expand(tokens.shape[0], -1, -1)
-    out = model.qformer(query_embeds=queries, encoder_hidden_states=tokens,
-                        encoder_attention_mask=torch.ones(tokens.shape[:-1], dtype=torch.long)).last_hidden_state
+    out = model.qformer(
+        query_embeds=queries,
+        encoder_hidden_states=tokens,
+        encoder_attention_mask=torch.ones(tokens.shape[:-1], dtype=torch.long),
+    ).last_hidden_state
     return F.normalize(model.vision_projection(out), dim=-1)
 
 
 def encode_texts(model: Blip2ForImageTextRetrieval, ids: Tensor, mask: Tensor) -> Tensor:
-    out = model.qformer(query_embeds=model.embeddings(input_ids=ids), query_length=0,
-                        attention_mask=mask).last_hidden_state
+    out = model.qformer(
+        query_embeds=model.embeddings(input_ids=ids), query_length=0, attention_mask=mask
+    ).last_hidden_state
     return F.normalize(model.text_projection(out[:, 0]), dim=-1)
 
 
 def itm_logits(model: Blip2ForImageTextRetrieval, tokens: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     queries = model.query_tokens.expand(tokens.shape[0], -1, -1)
     full_mask = torch.cat([torch.ones(queries.shape[:-1], dtype=torch.long), mask], 1)
-    out = model.qformer(query_embeds=model.embeddings(input_ids=ids, query_embeds=queries),
-                        query_length=queries.shape[1], attention_mask=full_mask, encoder_hidden_states=tokens,
-                        encoder_attention_mask=torch.ones(tokens.shape[:-1], dtype=torch.long)).last_hidden_state
+    out = model.qformer(
+        query_embeds=model.embeddings(input_ids=ids, query_embeds=queries),
+        query_length=queries.shape[1],
+        attention_mask=full_mask,
+        encoder_hidden_states=tokens,
+        encoder_attention_mask=torch.ones(tokens.shape[:-1], dtype=torch.long),
+    ).last_hidden_state
     return model.itm_head(out[:, : queries.shape[1]]).mean(dim=1)
 
 
-def losses(model: Blip2ForImageTextRetrieval, log_temp: Tensor, pixel_values: Tensor, ids: Tensor, mask: Tensor,
-           same: Tensor, generator: torch.Generator, with_itc: bool = True, with_itm: bool = True,
-           random_negatives: float = 0.0, counterfactual: Optional[tuple[Tensor, Tensor, Tensor]] = None
-           ) -> tuple[Tensor, Tensor, float]:
+def losses(
+    model: Blip2ForImageTextRetrieval,
+    log_temp: Tensor,
+    pixel_values: Tensor,
+    ids: Tensor,
+    mask: Tensor,
+    same: Tensor,
+    generator: torch.Generator,
+    with_itc: bool = True,
+    with_itm: bool = True,
+    random_negatives: float = 0.0,
+    counterfactual: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+) -> tuple[Tensor, Tensor, float]:
     """ITC and ITM losses of one batch and ITM's accuracy; ``same[i, j]``: image i and text j describe the same content.
 
     Without ``with_itc`` the ITC similarities are computed without gradients, for the hard negatives only.
@@ -163,13 +204,15 @@ def negatives(sim: Tensor, same: Tensor, generator: torch.Generator, random_frac
     is instead drawn uniformly with that probability: in the second-phase runs (TRAINING.md) ITM's loss
     left its prior sooner with half of them uniform than with a fifth.
     """
+
     def weights(s: Tensor, matching: Tensor) -> Tensor:
         hard = F.softmax(s, dim=1).masked_fill(matching, 0) + 1e-6 * ~matching
         if random_fraction == 0.0:
             return hard
         uniform = (~matching).float()
         return (1 - random_fraction) * hard / hard.sum(1, keepdim=True) + random_fraction * uniform / uniform.sum(
-            1, keepdim=True)
+            1, keepdim=True
+        )
 
     neg_text = torch.multinomial(weights(sim, same), 1, generator=generator).squeeze(1)
     neg_image = torch.multinomial(weights(sim.t(), same.t()), 1, generator=generator).squeeze(1)
@@ -197,20 +240,34 @@ def counterfactual_caption(scene: Scene, named: list[SceneObject], rng: np.rando
     differs from this one in that one shape's attribute.
     """
     content = {(o.colour, o.shape, o.position) for o in scene.objects}
-    options = [(i, field, value) for i, o in enumerate(named)
-               for field, values in (("colour", COLOURS), ("shape", SHAPES), ("position", POSITIONS))
-               for value in values if value != getattr(o, field)
-               and (value if field == "colour" else o.colour, value if field == "shape" else o.shape,
-                    value if field == "position" else o.position) not in content]
+    options = [
+        (i, field, value)
+        for i, o in enumerate(named)
+        for field, values in (("colour", COLOURS), ("shape", SHAPES), ("position", POSITIONS))
+        for value in values
+        if value != getattr(o, field)
+        and (
+            value if field == "colour" else o.colour,
+            value if field == "shape" else o.shape,
+            value if field == "position" else o.position,
+        )
+        not in content
+    ]
     i, field, value = options[rng.integers(len(options))]
     altered = list(named)
     altered[i] = replace(named[i], **{field: value})
     return caption(altered, rng)
 
 
-def batch(processor: Blip2Processor, seed: int, step: int, size: int, rng: np.random.Generator,
-          mention_small: float = 1.0, counterfactual: float = 0.0
-          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[tuple[Tensor, Tensor, Tensor]]]:
+def batch(
+    processor: Blip2Processor,
+    seed: int,
+    step: int,
+    size: int,
+    rng: np.random.Generator,
+    mention_small: float = 1.0,
+    counterfactual: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[tuple[Tensor, Tensor, Tensor]]]:
     """Scenes ``step * size ..`` of the training stream, one random caption each, and which pairs match.
 
     With ``counterfactual`` > 0 also (use, ids, mask) for ``losses``: per image an altered caption
@@ -240,8 +297,14 @@ def batch(processor: Blip2Processor, seed: int, step: int, size: int, rng: np.ra
 
 # ------------------------------------------------------------------ evaluation with qpert's own pieces
 @torch.no_grad()
-def evaluate(model: Blip2ForImageTextRetrieval, processor: Blip2Processor, seed: int, count: int,
-             alphas: tuple[float, ...], threshold: float = 0.99) -> dict[str, RetrievalMetrics]:
+def evaluate(
+    model: Blip2ForImageTextRetrieval,
+    processor: Blip2Processor,
+    seed: int,
+    count: int,
+    alphas: tuple[float, ...],
+    threshold: float = 0.99,
+) -> dict[str, RetrievalMetrics]:
     """ITC T2I/I2T metrics on ``count`` scenes of stream ``seed``: baseline and Q-Pert per alpha (GT boxes)."""
     model.eval()
     scenes = make_scenes(seed, count, SCENES)
@@ -252,8 +315,11 @@ def evaluate(model: Blip2ForImageTextRetrieval, processor: Blip2Processor, seed:
     tokens = blip2.image_tokens(model, pixels)
     tok = processor.tokenizer(texts, padding="longest", return_tensors="pt")
     text_emb = blip2.text_embeddings(model, tok.input_ids, tok.attention_mask)
-    results = {"baseline": retrieval_metrics(blip2.itc_scores(blip2.image_embeddings(model, tokens), text_emb).numpy(),
-                                             text_to_image, max_areas)}
+    results = {
+        "baseline": retrieval_metrics(
+            blip2.itc_scores(blip2.image_embeddings(model, tokens), text_emb).numpy(), text_to_image, max_areas
+        )
+    }
     for alpha in alphas:
         handle = qpert.attach(model, qpert.QPertConfig(alpha=alpha, weight="constant", threshold=threshold))
         try:
@@ -267,8 +333,9 @@ def evaluate(model: Blip2ForImageTextRetrieval, processor: Blip2Processor, seed:
 
 
 @torch.no_grad()
-def itm_accuracy(model: Blip2ForImageTextRetrieval, processor: Blip2Processor, seed: int,
-                 count: int) -> dict[str, float]:
+def itm_accuracy(
+    model: Blip2ForImageTextRetrieval, processor: Blip2Processor, seed: int, count: int
+) -> dict[str, float]:
     """ITM accuracy (%) on ``count`` scenes of stream ``seed``, one benchmark caption each, per kind of pair.
 
     The matching image, a random other image, and the other image that ITC ranks highest for the text:
@@ -281,12 +348,16 @@ def itm_accuracy(model: Blip2ForImageTextRetrieval, processor: Blip2Processor, s
     pixels = processor.image_processor([Image.fromarray(s.image) for s in scenes], return_tensors="pt").pixel_values
     tokens = blip2.image_tokens(model, pixels)
     tok = processor.tokenizer([s.captions[0] for s in scenes], padding="longest", return_tensors="pt")
-    itc = blip2.itc_scores(blip2.image_embeddings(model, tokens),
-                           blip2.text_embeddings(model, tok.input_ids, tok.attention_mask))
-    images = {"positive": torch.arange(count),
-              "random negative": torch.multinomial((~same).float(), 1, generator=torch.Generator().manual_seed(seed))
-              .squeeze(1),
-              "hard negative": itc.masked_fill(same, -torch.inf).argmax(dim=0)}
+    itc = blip2.itc_scores(
+        blip2.image_embeddings(model, tokens), blip2.text_embeddings(model, tok.input_ids, tok.attention_mask)
+    )
+    images = {
+        "positive": torch.arange(count),
+        "random negative": torch.multinomial((~same).float(), 1, generator=torch.Generator().manual_seed(seed)).squeeze(
+            1
+        ),
+        "hard negative": itc.masked_fill(same, -torch.inf).argmax(dim=0),
+    }
     accuracy = {}
     for kind, image in images.items():
         said_match = itm_logits(model, tokens[image], tok.input_ids, tok.attention_mask).argmax(1) == 1
@@ -295,14 +366,18 @@ def itm_accuracy(model: Blip2ForImageTextRetrieval, processor: Blip2Processor, s
 
 
 def table(results: dict[str, RetrievalMetrics]) -> str:
-    rows = ["| run | T2I R@1 | T2I R@5 | small T2I R@1 | small T2I R@5 | large T2I R@1 | I2T R@1 | T2I mR@1 |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| run | T2I R@1 | T2I R@5 | small T2I R@1 | small T2I R@5 | large T2I R@1 | I2T R@1 | T2I mR@1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in results.items():
         t = m.t2i
         counts, r1 = m.bin_counts["t2i"], m.bin_recall["t2i"]["R@1"]
         large = sum(c * r for c, r in zip(counts[1:], r1[1:]) if c) / max(1, sum(counts[1:]))
-        rows.append(f"| {name} | {t['R@1']:.1f} | {t['R@5']:.1f} | {t['small_R@1']:.1f} | {t['small_R@5']:.1f} "
-                    f"| {large:.1f} | {m.i2t['R@1']:.1f} | {t['mR@1']:.1f} |")
+        rows.append(
+            f"| {name} | {t['R@1']:.1f} | {t['R@5']:.1f} | {t['small_R@1']:.1f} | {t['small_R@5']:.1f} "
+            f"| {large:.1f} | {m.i2t['R@1']:.1f} | {t['mR@1']:.1f} |"
+        )
     return "\n".join(rows)
 
 
@@ -324,28 +399,53 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--itm-start", type=int, default=300,
-                        help="ITC alone before this step: it leaves the start's plateau (all embeddings equal) faster")
+    parser.add_argument(
+        "--itm-start",
+        type=int,
+        default=300,
+        help="ITC alone before this step: it leaves the start's plateau (all embeddings equal) faster",
+    )
     parser.add_argument("--seed", type=int, default=0, help="training scene stream and initialization")
     parser.add_argument("--val-seed", type=int, default=1_000_001, help="validation scene stream (disjoint)")
     parser.add_argument("--val-count", type=int, default=1000)
     parser.add_argument("--eval-every", type=int, default=0, help="quick baseline eval on 300 scenes (0: never)")
     parser.add_argument("--alphas", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0, 8.0], help="Q-Pert scales")
-    parser.add_argument("--mention-small", type=float, default=1.0,
-                        help="probability that a training caption names each small shape (1: all, as the benchmark)")
-    parser.add_argument("--init-from", type=Path, default=None,
-                        help="a second phase: start from this saved checkpoint instead of a fresh initialization")
-    parser.add_argument("--train", choices=("all", "itm-head"), default="all",
-                        help="parameters to train; itm-head leaves ITC untouched")
+    parser.add_argument(
+        "--mention-small",
+        type=float,
+        default=1.0,
+        help="probability that a training caption names each small shape (1: all, as the benchmark)",
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="a second phase: start from this saved checkpoint instead of a fresh initialization",
+    )
+    parser.add_argument(
+        "--train", choices=("all", "itm-head"), default="all", help="parameters to train; itm-head leaves ITC untouched"
+    )
     parser.add_argument("--itc-weight", type=float, default=1.0, help="weight of the ITC loss (0: ITM alone)")
-    parser.add_argument("--random-negatives", type=float, default=0.0,
-                        help="probability that an ITM negative is drawn uniformly instead of by ITC similarity")
-    parser.add_argument("--counterfactual-negatives", type=float, default=0.0,
-                        help="probability that an image's ITM negative text is its own caption with one attribute of "
-                             "one named shape changed (a near miss) instead of one sampled by ITC similarity")
-    parser.add_argument("--temp", type=float, default=0.07,
-                        help="initial ITC temperature (the checkpoint does not store it; --init-from should pass the "
-                             "first phase's final value)")
+    parser.add_argument(
+        "--random-negatives",
+        type=float,
+        default=0.0,
+        help="probability that an ITM negative is drawn uniformly instead of by ITC similarity",
+    )
+    parser.add_argument(
+        "--counterfactual-negatives",
+        type=float,
+        default=0.0,
+        help="probability that an image's ITM negative text is its own caption with one attribute of "
+        "one named shape changed (a near miss) instead of one sampled by ITC similarity",
+    )
+    parser.add_argument(
+        "--temp",
+        type=float,
+        default=0.07,
+        help="initial ITC temperature (the checkpoint does not store it; --init-from should pass the "
+        "first phase's final value)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="save the checkpoint here")
     args = parser.parse_args()
@@ -362,22 +462,38 @@ def main() -> None:
     decay = [p for n, p in named if p.ndim >= 2 and "query_tokens" not in n]
     rest = [p for n, p in named if not (p.ndim >= 2 and "query_tokens" not in n)]
     rest += [log_temp] if log_temp.requires_grad else []
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=args.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=args.lr
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+    )
     generator = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{sum(p.numel() for p in params)} trained", flush=True)
+    print(
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {sum(p.numel() for p in params)} trained",
+        flush=True,
+    )
 
     start = time.time()
     for step in range(args.steps):
         model.train()
-        pixel_values, ids, mask, same, cf = batch(processor, args.seed, step, args.batch, rng, args.mention_small,
-                                                  args.counterfactual_negatives)
-        itc, itm, itm_acc = losses(model, log_temp, pixel_values, ids, mask, same, generator, args.itc_weight > 0,
-                                   step >= args.itm_start, args.random_negatives, cf)
+        pixel_values, ids, mask, same, cf = batch(
+            processor, args.seed, step, args.batch, rng, args.mention_small, args.counterfactual_negatives
+        )
+        itc, itm, itm_acc = losses(
+            model,
+            log_temp,
+            pixel_values,
+            ids,
+            mask,
+            same,
+            generator,
+            args.itc_weight > 0,
+            step >= args.itm_start,
+            args.random_negatives,
+            cf,
+        )
         optimizer.zero_grad(set_to_none=True)
         (args.itc_weight * itc + itm).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -386,8 +502,11 @@ def main() -> None:
         with torch.no_grad():
             log_temp.clamp_(math.log(0.01), math.log(0.5))
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  itc {itc.item():.3f}  itm {itm.item():.3f} (acc {itm_acc:.2f})  "
-                  f"temp {log_temp.exp().item():.3f}  {time.time() - start:.0f}s", flush=True)
+            print(
+                f"step {step:5d}  itc {itc.item():.3f}  itm {itm.item():.3f} (acc {itm_acc:.2f})  "
+                f"temp {log_temp.exp().item():.3f}  {time.time() - start:.0f}s",
+                flush=True,
+            )
         if args.eval_every and step and step % args.eval_every == 0:
             m = evaluate(model, processor, args.val_seed, 300, ())["baseline"].t2i
             print(f"  val300 T2I R@1 {m['R@1']:.1f} R@5 {m['R@5']:.1f} small R@1 {m['small_R@1']:.1f}", flush=True)
@@ -395,12 +514,19 @@ def main() -> None:
 
     results = evaluate(model, processor, args.val_seed, args.val_count, tuple(args.alphas))
     itm_val = itm_accuracy(model, processor, args.val_seed, args.val_count)
-    print(f"trained {args.steps} steps in {train_time / 60:.1f} min\n{table(results)}\nITM accuracy (%): "
-          + ", ".join(f"{k} {v:.1f}" for k, v in itm_val.items()), flush=True)
+    print(
+        f"trained {args.steps} steps in {train_time / 60:.1f} min\n{table(results)}\nITM accuracy (%): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in itm_val.items()),
+        flush=True,
+    )
     if args.out:
-        summary = {"train_seconds": round(train_time), "args": {k: str(v) for k, v in vars(args).items()},
-                   "temperature": round(log_temp.exp().item(), 4), "itm_accuracy": itm_val,
-                   "validation": {name: m.to_dict() for name, m in results.items()}}
+        summary = {
+            "train_seconds": round(train_time),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "temperature": round(log_temp.exp().item(), 4),
+            "itm_accuracy": itm_val,
+            "validation": {name: m.to_dict() for name, m in results.items()},
+        }
         if args.init_from:  # read before saving: --out may be --init-from
             summary["init_from"] = json.loads((args.init_from / "training_log.json").read_text())
         args.out.mkdir(parents=True, exist_ok=True)

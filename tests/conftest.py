@@ -6,14 +6,13 @@ from pathlib import Path
 # process holds a core; subprocesses (the CLI tests) inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 
 
 import pytest  # noqa: E402
-
 from helpers.bench import build_bench  # noqa: E402
 
 

@@ -1,17 +1,24 @@
 """Q-Pert on a tiny random BlipForImageTextRetrieval (the real transformers class), ITM pass."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers.contract import (
+    BOXES,
+    SIZES,
+    assert_detach_restores,
+    assert_inactive_is_bit_identical,
+    assert_matches_reference,
+)
+from helpers.models import tiny_blip
+from helpers.reference_hooks import ReferenceHooks, stretch_objects
 from transformers import BlipProcessor
 
 import qpert
-from helpers.models import tiny_blip
-from helpers.contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.core import prepare_boxes, token_weights
 from qpert.models.registry import MODELS, family_of
 from qpert.models.tiny import tiny_processor
-from helpers.reference_hooks import ReferenceHooks, stretch_objects
 
 CONFIGS = [
     dict(alpha=8.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
@@ -48,7 +55,9 @@ def reference(model, cfg):
     return ref
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}"
+)
 def test_matches_plain_reference(model, inputs, cfg):
     handle = assert_matches_reference(model, lambda: itm(model, inputs), lambda: reference(model, cfg), cfg)
     assert handle.num_layers == 3 and handle.layout.num_tokens == 17
@@ -82,11 +91,16 @@ def test_box_on_one_patch_maps_to_that_token(model):
 def test_registry_and_loading_a_saved_blip(tmp_path, inputs):
     assert {"blip-coco", "blip-flickr"} <= set(MODELS)
     assert MODELS["blip-coco"].source == "Salesforce/blip-itm-large-coco" and MODELS["blip-coco"].image_size == 384
-    assert (MODELS["blip-coco"].rerank_k, MODELS["blip-flickr"].rerank_k, MODELS["blip2-coco"].rerank_k) == (256, 128, 64)
+    assert (MODELS["blip-coco"].rerank_k, MODELS["blip-flickr"].rerank_k, MODELS["blip2-coco"].rerank_k) == (
+        256,
+        128,
+        64,
+    )
     tiny_blip(seed=5).save_pretrained(tmp_path)
     blip2_processor = tiny_processor(["a", "red", "square"], str(tmp_path))
-    BlipProcessor(image_processor=blip2_processor.image_processor,
-                  tokenizer=blip2_processor.tokenizer).save_pretrained(tmp_path)
+    BlipProcessor(image_processor=blip2_processor.image_processor, tokenizer=blip2_processor.tokenizer).save_pretrained(
+        tmp_path
+    )
     loaded = qpert.load_model(str(tmp_path))
     assert type(loaded.model).__name__ == "BlipForImageTextRetrieval"
     assert type(loaded.processor).__name__ == "BlipProcessor"
@@ -104,7 +118,8 @@ def test_itm_input_starts_with_enc_and_itc_with_cls(model):
 
     seen = []
     hook = model.text_encoder.embeddings.register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.append(kwargs.get("input_ids", args[0] if args else None)), with_kwargs=True)
+        lambda _m, args, kwargs: seen.append(kwargs.get("input_ids", args[0] if args else None)), with_kwargs=True
+    )
     ids = torch.tensor([[1, 20, 30, 3], [1, 40, 3, 0]])  # [CLS] = 1 in this vocabulary
     mask = (ids > 0).long()
     tokens = model.vision_model(pixel_values=torch.randn(2, 3, 28, 28)).last_hidden_state

@@ -1,18 +1,24 @@
 """Q-Pert on a tiny random Blip2ForImageTextRetrieval (the real transformers class)."""
+
 from __future__ import annotations
 
 from contextlib import nullcontext
 
 import pytest
 import torch
+from helpers.contract import (
+    BOXES,
+    SIZES,
+    assert_detach_restores,
+    assert_inactive_is_bit_identical,
+    assert_matches_reference,
+)
+from helpers.reference import ReferenceQPert
 
 import qpert
-from helpers.contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.adapters import find_bert_cross_attentions
 from qpert.models import blip2 as B
-from helpers.reference import ReferenceQPert
 from qpert.models.tiny import randomize, tiny_blip2
-
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +53,13 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("itm", [False, True], ids=["itc", "itm"])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}"
+)
 def test_matches_plain_reference(model, inputs, cfg, itm):
-    assert_matches_reference(model, lambda: run(model, inputs, itm), lambda: ReferenceQPert(model, cfg, BOXES, SIZES),
-                             cfg)
+    assert_matches_reference(
+        model, lambda: run(model, inputs, itm), lambda: ReferenceQPert(model, cfg, BOXES, SIZES), cfg
+    )
 
 
 @pytest.mark.parametrize("itm", [False, True], ids=["itc", "itm"])
@@ -64,9 +73,8 @@ def test_detach_restores_model(model, inputs):
     with pytest.raises(RuntimeError, match="already attached"):
         qpert.attach(model)
     handle.detach()
-    with pytest.raises(RuntimeError, match="detached"):
-        with handle.objects(BOXES, SIZES):
-            pass
+    with pytest.raises(RuntimeError, match="detached"), handle.objects(BOXES, SIZES):
+        pass
     qpert.attach(model).detach()  # attachable again
 
 
@@ -86,8 +94,10 @@ def test_itm_projects_each_images_keys_and_values_once(model, inputs):
         contexts = {"baseline": nullcontext, "qpert": lambda: handle.objects(subspaces=subspaces.select(pairs_img))}
         for name, objects in contexts.items():
             with objects():
-                results[name] = (B.itm_scores(model, tokens, ids, mask, image_index=pairs_img),
-                                 B.itm_scores(model, tokens[pairs_img], ids, mask))
+                results[name] = (
+                    B.itm_scores(model, tokens, ids, mask, image_index=pairs_img),
+                    B.itm_scores(model, tokens[pairs_img], ids, mask),
+                )
         hook.remove()
         assert rows == [(3, 3), (7, 7)] * 2
         for shared, per_pair in results.values():
@@ -127,9 +137,11 @@ def test_cached_subspaces_reused_for_many_texts(model, inputs):
             c = B.image_embeddings(model, tokens)
         assert (a - b).abs().max() <= 1e-6 and (a - c).abs().max() > 1e-4
         assert handle.config == cfg  # no block changes the handle's own config
-        with pytest.raises(ValueError, match="threshold"):
-            with handle.objects(subspaces=subspaces, config=qpert.QPertConfig(threshold=0.9)):
-                pass
+        with (
+            pytest.raises(ValueError, match="threshold"),
+            handle.objects(subspaces=subspaces, config=qpert.QPertConfig(threshold=0.9)),
+        ):
+            pass
         # round trip through tensors (safetensors-friendly)
         again = qpert.Subspaces.from_state_dict(subspaces.state_dict())
         assert again.threshold == 0.95 and all(map(torch.equal, again.mean_projector, subspaces.mean_projector))
@@ -142,8 +154,9 @@ def test_scoring_helpers_match_model_forward(model, inputs):
         out_itc = model(**inputs)
         out_itm = model(**inputs, use_image_text_matching_head=True)
     tokens = B.image_tokens(model, inputs["pixel_values"])
-    itc = B.itc_scores(B.image_embeddings(model, tokens), B.text_embeddings(model, inputs["input_ids"],
-                                                                            inputs["attention_mask"]))
+    itc = B.itc_scores(
+        B.image_embeddings(model, tokens), B.text_embeddings(model, inputs["input_ids"], inputs["attention_mask"])
+    )
     assert torch.allclose(itc, out_itc.logits_per_image, atol=1e-6)
     itm = B.itm_scores(model, tokens, inputs["input_ids"], inputs["attention_mask"])
     assert torch.allclose(itm, out_itm.logits_per_image[:, 1], atol=1e-6)
@@ -152,15 +165,15 @@ def test_scoring_helpers_match_model_forward(model, inputs):
 def test_batch_mismatch_is_a_clear_error(model, inputs):
     handle = qpert.attach(model)
     try:
-        with pytest.raises(ValueError, match="objects for 2 images but the model's batch has 3"):
-            with handle.objects(BOXES[:2], SIZES[:2]):
-                run(model, inputs, False)
-        with pytest.raises(ValueError, match="3 box lists but 2 image sizes"):
-            with handle.objects(BOXES, SIZES[:2]):
-                pass
-        with pytest.raises(ValueError, match="either boxes"):
-            with handle.objects():
-                pass
+        with (
+            pytest.raises(ValueError, match="objects for 2 images but the model's batch has 3"),
+            handle.objects(BOXES[:2], SIZES[:2]),
+        ):
+            run(model, inputs, False)
+        with pytest.raises(ValueError, match="3 box lists but 2 image sizes"), handle.objects(BOXES, SIZES[:2]):
+            pass
+        with pytest.raises(ValueError, match="either boxes"), handle.objects():
+            pass
     finally:
         handle.detach()
 

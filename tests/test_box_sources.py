@@ -113,9 +113,7 @@ def test_entities_xml_boxes_chains_and_dedup(tmp_path):
     )
     assert ann.chain_boxes == {"18": [0], "22": [0], "23": [0], "19": [1, 2]}
     assert ann.nobox_chains == ["20"] and ann.scene_chains == ["21"]
-    np.testing.assert_allclose(
-        ann.boxes.normalized_areas(), [100 * 190 / 187500, 100 * 75 / 187500, 100 / 187500]
-    )
+    np.testing.assert_allclose(ann.boxes.normalized_areas(), [100 * 190 / 187500, 100 * 75 / 187500, 100 / 187500])
     assert ann.boxes.max_area() == pytest.approx(100 * 190 / 187500)
 
 
@@ -143,7 +141,7 @@ def test_entities_malformed_xml_names_the_file(tmp_path):
 
 
 def test_entities_missing_folder(tmp_path):
-    with pytest.raises(BoxFormatError, match="annotations folder: .*nowhere"):
+    with pytest.raises(BoxFormatError, match=r"annotations folder: .*nowhere"):
         flickr30k_entities_boxes(tmp_path / "nowhere", ["1"])
 
 
@@ -193,9 +191,7 @@ def test_coco_entities_union_over_captions(tmp_path):
     boxes = coco_entities_boxes(path, ["452113", "368117"], {"452113": jpeg})
     got = boxes["452113"]
     assert got.size == (48, 64)
-    np.testing.assert_allclose(
-        got.boxes, [[10.5, 20, 30, 40], [0, 0, 5, 5], [20, 10, 64, 47]]
-    )
+    np.testing.assert_allclose(got.boxes, [[10.5, 20, 30, 40], [0, 0, 5, 5], [20, 10, 64, 47]])
     assert boxes.missing == ["368117"]
 
 
@@ -291,8 +287,6 @@ def test_load_boxes_for_a_dataset(detections):
         image_to_texts=[[0], [1]],
     )
     boxes = load_boxes("detector", path, dataset, score_threshold=0.5)
-    np.testing.assert_allclose(
-        boxes.max_areas(dataset.image_ids), [100 / (48 * 64), 100 / (50 * 60)]
-    )
+    np.testing.assert_allclose(boxes.max_areas(dataset.image_ids), [100 / (48 * 64), 100 / (50 * 60)])
     with pytest.raises(ValueError, match="unknown box source"):
         load_boxes("yolo", path, dataset)

@@ -1,15 +1,16 @@
 """Captioning with Q-Pert on tiny random Blip2ForConditionalGeneration models (OPT and T5 language models)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.bench import WORDS, qpert_cli
 from PIL import Image
 
 import qpert
 from qpert.errors import UnsupportedModelError
 from qpert.models.registry import LoadedModel
 from qpert.models.tiny import tiny_blip2, tiny_blip2_captioner, tiny_processor
-from helpers.bench import WORDS, qpert_cli
 
 BOXES = [[5.0, 5.0, 40.0, 30.0], [50.0, 20.0, 80.0, 55.0]]
 CONFIG = qpert.QPertConfig(alpha=8.0)
@@ -34,8 +35,9 @@ def test_qpert_changes_some_caption_and_a_saved_checkpoint_reproduces_it(languag
             break
     else:
         pytest.fail("Q-Pert changed no caption of 8 random captioners")
-    off = qpert.caption(LoadedModel("tiny", model, processor, None), image, BOXES, qpert.QPertConfig(alpha=0.0),
-                        max_new_tokens=8)
+    off = qpert.caption(
+        LoadedModel("tiny", model, processor, None), image, BOXES, qpert.QPertConfig(alpha=0.0), max_new_tokens=8
+    )
     assert off.qpert == off.baseline == captions.baseline
 
     model.save_pretrained(tmp_path / "model")
@@ -43,8 +45,15 @@ def test_qpert_changes_some_caption_and_a_saved_checkpoint_reproduces_it(languag
     loaded = qpert.load_model(str(tmp_path / "model"))
     assert qpert.caption(loaded, image, BOXES, CONFIG, max_new_tokens=8) == captions
     if language_model == "opt":
-        out = qpert_cli("caption", str(image_file), "--model", str(tmp_path / "model"), "--max-new-tokens", "8",
-                        *(a for b in BOXES for a in ("--box", ",".join(f"{v:g}" for v in b))))
+        out = qpert_cli(
+            "caption",
+            str(image_file),
+            "--model",
+            str(tmp_path / "model"),
+            "--max-new-tokens",
+            "8",
+            *(a for b in BOXES for a in ("--box", ",".join(f"{v:g}" for v in b))),
+        )
         assert out.returncode == 0, out.stderr
         lines = [line.strip() for line in out.stdout.splitlines()]
         assert f"baseline: {captions.baseline}".strip() in lines and f"Q-Pert:   {captions.qpert}".strip() in lines

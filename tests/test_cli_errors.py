@@ -1,5 +1,6 @@
 """A user's mistake on the command line ends with one ``error:`` line and exit code 2, never a traceback;
 a bug still shows its traceback."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,23 @@ CASES = [
     (EVAL + ["--max-boxes", "0"], "--max-boxes"),
     (["eval", "--model", "no-such-model", "--dataset", "flickr30k", "--data-root", "{root}"], "unknown model"),
     (["eval", "--model", "{model}", "--dataset", "flickr31k", "--data-root", "{root}", "--no-cache"], "dataset"),
-    (["tune", "--model", "{model}", "--dataset", "flickr30k", "--data-root", "{root}", "--no-cache", "--split", "test",
-      "--select-by", "t2i R@2"], "select_by"),
+    (
+        [
+            "tune",
+            "--model",
+            "{model}",
+            "--dataset",
+            "flickr30k",
+            "--data-root",
+            "{root}",
+            "--no-cache",
+            "--split",
+            "test",
+            "--select-by",
+            "t2i R@2",
+        ],
+        "select_by",
+    ),
     (["demo", "--seeds", "9"], "--seeds"),
     (["score", "{tmp}/missing.png", "-t", "x"], "no such image"),
     (["no-such-command"], "No such command"),
@@ -76,6 +92,7 @@ def bad_inputs(bench, tmp_path_factory):
     import zlib
 
     from helpers.bench import IDS
+
     from qpert.search.indexer import IndexSettings, build_index
 
     data, model = bench
@@ -85,12 +102,14 @@ def bad_inputs(bench, tmp_path_factory):
     photos.mkdir()
     for i in range(2):
         shutil.copy(data / "flickr30k/images/flickr30k-images" / f"{IDS[i]}.jpg", photos / f"p{i}.jpg")
-    build_index(photos, root / "index", IndexSettings(model=str(model), detector="none"), device="cpu",
-                progress=False)
+    build_index(photos, root / "index", IndexSettings(model=str(model), detector="none"), device="cpu", progress=False)
     manifest = json.loads((root / "index" / "index.json").read_text())
-    damaged = {"nosettings": json.dumps({k: v for k, v in manifest.items() if k != "settings"}),
-               "badjson": "{nope", "listidx": "[]",
-               "badalpha": json.dumps({**manifest, "settings": {**manifest["settings"], "qpert": {"alpha": "x"}}})}
+    damaged = {
+        "nosettings": json.dumps({k: v for k, v in manifest.items() if k != "settings"}),
+        "badjson": "{nope",
+        "listidx": "[]",
+        "badalpha": json.dumps({**manifest, "settings": {**manifest["settings"], "qpert": {"alpha": "x"}}}),
+    }
     for name, text in damaged.items():
         shutil.copytree(root / "index", root / name)
         (root / name / "index.json").write_text(text)
@@ -100,20 +119,34 @@ def bad_inputs(bench, tmp_path_factory):
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    ihdr = struct.pack(">IIBBBBB", 14000, 14000, 8, 2, 0, 0, 0)   # 196 Mpx, more than twice Pillow's limit
+    ihdr = struct.pack(">IIBBBBB", 14000, 14000, 8, 2, 0, 0, 0)  # 196 Mpx, more than twice Pillow's limit
     (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
     first = f"flickr30k-images/{IDS[0]}.jpg"
-    files = {"list": [1, 2], "coco_bad": {"images": [{"id": 1, "file_name": None, "height": 1, "width": 1}],
-                                          "annotations": []},
-             "caps_num": [{"image": first, "caption": [1, 2]}], "caps_null": [{"image": first, "caption": None}],
-             "caps_nullitem": [{"image": first, "caption": [None]}], "img_num": [{"image": 5, "caption": ["a"]}],
-             "img_null": [{"image": None, "caption": ["a"]}], "karp_none": {"images": [None]},
-             "karp_int": {"images": 5}}
+    files = {
+        "list": [1, 2],
+        "coco_bad": {"images": [{"id": 1, "file_name": None, "height": 1, "width": 1}], "annotations": []},
+        "caps_num": [{"image": first, "caption": [1, 2]}],
+        "caps_null": [{"image": first, "caption": None}],
+        "caps_nullitem": [{"image": first, "caption": [None]}],
+        "img_num": [{"image": 5, "caption": ["a"]}],
+        "img_null": [{"image": None, "caption": ["a"]}],
+        "karp_none": {"images": [None]},
+        "karp_int": {"images": 5},
+    }
     for name, value in files.items():
         (root / f"{name}.json").write_text(json.dumps(value))
-    return {"img": image, "model": model, "data": data, "root": root, "photos": photos, "index": root / "index",
-            "bomb": root / "bomb.png", "corrupt": root / "corrupt", **{name: root / name for name in damaged},
-            **{name: root / f"{name}.json" for name in files}}
+    return {
+        "img": image,
+        "model": model,
+        "data": data,
+        "root": root,
+        "photos": photos,
+        "index": root / "index",
+        "bomb": root / "bomb.png",
+        "corrupt": root / "corrupt",
+        **{name: root / name for name in damaged},
+        **{name: root / f"{name}.json" for name in files},
+    }
 
 
 FILE_EVAL = ["eval", "--model", "{model}", "--dataset", "flickr30k", "--data-root", "{data}", "--no-cache"]
@@ -158,8 +191,10 @@ BAD_INPUTS = [
     (["index", "{bomb}", "--model", "{model}", "--detector", "none"], "not a folder"),
     (["index", "{photos}", "--index", "{list}", "--model", "{model}", "--detector", "none"], "File exists"),
     (["index", "{photos}", "--index", "{nosettings}", "--model", "{model}", "--detector", "none"], "damaged"),
-    (["index", "{photos}", "--index", "{corrupt}", "--model", "{model}", "--detector", "none", "--device", "cpu"],
-     "damaged"),
+    (
+        ["index", "{photos}", "--index", "{corrupt}", "--model", "{model}", "--detector", "none", "--device", "cpu"],
+        "damaged",
+    ),
     (["search", "{index}", "q", "--k", "-1"], "--k"),
     (["search", "{index}", "q", "--k", "100000000000000000000"], "--k"),
     (["search", "{index}", "q", "--candidates", "0", "--itm"], "--candidates"),
@@ -183,8 +218,9 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD_INPUTS,
-                         ids=lambda v: " ".join(v[:1] + v[-2:]) if isinstance(v, list) else "")
+@pytest.mark.parametrize(
+    "args, message", BAD_INPUTS, ids=lambda v: " ".join(v[:1] + v[-2:]) if isinstance(v, list) else ""
+)
 def test_bad_inputs_end_in_one_error_line(bad_inputs, args, message, capsys, monkeypatch):
     """Each mistake: exit code 2, exactly one ``error:`` line naming it, no traceback (a server that would
     start fails the test instead of running)."""

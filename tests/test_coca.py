@@ -1,4 +1,5 @@
 """Q-Pert in the attentional pooler (nn.MultiheadAttention) of a tiny random OpenCLIP CoCa."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,15 @@ import pytest
 import torch
 
 open_clip = pytest.importorskip("open_clip")
+from helpers.contract import assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference  # noqa: E402
+from helpers.models import MODEL_CFG  # noqa: E402
+from helpers.reference_hooks import ReferenceHooks, shortest_edge_objects  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import qpert  # noqa: E402
-from helpers.models import MODEL_CFG  # noqa: E402
-from helpers.contract import assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference  # noqa: E402
 from qpert.core import prepare_boxes, token_weights  # noqa: E402
 from qpert.models.registry import MODELS  # noqa: E402
 from qpert.models.tiny import randomize  # noqa: E402
-from helpers.reference_hooks import ReferenceHooks, shortest_edge_objects  # noqa: E402
 
 BOXES = [
     [[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0], [70.0, 55.0, 118.0, 99.0]],
@@ -53,7 +54,9 @@ def encode(model, pixels):
         return model.encode_image(pixels, normalize=False)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}"
+)
 def test_matches_plain_reference(model, pixels, cfg):
     def reference():
         ref = ReferenceHooks(shortest_edge_objects(BOXES, SIZES, crop=28, grid=4, patch=7, prefix=1), cfg)
@@ -66,8 +69,9 @@ def test_matches_plain_reference(model, pixels, cfg):
 
 def test_bit_identical_when_inactive(model, pixels):
     # 100x120 -> 28x33 -> centre crop from x=2: x < 2/0.28 = 7.1 is cropped away, a box there covers no token
-    assert_inactive_is_bit_identical(model, lambda: encode(model, pixels), alpha=1.0,
-                                     boxes_on_no_token=[[[0.0, 0.0, 7.0, 100.0]], [], []])
+    assert_inactive_is_bit_identical(
+        model, lambda: encode(model, pixels), alpha=1.0, boxes_on_no_token=[[[0.0, 0.0, 7.0, 100.0]], [], []]
+    )
 
 
 def test_detach_restores_model(model, pixels):
@@ -88,8 +92,11 @@ def test_box_on_one_patch_maps_to_that_token(model):
 
 def test_registry_and_loading_a_saved_coca(tmp_path, pixels):
     spec = MODELS["coca-l14"]
-    assert (spec.library, spec.source, spec.pretrained) == ("open_clip", "coca_ViT-L-14",
-                                                            "mscoco_finetuned_laion2B-s13B-b90k")
+    assert (spec.library, spec.source, spec.pretrained) == (
+        "open_clip",
+        "coca_ViT-L-14",
+        "mscoco_finetuned_laion2B-s13B-b90k",
+    )
     assert spec.alphas == (0.2, 0.4, 0.6, 0.8, 1.0)
     reference = tiny_coca(seed=5)
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": dict(MODEL_CFG, custom_text=True)}))
@@ -98,6 +105,7 @@ def test_registry_and_loading_a_saved_coca(tmp_path, pixels):
     assert type(loaded.model).__name__ == "CoCa" and not loaded.model.training
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in loaded.model.state_dict().items())
     from PIL import Image
+
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 84, 3), dtype=np.uint8))
     assert loaded.processor.image_transform(image).shape == (3, 28, 28)
     assert loaded.processor.tokenizer(["a cat"]).shape[0] == 1

@@ -1,4 +1,5 @@
 """The pure-tensor core: token weights, subspaces, perturbation, bad input."""
+
 from __future__ import annotations
 
 import warnings
@@ -6,11 +7,19 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers.reference import coverage, projector
 
 from qpert import QPertConfig, QPertWarning
-from qpert.core import (Subspaces, TokenLayout, compute_subspaces, perturb_queries, perturbation_matrix,
-                        prepare_boxes, projectors, token_weights)
-from helpers.reference import coverage, projector
+from qpert.core import (
+    Subspaces,
+    TokenLayout,
+    compute_subspaces,
+    perturb_queries,
+    perturbation_matrix,
+    prepare_boxes,
+    projectors,
+    token_weights,
+)
 
 LAYOUT = TokenLayout(grid=(4, 4), patch=(7, 7), num_prefix_tokens=1)
 
@@ -64,8 +73,9 @@ def test_token_weights_match_plain_loop():
 
 def test_bad_boxes_are_clipped_or_dropped_with_warning():
     with pytest.warns(QPertWarning) as record:
-        batch = prepare_boxes([[[-5, -5, 50, 40], [np.nan, 0, 3, 3], [30, 30, 10, 40], [5, 5, 5, 20],
-                                [200, 200, 300, 300]]], [(100, 100)])
+        batch = prepare_boxes(
+            [[[-5, -5, 50, 40], [np.nan, 0, 3, 3], [30, 30, 10, 40], [5, 5, 5, 20], [200, 200, 300, 300]]], [(100, 100)]
+        )
     messages = " ".join(str(r.message) for r in record)
     assert "non-finite" in messages and "inverted" in messages and "zero-area or outside" in messages
     assert batch.valid.tolist() == [[True]]
@@ -73,13 +83,16 @@ def test_bad_boxes_are_clipped_or_dropped_with_warning():
     assert batch.areas[0, 0].item() == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("boxes,sizes,match", [
-    ([[[0, 0, 1, 1]]], [(10, 10), (10, 10)], "1 box lists but 2 image sizes"),
-    ([[[0, 0, 1]]], [(10, 10)], r"shape \(M, 4\)"),
-    ([[[0, 0, 1, 1]]], [(0, 10)], "positive"),
-    ([[[0, 0, 1, 1]]], [(10,)], "height, width"),
-    (np.zeros((3, 4)), [(10, 10)] * 3, "one \\(M, 4\\) array per image"),
-])
+@pytest.mark.parametrize(
+    "boxes,sizes,match",
+    [
+        ([[[0, 0, 1, 1]]], [(10, 10), (10, 10)], "1 box lists but 2 image sizes"),
+        ([[[0, 0, 1]]], [(10, 10)], r"shape \(M, 4\)"),
+        ([[[0, 0, 1, 1]]], [(0, 10)], "positive"),
+        ([[[0, 0, 1, 1]]], [(10,)], "height, width"),
+        (np.zeros((3, 4)), [(10, 10)] * 3, "one \\(M, 4\\) array per image"),
+    ],
+)
 def test_bad_box_arguments_raise(boxes, sizes, match):
     with pytest.raises(ValueError, match=match):
         prepare_boxes(boxes, sizes)
@@ -92,8 +105,10 @@ def diag_autocorr(eigenvalues, d=6, seed=0):
     return torch.tensor(q @ np.diag(lam) @ q.T, dtype=torch.float32), torch.tensor(q, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("threshold,fixed,rank", [(0.3, None, 1), (0.85, None, 2), (0.95, None, 3), (0.999, None, 3),
-                                                  (0.99, 2, 2), (0.5, 10, 4)])
+@pytest.mark.parametrize(
+    "threshold,fixed,rank",
+    [(0.3, None, 1), (0.85, None, 2), (0.95, None, 3), (0.999, None, 3), (0.99, 2, 2), (0.5, 10, 4)],
+)
 def test_rank_rule(threshold, fixed, rank):
     c, q = diag_autocorr([4.0, 3.0, 2.0, 1.0])  # contribution ratios 0.4, 0.7, 0.9, 1.0
     p = projectors(c, threshold, fixed)
@@ -114,18 +129,21 @@ def test_single_object_scales_subspace_component_only():
     ref = projector(keys[0, 0, 0].double().numpy(), weights[0, 0].double().numpy(), 0.9)
     assert np.allclose(p.numpy(), ref, atol=1e-5)
     q = torch.randn(1, 5, 1, 8)
-    out = perturb_queries(q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], cfg),
-                          subs.active, keep_norm=False)
+    out = perturb_queries(
+        q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], cfg), subs.active, keep_norm=False
+    )
     w = 3.0 * 0.4
     inside, inside_new = q[0, :, 0] @ p, out[0, :, 0] @ p
     assert torch.allclose(inside_new, (1 + w) * inside, atol=1e-5)
     assert torch.allclose(q[0, :, 0] - inside, out[0, :, 0] - inside_new, atol=1e-5)
-    kept = perturb_queries(q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], cfg),
-                           subs.active, keep_norm=True)
+    kept = perturb_queries(
+        q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], cfg), subs.active, keep_norm=True
+    )
     assert torch.allclose(kept.norm(dim=-1), q.norm(dim=-1), atol=1e-5)
     ortho = QPertConfig(mode="orthogonal", threshold=0.9)
-    out = perturb_queries(q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], ortho),
-                          subs.active, keep_norm=False)
+    out = perturb_queries(
+        q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], ortho), subs.active, keep_norm=False
+    )
     assert torch.allclose(out[0, :, 0] @ p, torch.zeros(5, 8), atol=1e-5)
 
 
@@ -142,8 +160,9 @@ def test_degenerate_inputs_are_nan_free_and_dropped():
     traces = mean[0].diagonal(dim1=-2, dim2=-1).sum(-1)
     assert torch.allclose(traces, torch.ones_like(traces), atol=1e-5)  # one token -> rank 1, M' = 1
     assert mean[1, 0].abs().sum() == 0  # non-finite keys contribute nothing
-    none = compute_subspaces(keys, torch.zeros(2, 2, 17), torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool),
-                             QPertConfig(rank=2))
+    none = compute_subspaces(
+        keys, torch.zeros(2, 2, 17), torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool), QPertConfig(rank=2)
+    )
     assert none.active.tolist() == [False, False] and torch.stack(none.mean_projector).abs().sum() == 0
 
 
@@ -158,8 +177,12 @@ def test_chunking_does_not_change_results():
 
 
 def test_subspaces_select_and_cat():
-    s = Subspaces((torch.arange(3.0).reshape(3, 1, 1, 1),), (-torch.arange(3.0).reshape(3, 1, 1, 1),),
-                  torch.tensor([True, False, True]), 0.9)
+    s = Subspaces(
+        (torch.arange(3.0).reshape(3, 1, 1, 1),),
+        (-torch.arange(3.0).reshape(3, 1, 1, 1),),
+        torch.tensor([True, False, True]),
+        0.9,
+    )
     picked = s.select([2, 2, 0])
     assert picked.mean_projector[0].flatten().tolist() == [2, 2, 0] and picked.active.tolist() == [True, True, True]
     both = Subspaces.cat([s, picked])
@@ -168,11 +191,21 @@ def test_subspaces_select_and_cat():
         Subspaces.cat([s, Subspaces(s.mean_projector, s.area_projector, s.active, 0.9, 3)])
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(weight="square"), "weight function"), (dict(mode="add"), "mode"), (dict(threshold=1.5), r"\(0, 1\)"),
-    (dict(threshold=0), r"\(0, 1\)"), (dict(threshold=True), "threshold"), (dict(alpha=float("nan")), "alpha"),
-    (dict(threshold=2), "rank=k"), (dict(rank=0), ">= 1"), (dict(rank=2.0), "int"), (dict(alpha=float("inf")), "finite"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(weight="square"), "weight function"),
+        (dict(mode="add"), "mode"),
+        (dict(threshold=1.5), r"\(0, 1\)"),
+        (dict(threshold=0), r"\(0, 1\)"),
+        (dict(threshold=True), "threshold"),
+        (dict(alpha=float("nan")), "alpha"),
+        (dict(threshold=2), "rank=k"),
+        (dict(rank=0), ">= 1"),
+        (dict(rank=2.0), "int"),
+        (dict(alpha=float("inf")), "finite"),
+    ],
+)
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QPertConfig(**kwargs)
@@ -180,8 +213,13 @@ def test_config_validation(kwargs, match):
 
 def test_config_weight_functions():
     a = 0.3
-    expected = {"constant": 2.0, "area": 2.0 * a, "inv_area": 2.0 * (1 - a), "centered": 2.0 * (a - 0.5),
-                "inv_centered": 2.0 * (0.5 - a)}
+    expected = {
+        "constant": 2.0,
+        "area": 2.0 * a,
+        "inv_area": 2.0 * (1 - a),
+        "centered": 2.0 * (a - 0.5),
+        "inv_centered": 2.0 * (0.5 - a),
+    }
     for name, value in expected.items():
         assert QPertConfig(alpha=2.0, weight=name).weight_of(a) == pytest.approx(value)
     assert QPertConfig.from_dict(QPertConfig(alpha=4.0, rank=3).to_dict()) == QPertConfig(alpha=4.0, rank=3)
@@ -202,8 +240,9 @@ def test_identity_projector_is_plain_query_scaling():
     cfg = QPertConfig(alpha=2.0, weight="inv_area", projector="identity")
     subs = compute_subspaces(keys, weights, areas, valid, cfg)
     q = torch.randn(2, 3, 2, 8)
-    out = perturb_queries(q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], cfg), subs.active,
-                          keep_norm=False)
+    out = perturb_queries(
+        q, perturbation_matrix(subs.mean_projector[0], subs.area_projector[0], cfg), subs.active, keep_norm=False
+    )
     mean_weight = torch.tensor([(cfg.weight_of(0.1) + cfg.weight_of(0.4)) / 2, cfg.weight_of(0.3)])
     assert torch.allclose(out, q * (1 + mean_weight)[:, None, None, None], atol=1e-5)
 
@@ -217,7 +256,7 @@ def test_random_projector_has_the_paper_rank_and_ignores_the_keys():
     random_9, random_8 = QPertConfig(threshold=0.9, projector="random"), QPertConfig(rank=8, projector="random")
     paper = torch.stack(compute_subspaces(keys, *args, QPertConfig(threshold=0.9)).mean_projector, 1)
     rand = torch.stack(compute_subspaces(keys, *args, random_9).mean_projector, 1)
-    trace = lambda p: p.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    trace = lambda p: p.diagonal(dim1=-2, dim2=-1).sum(-1)
     assert torch.allclose(trace(rand), trace(paper), atol=1e-4)  # same rank per object, layer and head
     assert torch.allclose(rand @ rand, rand, atol=1e-5) and torch.allclose(rand, rand.transpose(-1, -2), atol=1e-6)
     assert (rand - paper).abs().max() > 0.1

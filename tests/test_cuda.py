@@ -5,8 +5,10 @@ them on the CPU instead, which checks the tests themselves (half precision then 
 
 Tolerances, stated once: float32 on the device agrees with the CPU within 1e-4 on every score;
 in fp16 the ITC scores (cosines) stay within 0.01 and the ITM logits within 0.05 of float32, in
-bf16 (8 mantissa bits) within 0.04 and 0.2 (measured on the CPU: fp16 0.003 / 0.02, bf16 0.018 / 0.08). Q-Pert's subspaces are always built in float32.
+bf16 (8 mantissa bits) within 0.04 and 0.2 (measured on the CPU: fp16 0.003 / 0.02, bf16 0.018 / 0.08).
+Q-Pert's subspaces are always built in float32.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,6 +16,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers.bench import WORDS
+from helpers.contract import needs_cpp_compiler
 from PIL import Image
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
@@ -24,14 +28,17 @@ from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.registry import LoadedModel
 from qpert.models.tiny import randomize, tiny_blip2, tiny_processor
 from qpert.scoring import score
-from helpers.contract import needs_cpp_compiler
-from helpers.bench import WORDS
 
 DEVICE = os.environ.get("QPERT_TEST_DEVICE", "cuda")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                                reason="no CUDA device (bench/gpu_check.sh runs these on a GPU machine)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+        reason="no CUDA device (bench/gpu_check.sh runs these on a GPU machine)",
+    ),
+]
 
-HALF_TOLERANCE = {"fp16": (0.01, 0.05), "bf16": (0.04, 0.2)}   # (ITC, ITM) max |difference| to float32
+HALF_TOLERANCE = {"fp16": (0.01, 0.05), "bf16": (0.04, 0.2)}  # (ITC, ITM) max |difference| to float32
 CONFIG = qpert.QPertConfig(alpha=8.0, weight="constant", threshold=0.99)
 TEXTS = ["a small red square", "a big blue square in the corner", "the green box", "a photo of a yellow square"]
 
@@ -47,12 +54,29 @@ def medium_blip2() -> Blip2ForImageTextRetrieval:
     """Wide enough (hidden 256, 8 heads of 32) that half-precision rounding behaves as at full size."""
     torch.manual_seed(0)
     config = Blip2Config(
-        vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                           image_size=112, patch_size=14),
-        qformer_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                            cross_attention_frequency=2, vocab_size=120, max_position_embeddings=64,
-                            use_qformer_text_input=True, encoder_hidden_size=256),
-        num_query_tokens=16, image_text_hidden_size=128, use_qformer_text_input=True)
+        vision_config=dict(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            image_size=112,
+            patch_size=14,
+        ),
+        qformer_config=dict(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            cross_attention_frequency=2,
+            vocab_size=120,
+            max_position_embeddings=64,
+            use_qformer_text_input=True,
+            encoder_hidden_size=256,
+        ),
+        num_query_tokens=16,
+        image_text_hidden_size=128,
+        use_qformer_text_input=True,
+    )
     return randomize(Blip2ForImageTextRetrieval(config), 0, std=0.1).eval()
 
 
@@ -76,9 +100,11 @@ def test_float32_on_the_device_matches_the_cpu(tmp_path):
         assert torch.equal(dev[f"qpert/{kind}"][2], dev[f"baseline/{kind}"][2]), kind
 
 
-@pytest.mark.parametrize("half,compiled", [("fp16", False), ("bf16", False),
-                                           pytest.param("bf16", True, marks=needs_cpp_compiler)],
-                         ids=["fp16", "bf16", "bf16-compiled"])
+@pytest.mark.parametrize(
+    "half,compiled",
+    [("fp16", False), ("bf16", False), pytest.param("bf16", True, marks=needs_cpp_compiler)],
+    ids=["fp16", "bf16", "bf16-compiled"],
+)
 def test_half_precision_agrees_with_float32(half, compiled, tmp_path):
     """Also with the vision encoder torch.compile'd (``--compile``): the same tolerances hold."""
     processor = tiny_processor(WORDS, str(tmp_path), image_size=112)
@@ -112,7 +138,7 @@ def test_subspaces_on_the_device_match_the_cpu(tmp_path):
     assert torch.equal(subspaces[DEVICE].active, subspaces["cpu"].active)
 
 
-def test_evaluation_on_the_device_ranks_as_on_the_cpu(bench):  # noqa: F811
+def test_evaluation_on_the_device_ranks_as_on_the_cpu(bench):
     root, model_dir = bench
     dataset = load_dataset("flickr30k", root, split="test")
     boxes = flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids)

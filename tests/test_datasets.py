@@ -3,12 +3,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from qpert.errors import QPertError
 from PIL import Image
 
 from qpert.data.captions import pre_caption
 from qpert.data.datasets import DatasetLayoutError, load_dataset, normalize_image_id
+from qpert.errors import QPertError
 
 FLICKR_IDS = ["1007129816", "1009434119", "4864584935"]  # real Flickr30K-FG test ids
 COCO_STEMS = ["COCO_val2014_000000452113", "COCO_val2014_000000368117"]  # real COCO-FG keys

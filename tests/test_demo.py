@@ -1,4 +1,5 @@
 """`qpert demo` end to end at a reduced size."""
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,16 @@ def random_shapes_model(tmp_path_factory):
 
 
 def test_demo_writes_report_with_figure(random_shapes_model, tmp_path):
-    result = run_demo(tmp_path / "demo", model=str(random_shapes_model), seeds=(2000, 2001), n_test=40, n_val=30,
-                      alphas=(0.5, 2.0), k=4, progress=False)
+    result = run_demo(
+        tmp_path / "demo",
+        model=str(random_shapes_model),
+        seeds=(2000, 2001),
+        n_test=40,
+        n_val=30,
+        alphas=(0.5, 2.0),
+        k=4,
+        progress=False,
+    )
     assert result.alpha in (0.5, 2.0)
     assert set(result.validation.metrics) == {"baseline", "alpha=0.5", "alpha=2"}
     for seed, res in result.tests.items():
@@ -43,8 +52,17 @@ def test_demo_writes_report_with_figure(random_shapes_model, tmp_path):
 def test_demo_ablation_rows_and_rank_labels(random_shapes_model, tmp_path):
     """--ablation: each control gets its own alpha by the same rule, one table row per method; example
     queries never show the tie-worst rank of a right image that re-ranking did not see."""
-    result = run_demo(tmp_path / "demo", model=str(random_shapes_model), seeds=(2000, 2001), n_test=40, n_val=30,
-                      alphas=(0.5, 2.0), k=4, progress=False, ablation=True)
+    result = run_demo(
+        tmp_path / "demo",
+        model=str(random_shapes_model),
+        seeds=(2000, 2001),
+        n_test=40,
+        n_val=30,
+        alphas=(0.5, 2.0),
+        k=4,
+        progress=False,
+        ablation=True,
+    )
     assert set(result.alphas) == {"qpert", "official projector", "random subspace", "query scaling"}
     assert set(result.alphas.values()) <= {0.5, 2.0}
     for res in result.tests.values():

@@ -1,5 +1,6 @@
 """``torchrun -m qpert eval`` on two gloo processes (CPU): the JSON of one process, a shared cache that any
 number of ranks can read, and a resume after a rank is killed."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers.bench import qpert_cli
 
 pytestmark = pytest.mark.slow
@@ -21,14 +21,47 @@ DEVICE = os.environ.get("QPERT_DISTRIBUTED_DEVICE", "cpu")
 
 def common(root, model) -> list[str]:
     """Small shards and ITM blocks, so that both ranks get work in every stage."""
-    return ["eval", "--model", str(model), "--dataset", "flickr30k", "--data-root", str(root), "--boxes", "entities",
-            "--itm", "--k", "3", "--shard-size", "2", "--batch-size", "2", "--itm-batch-size", "5",
-            "--pairs-per-block", "40", "--object-baseline", "--alpha", "6", "--device", DEVICE]
+    return [
+        "eval",
+        "--model",
+        str(model),
+        "--dataset",
+        "flickr30k",
+        "--data-root",
+        str(root),
+        "--boxes",
+        "entities",
+        "--itm",
+        "--k",
+        "3",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+        "--itm-batch-size",
+        "5",
+        "--pairs-per-block",
+        "40",
+        "--object-baseline",
+        "--alpha",
+        "6",
+        "--device",
+        DEVICE,
+    ]
 
 
 def torchrun(*args: str, nproc: int = 2, **popen) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
-            "qpert", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "qpert",
+        *args,
+    ]
 
 
 def comparable(path: Path) -> dict:
@@ -47,8 +80,12 @@ def test_two_processes_give_the_json_of_one_and_share_their_cache(bench, tmp_pat
     root, model = bench
     single = qpert_cli(*common(root, model), "--cache-dir", str(tmp_path / "one"), "--output", str(tmp_path / "1.json"))
     assert single.returncode == 0, single.stderr
-    multi = subprocess.run(torchrun(*common(root, model), "--cache-dir", str(tmp_path / "two"),
-                                    "--output", str(tmp_path / "2.json")), capture_output=True, text=True, timeout=600)
+    multi = subprocess.run(
+        torchrun(*common(root, model), "--cache-dir", str(tmp_path / "two"), "--output", str(tmp_path / "2.json")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert multi.returncode == 0, multi.stderr
     assert multi.stdout.count("wrote ") == 1 and multi.stdout.count("(paper compat)") == 1, "rank 0 alone reports"
     assert "rank 0" in multi.stdout and "rank 1" in multi.stdout and "pairs/s" in multi.stdout

@@ -1,4 +1,5 @@
 """The benchmark harness end to end on a fixture dataset in the real on-disk formats."""
+
 from __future__ import annotations
 
 import json
@@ -9,18 +10,18 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers.bench import IDS, WORDS, qpert_cli
+from helpers.contract import needs_cpp_compiler
+from helpers.processes import kill_when
 from PIL import Image
 
 import qpert
-from helpers.bench import IDS, WORDS, qpert_cli
 from qpert.data.box_sources import flickr30k_entities_boxes
 from qpert.data.datasets import load_dataset
 from qpert.eval import cache as cache_module
 from qpert.eval.metrics import retrieval_metrics
 from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.tiny import tiny_blip2, tiny_processor
-from helpers.contract import needs_cpp_compiler
-from helpers.processes import kill_when
 
 
 def reference_scores(model, processor, dataset, boxes, config, k):
@@ -37,9 +38,10 @@ def reference_scores(model, processor, dataset, boxes, config, k):
                 tok = processor.tokenizer([text], return_tensors="pt")
                 ctx = handle.objects([boxes[dataset.image_ids[i]].boxes], [sizes[i]]) if handle else _null()
                 with torch.no_grad(), ctx:
-                    itc[i, t] = model(pixel_values=px[i:i + 1], **tok).logits_per_image[0, 0]
-                    itm[i, t] = model(pixel_values=px[i:i + 1], use_image_text_matching_head=True,
-                                      **tok).logits_per_image[0, 1]
+                    itc[i, t] = model(pixel_values=px[i : i + 1], **tok).logits_per_image[0, 0]
+                    itm[i, t] = model(
+                        pixel_values=px[i : i + 1], use_image_text_matching_head=True, **tok
+                    ).logits_per_image[0, 1]
     finally:
         if handle:
             handle.detach()
@@ -74,14 +76,16 @@ def test_pipeline_matches_plain_per_pair_reference(bench, itm):
     max_areas = boxes.max_areas(dataset.image_ids)
     for name, cfg in (("baseline", None), ("qpert", config)):
         itc, t2i, i2t = reference_scores(loaded.model, loaded.processor, dataset, boxes, cfg, 3)
-        expected = retrieval_metrics(t2i if itm else itc, dataset.text_to_image, max_areas,
-                                     i2t_scores=i2t if itm else None)
+        expected = retrieval_metrics(
+            t2i if itm else itc, dataset.text_to_image, max_areas, i2t_scores=i2t if itm else None
+        )
         got = result.metrics[name]
         for d in ("t2i", "i2t"):
             assert np.array_equal(got.ranks[d], expected.ranks[d]), (name, d)
             assert got.to_dict()[d] == expected.to_dict()[d]
-    assert not np.array_equal(result.metrics["qpert"].ranks["t2i"], result.metrics["baseline"].ranks["t2i"]) or \
-        itm, "Q-Pert should change some ITC ranking on this fixture"
+    assert not np.array_equal(result.metrics["qpert"].ranks["t2i"], result.metrics["baseline"].ranks["t2i"]) or itm, (
+        "Q-Pert should change some ITC ranking on this fixture"
+    )
 
 
 @needs_cpp_compiler
@@ -97,8 +101,16 @@ def test_compiled_vision_encoder_scores_as_eager(bench, tmp_path):
     results = {}
     for compiled in (False, True):
         loaded = qpert.load_model(str(model_dir))
-        options = EvalOptions(itm=True, k=3, batch_size=3, itm_batch_size=5, shard_size=3, progress=False,
-                              keep_scores=True, compile_vision=compiled)
+        options = EvalOptions(
+            itm=True,
+            k=3,
+            batch_size=3,
+            itm_batch_size=5,
+            shard_size=3,
+            progress=False,
+            keep_scores=True,
+            compile_vision=compiled,
+        )
         results[compiled] = evaluate(loaded, dataset, boxes, methods, options)
         assert (getattr(loaded.model.vision_model, "_compiled_call_impl", None) is not None) == compiled
         assert getattr(loaded.model.qformer, "_compiled_call_impl", None) is None
@@ -106,8 +118,20 @@ def test_compiled_vision_encoder_scores_as_eager(bench, tmp_path):
     for name in methods:
         np.testing.assert_allclose(results[True].scores[name], results[False].scores[name], rtol=1e-4, atol=1e-5)
     assert not np.allclose(results[True].scores["qpert"], results[True].scores["baseline"])
-    out = qpert_cli("eval", "--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root), "--no-cache",
-                    "--no-itm", "--compile", "--output", str(tmp_path / "r.json"))
+    out = qpert_cli(
+        "eval",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "flickr30k",
+        "--data-root",
+        str(root),
+        "--no-cache",
+        "--no-itm",
+        "--compile",
+        "--output",
+        str(tmp_path / "r.json"),
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["compiled"] is True
 
@@ -154,8 +178,9 @@ def test_killed_run_resumes_without_recomputing(bench, tmp_path, monkeypatch):
     finally:
         hook.remove()
     shards_before_death = saves.count("tokens")
-    assert len(calls) == sum(1 for s in range(0, 7, 2)) - shards_before_death, \
+    assert len(calls) == sum(1 for s in range(0, 7, 2)) - shards_before_death, (
         "only the shards the killed run had not finished may be encoded again"
+    )
     assert not list((tmp_path / "cache").rglob("*.tmp*"))
     for name in methods:
         assert resumed.to_dict()[name] == clean.to_dict()[name]
@@ -166,13 +191,15 @@ def test_killed_run_resumes_without_recomputing(bench, tmp_path, monkeypatch):
 def test_corrupt_image_is_a_counted_logged_skip(bench, tmp_path, caplog):
     root, model_dir = bench
     import shutil
+
     copy = tmp_path / "data"
     shutil.copytree(root / "flickr30k", copy / "flickr30k")
     (copy / "flickr30k/images/flickr30k-images" / f"{IDS[2]}.jpg").write_bytes(b"this is not a jpeg")
     dataset = load_dataset("flickr30k", copy, split="test")
     boxes = flickr30k_entities_boxes(copy / "flickr30k/Annotations", dataset.image_ids)
-    result = evaluate(qpert.load_model(str(model_dir)), dataset, boxes, {"baseline": None},
-                      EvalOptions(itm=False, progress=False))
+    result = evaluate(
+        qpert.load_model(str(model_dir)), dataset, boxes, {"baseline": None}, EvalOptions(itm=False, progress=False)
+    )
     assert result.skipped_images == [IDS[2]]
     assert result.settings["num_images"] == 6 and result.settings["num_texts"] == 30
     assert result.settings["k"] == 64  # no k given, no registered spec: BLIP-2's (the paper's) re-ranking depth
@@ -182,22 +209,44 @@ def test_corrupt_image_is_a_counted_logged_skip(bench, tmp_path, caplog):
 @pytest.mark.slow
 def test_cli_eval_and_tune_end_to_end(bench, tmp_path):
     root, model_dir = bench
-    common = ["--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root),
-              "--cache-dir", str(tmp_path / "cache"), "--k", "3"]
+    common = [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "flickr30k",
+        "--data-root",
+        str(root),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--k",
+        "3",
+    ]
     out = qpert_cli("eval", *common, "--boxes", "entities", "--itm", "--output", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "r.json").read_text())
     for method in ("baseline", "qpert"):
         for d in ("t2i", "i2t"):
-            assert set(data[method][d]) >= {"R@1", "R@5", "R@10", "mR@1", "mR@5", "mR@10", "small_R@1",
-                                            "median_rank"}
+            assert set(data[method][d]) >= {"R@1", "R@5", "R@10", "mR@1", "mR@5", "mR@10", "small_R@1", "median_rank"}
     assert data["settings"]["itm"] is True and data["settings"]["methods"]["qpert"]["alpha"] == 8.0
     assert "t2i R@1" in out.stdout
 
     # tuning reads the same layout (here the test split stands in for val)
-    out = qpert_cli("tune", *common, "--split", "test", "--boxes", f"coco-json:{root / 'detections.json'}",
-                    "--alphas", "2,8", "--thresholds", "0.9,0.99", "--weights", "constant,area",
-                    "--output", str(tmp_path / "best.json"))
+    out = qpert_cli(
+        "tune",
+        *common,
+        "--split",
+        "test",
+        "--boxes",
+        f"coco-json:{root / 'detections.json'}",
+        "--alphas",
+        "2,8",
+        "--thresholds",
+        "0.9,0.99",
+        "--weights",
+        "constant,area",
+        "--output",
+        str(tmp_path / "best.json"),
+    )
     assert out.returncode == 0, out.stderr
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["qpert"]["alpha"] in (2.0, 8.0) and best["selected_by"] == "t2i mR@1"
@@ -206,11 +255,14 @@ def test_cli_eval_and_tune_end_to_end(bench, tmp_path):
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--data-root", "{tmp}/nothing", "--boxes", "entities"], "flickr30k"),
-    (["--data-root", "{root}", "--boxes", "yolo:x.json"], "unknown box source"),
-    (["--data-root", "{root}", "--boxes", "coco-json"], "needs a file"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data-root", "{tmp}/nothing", "--boxes", "entities"], "flickr30k"),
+        (["--data-root", "{root}", "--boxes", "yolo:x.json"], "unknown box source"),
+        (["--data-root", "{root}", "--boxes", "coco-json"], "needs a file"),
+    ],
+)
 def test_cli_eval_bad_layouts_are_clear(bench, tmp_path, args, message):
     root, model_dir = bench
     args = [a.format(tmp=tmp_path, root=root) for a in args]
@@ -223,11 +275,30 @@ def test_cli_run_killed_by_sigkill_resumes_identically(bench, tmp_path):
     """Kill a real `qpert eval` process as soon as its first cache file lands, then run again."""
     root, model_dir = bench
     cache = tmp_path / "cache"
-    args = [sys.executable, "-c", "from qpert.cli import main; main()", "eval", "--model", str(model_dir),
-            "--dataset", "flickr30k", "--data-root", str(root), "--boxes", "entities", "--k", "3",
-            "--shard-size", "1", "--batch-size", "1"]
-    kill_when(args + ["--cache-dir", str(cache), "--output", str(tmp_path / "killed.json")],
-              lambda: bool(list(cache.rglob("*.safetensors"))))
+    args = [
+        sys.executable,
+        "-c",
+        "from qpert.cli import main; main()",
+        "eval",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "flickr30k",
+        "--data-root",
+        str(root),
+        "--boxes",
+        "entities",
+        "--k",
+        "3",
+        "--shard-size",
+        "1",
+        "--batch-size",
+        "1",
+    ]
+    kill_when(
+        args + ["--cache-dir", str(cache), "--output", str(tmp_path / "killed.json")],
+        lambda: bool(list(cache.rglob("*.safetensors"))),
+    )
     assert not (tmp_path / "killed.json").exists()
     done = len(list(cache.rglob("*.safetensors")))
     assert 1 <= done < len(IDS)
@@ -245,8 +316,19 @@ def test_bin_boxes_place_images_by_another_source(bench, tmp_path):
     entities = flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids)
     whole = [{"image_id": int(i), "bbox": [0, 0, 500, 500], "score": 1.0, "category_id": 1} for i in IDS]
     (tmp_path / "whole.json").write_text(json.dumps(whole))  # one box covering every image: all in the last bin
-    common = ["eval", "--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root), "--no-cache",
-              "--no-itm", "--boxes", f"coco-json:{tmp_path / 'whole.json'}"]
+    common = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "flickr30k",
+        "--data-root",
+        str(root),
+        "--no-cache",
+        "--no-itm",
+        "--boxes",
+        f"coco-json:{tmp_path / 'whole.json'}",
+    ]
     out = qpert_cli(*common, "--bin-boxes", "entities", "--output", str(tmp_path / "binned.json"))
     assert out.returncode == 0, out.stderr
     assert "binned by flickr30k-entities" in out.stdout
@@ -268,11 +350,13 @@ def test_bin_boxes_on_a_coco_layout(tmp_path):
         image_id = 100 + n
         name = f"COCO_val2014_{image_id:012d}.jpg"
         Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
-            _mkdir(tmp_path / "coco/images/val2014") / name)
+            _mkdir(tmp_path / "coco/images/val2014") / name
+        )
         entries.append({"image": f"val2014/{name}", "caption": [f"a photo of a {w} square" for w in WORDS[4:9]]})
         instances["images"].append({"id": image_id, "height": 40, "width": 50, "file_name": name})
-        instances["annotations"].append({"id": n, "image_id": image_id, "bbox": [0, 0, 10, 10], "category_id": 1,
-                                         "iscrowd": 0, "area": 100})
+        instances["annotations"].append(
+            {"id": n, "image_id": image_id, "bbox": [0, 0, 10, 10], "category_id": 1, "iscrowd": 0, "area": 100}
+        )
         side = [10, 20, 30, 45][n]  # detector areas 0.04, 0.16, 0.36, 0.81 of the 50 x 40 image
         detections.append({"image_id": image_id, "bbox": [0, 0, side, side * 40 / 50], "score": 0.9, "category_id": 1})
     (_mkdir(tmp_path / "coco/annotations") / "coco_karpathy_test.json").write_text(json.dumps(entries))
@@ -281,9 +365,23 @@ def test_bin_boxes_on_a_coco_layout(tmp_path):
     model_dir = tmp_path / "model"
     tiny_blip2(seed=2).save_pretrained(model_dir)
     tiny_processor(WORDS, str(model_dir)).save_pretrained(model_dir)
-    out = qpert_cli("eval", "--model", str(model_dir), "--dataset", "coco", "--data-root", str(tmp_path),
-                    "--no-cache", "--no-itm", "--boxes", f"coco-instances:{tmp_path / 'instances.json'}",
-                    "--bin-boxes", f"coco-json:{tmp_path / 'codino.json'}", "--output", str(tmp_path / "r.json"))
+    out = qpert_cli(
+        "eval",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "coco",
+        "--data-root",
+        str(tmp_path),
+        "--no-cache",
+        "--no-itm",
+        "--boxes",
+        f"coco-instances:{tmp_path / 'instances.json'}",
+        "--bin-boxes",
+        f"coco-json:{tmp_path / 'codino.json'}",
+        "--output",
+        str(tmp_path / "r.json"),
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["settings"]["bin_boxes"] == "detector" and result["settings"]["boxes"] == "coco-instances"
@@ -300,8 +398,19 @@ def test_official_compat_end_to_end(bench, tmp_path):
     """--compat official: official box rules and conventions, float32, its own cache entries."""
     root, model_dir = bench
     dataset = load_dataset("flickr30k", root, split="test")
-    common = ["eval", "--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root), "--k", "3",
-              "--cache-dir", str(tmp_path / "cache")]
+    common = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "flickr30k",
+        "--data-root",
+        str(root),
+        "--k",
+        "3",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     for compat in ("paper", "official", "official"):
         out = qpert_cli(*common, "--compat", compat, "--output", str(tmp_path / f"{compat}.json"))
         assert out.returncode == 0, out.stderr
@@ -327,18 +436,25 @@ def test_a_second_run_on_the_cache_keeps_the_first_runs_temporaries(tmp_path):
     final = root / "tokens" / "live.safetensors"
     final.parent.mkdir(parents=True)
     writer = subprocess.Popen(
-        [sys.executable, "-c", "import sys, torch; from pathlib import Path; from safetensors.torch import save; "
-                               "from qpert.atomic import atomic_write\n"
-                               f"with atomic_write(Path({str(final)!r})) as f:\n"
-                               "    f.write(save({'x': torch.arange(3.0)})); print('writing', flush=True)\n"
-                               "    sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, torch; from pathlib import Path; from safetensors.torch import save; "
+            "from qpert.atomic import atomic_write\n"
+            f"with atomic_write(Path({str(final)!r})) as f:\n"
+            "    f.write(save({'x': torch.arange(3.0)})); print('writing', flush=True)\n"
+            "    sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert writer.stdout.readline() == "writing\n"
         (live,) = final.parent.glob("live.safetensors.tmp*")
-        dead = root / "tokens" / "dead.safetensors.tmp999"   # what a kill -9 mid-write leaves
+        dead = root / "tokens" / "dead.safetensors.tmp999"  # what a kill -9 mid-write leaves
         dead.write_bytes(b"half a file")
-        cache_module.FeatureStore(root)                       # the second run starts
+        cache_module.FeatureStore(root)  # the second run starts
         assert live.exists() and not dead.exists()
         writer.stdin.close()
         assert writer.wait(timeout=60) == 0

@@ -1,10 +1,12 @@
 """Extending qpert from outside the package: a family of one's own, a subclass of a supported class,
 and a named checkpoint."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from helpers.reference_hooks import ReferenceHooks, stretch_objects
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
@@ -15,7 +17,6 @@ from qpert.core import TokenLayout
 from qpert.models.family import QFORMER_ALPHAS, ModelFamily, RetrievalHeads, cosine_scores
 from qpert.models.registry import _FAMILIES, MODELS, ModelSpec, family_of, retrieval_heads
 from qpert.models.tiny import randomize, tiny_blip2
-from helpers.reference_hooks import ReferenceHooks, stretch_objects
 
 IMAGE, PATCH, WIDTH = 24, 6, 16
 
@@ -41,19 +42,29 @@ def toy_image_embeddings(model, tokens):
 
 
 TOY = ModelFamily(
-    name="toy-pooling", classes=(f"{__name__}.ToyPoolingModel",),
+    name="toy-pooling",
+    classes=(f"{__name__}.ToyPoolingModel",),
     sites=lambda model: find_multihead_attentions(model, ("pool",)),
-    token_layout=lambda model: TokenLayout(grid=(IMAGE // PATCH, IMAGE // PATCH), patch=(PATCH, PATCH),
-                                           num_prefix_tokens=0),
+    token_layout=lambda model: TokenLayout(
+        grid=(IMAGE // PATCH, IMAGE // PATCH), patch=(PATCH, PATCH), num_prefix_tokens=0
+    ),
     alpha_grid=(0.5, 1.0),
     retrieval=RetrievalHeads(
-        image_tokens=toy_tokens, image_embeddings=toy_image_embeddings,
-        text_embeddings=lambda model, ids, mask: F.normalize(model.words(ids), dim=-1), itc_scores=cosine_scores,
-        tokenize=lambda model, processor, texts: (torch.tensor([[len(t) % 50, 1] for t in texts]),
-                                                  torch.ones(len(texts), 2, dtype=torch.long)),
+        image_tokens=toy_tokens,
+        image_embeddings=toy_image_embeddings,
+        text_embeddings=lambda model, ids, mask: F.normalize(model.words(ids), dim=-1),
+        itc_scores=cosine_scores,
+        tokenize=lambda model, processor, texts: (
+            torch.tensor([[len(t) % 50, 1] for t in texts]),
+            torch.ones(len(texts), 2, dtype=torch.long),
+        ),
         preprocess=lambda model, processor, images: torch.stack(
-            [torch.from_numpy(np.asarray(im.resize((IMAGE, IMAGE)), dtype=np.float32) / 255).permute(2, 0, 1)
-             for im in images])),
+            [
+                torch.from_numpy(np.asarray(im.resize((IMAGE, IMAGE)), dtype=np.float32) / 255).permute(2, 0, 1)
+                for im in images
+            ]
+        ),
+    ),
 )
 
 
@@ -107,8 +118,9 @@ def test_a_subclass_of_a_supported_class_is_supported():
 
 
 def test_a_named_checkpoint_registered_from_outside(tmp_path):
-    spec = ModelSpec("my-blip2", str(tmp_path), "Blip2ForImageTextRetrieval", family_of(tiny_blip2()), 28,
-                     "a local BLIP-2")
+    spec = ModelSpec(
+        "my-blip2", str(tmp_path), "Blip2ForImageTextRetrieval", family_of(tiny_blip2()), 28, "a local BLIP-2"
+    )
     qpert.register_model(spec)
     try:
         assert "my-blip2" in qpert.list_models() and spec.alphas == QFORMER_ALPHAS

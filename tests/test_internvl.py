@@ -9,27 +9,44 @@ encode methods and the attention pooling (``AttentionPoolingBlock``, ``CrossAtte
 ones' logic; self-attention and MLP are simplified (a causal mean, a linear), which the retrieval
 interface never looks into.
 """
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
-import pytest
 import numpy as np
+import pytest
 import torch
+from helpers.contract import (
+    BOXES,
+    SIZES,
+    assert_detach_restores,
+    assert_inactive_is_bit_identical,
+    assert_matches_reference,
+)
+from helpers.internvl_standin import (
+    HEADS,
+    HIDDEN,
+    IMAGE,
+    LAYERS,
+    PATCH,
+    POOL_HEADS,
+    VISION,
+    own_itc,
+    tiny_internvl,
+    tiny_loaded,
+)
+from helpers.reference_hooks import _perturb_batch, stretch_objects
 from PIL import Image
 from torch import nn
 
 import qpert
-from helpers.internvl_standin import (HEADS, HIDDEN, IMAGE, LAYERS, PATCH, POOL_HEADS, VISION, own_itc, tiny_internvl,
-                                     tiny_loaded)
-from helpers.contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.errors import UnsupportedModelError
 from qpert.models import internvl
 from qpert.models.registry import MODELS, family_of, retrieval_heads
 from qpert.scoring import score
-from helpers.reference_hooks import _perturb_batch, stretch_objects
 
 CONFIGS = [
     dict(alpha=1.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
@@ -102,9 +119,13 @@ class Reference:
 
 
 @pytest.mark.parametrize("repeat_time", [1, 2])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}"
+)
 def test_matches_plain_reference(model, pixels, cfg, repeat_time):
-    handle = assert_matches_reference(model, lambda: run(model, pixels, repeat_time), lambda: Reference(model, cfg), cfg)
+    handle = assert_matches_reference(
+        model, lambda: run(model, pixels, repeat_time), lambda: Reference(model, cfg), cfg
+    )
     assert handle.num_layers == LAYERS // 2 + 1 and handle.layout.num_tokens == 1 + (IMAGE // PATCH) ** 2
     handle = qpert.attach(model, qpert.QPertConfig(**cfg))
     try:  # subspaces computed once from the tokens (as an evaluation caches them) perturb the same
@@ -152,14 +173,29 @@ def test_registry_entry():
 def test_remote_code_is_an_explicit_opt_in(tmp_path):
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         qpert.load_model("internvl-g")
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["InternVLModel"], "auto_map": {"AutoModel": "modeling_internvl.InternVLModel"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["InternVLModel"], "auto_map": {"AutoModel": "modeling_internvl.InternVLModel"}})
+    )
     with pytest.raises(ValueError, match="--trust-remote-code"):
         qpert.load_model(str(tmp_path))
     image = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(image)
-    out = subprocess.run([sys.executable, "-c", "from qpert.cli import main; main()", "score", str(image),
-                          "-t", "x", "--model", "internvl-g"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from qpert.cli import main; main()",
+            "score",
+            str(image),
+            "-t",
+            "x",
+            "--model",
+            "internvl-g",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and "--trust-remote-code" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -241,7 +277,9 @@ def test_clip_projector_is_perturbed_unless_excluded(loaded, images):
         finally:
             handle.detach()
         shapes = [tuple(t.shape[1:3]) for t in subspaces.mean_projector]
-        assert shapes == [(HEADS, HIDDEN // HEADS)] * (LAYERS // 2) + [(POOL_HEADS, VISION // POOL_HEADS)] * (not exclude)
+        assert shapes == [(HEADS, HIDDEN // HEADS)] * (LAYERS // 2) + [(POOL_HEADS, VISION // POOL_HEADS)] * (
+            not exclude
+        )
     assert (scores[()] - scores[("clip_projector",)]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="no cross-attention of this model is named"):
         qpert.attach(model, config, exclude=("clip_projectr",))

@@ -1,4 +1,5 @@
 """Loading saved checkpoints through the users' code path, and the command line."""
+
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +13,7 @@ from PIL import Image
 import qpert
 from qpert.models.tiny import tiny_blip2, tiny_processor
 
-WORDS = "a small red square large blue rectangle green circle".split()
+WORDS = ["a", "small", "red", "square", "large", "blue", "rectangle", "green", "circle"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_load_saved_checkpoint_attach_and_run(saved_model, image_file):
 def test_load_model_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown model"):
         qpert.load_model("no-such-model")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         qpert.load_model(str(tmp_path))
     (tmp_path / "config.json").write_text('{"architectures": ["BertModel"]}')
     with pytest.raises(TypeError, match="supports"):
@@ -62,13 +63,28 @@ def test_load_model_errors(tmp_path):
 
 
 def qpert_cli(*args):
-    return subprocess.run([sys.executable, "-c", "from qpert.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", "from qpert.cli import main; main()", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_score_end_to_end(saved_model, image_file):
-    out = qpert_cli("score", str(image_file), "--model", str(saved_model), "-t", "a small red square",
-                    "-t", "a green circle", "--box", "5,5,30,20", "--box", "40,10,80,50", "--alpha", "6")
+    out = qpert_cli(
+        "score",
+        str(image_file),
+        "--model",
+        str(saved_model),
+        "-t",
+        "a small red square",
+        "-t",
+        "a green circle",
+        "--box",
+        "5,5,30,20",
+        "--box",
+        "40,10,80,50",
+        "--alpha",
+        "6",
+    )
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.strip().startswith(("a small", "a green"))]
     assert len(rows) == 2
@@ -76,12 +92,15 @@ def test_cli_score_end_to_end(saved_model, image_file):
     assert any(abs(d) > 0 for d in deltas)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["score", "{img}", "--model", "{model}", "-t", "x", "--box", "1,2,3"], "x0,y0,x1,y1"),
-    (["score", "{bad}", "--model", "{model}", "-t", "x"], "not a readable image"),
-    (["score", "{img}", "--model", "{model}", "-t", "x", "--threshold", "1.5"], "(0, 1)"),
-    (["score", "{img}", "--model", "no-such-model", "-t", "x"], "unknown model"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["score", "{img}", "--model", "{model}", "-t", "x", "--box", "1,2,3"], "x0,y0,x1,y1"),
+        (["score", "{bad}", "--model", "{model}", "-t", "x"], "not a readable image"),
+        (["score", "{img}", "--model", "{model}", "-t", "x", "--threshold", "1.5"], "(0, 1)"),
+        (["score", "{img}", "--model", "no-such-model", "-t", "x"], "unknown model"),
+    ],
+)
 def test_cli_user_errors_are_one_clear_line(saved_model, image_file, tmp_path, args, message):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image at all")

@@ -1,4 +1,5 @@
 """The nn.MultiheadAttention adapter alone: every calling convention gives softmax(q̂kᵀ/√d + masks)V."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,11 +39,14 @@ def plain(mha, query, key, attn_mask=None, key_padding_mask=None):
     bq, bk, bv = mha.in_proj_bias.split(e)
     q = perturbation(F.linear(query, wq, bq).unflatten(-1, (H, d)))
     k, v = F.linear(key, wk, bk).unflatten(-1, (H, d)), F.linear(key, wv, bv).unflatten(-1, (H, d))
-    scores = torch.einsum("blhd,bnhd->bhln", q, k) / d ** 0.5
+    scores = torch.einsum("blhd,bnhd->bhln", q, k) / d**0.5
     if attn_mask is not None:
         mask = attn_mask if attn_mask.dim() == 2 else attn_mask.view(query.shape[0], H, *attn_mask.shape[-2:])
-        scores = scores + (torch.zeros_like(mask, dtype=scores.dtype).masked_fill(mask, float("-inf"))
-                           if mask.dtype == torch.bool else mask)
+        scores = scores + (
+            torch.zeros_like(mask, dtype=scores.dtype).masked_fill(mask, float("-inf"))
+            if mask.dtype == torch.bool
+            else mask
+        )
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     ctx = torch.einsum("bhln,bnhd->blhd", scores.softmax(-1), v).flatten(-2)

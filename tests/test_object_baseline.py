@@ -4,6 +4,7 @@ Its object embedding is checked against ROI pooling done plainly: the family's i
 only the tokens a box covers (other tokens removed from the sequence), with the covered tokens
 found by tests/reference_hooks.py's patch loops, not qpert's token weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.bench import WORDS, fixture_data, qpert_cli, reranked
+from helpers.internvl_standin import tiny_loaded as tiny_internvl_loaded
+from helpers.models import tiny_blip, tiny_coca_dir, tiny_siglip
+from helpers.reference_hooks import shortest_edge_objects, stretch_objects
 from PIL import Image
 from transformers import SiglipImageProcessor, SiglipProcessor
 
@@ -21,13 +26,6 @@ from qpert.models.registry import LoadedModel, family_of, retrieval_heads
 from qpert.models.tiny import tiny_blip2, tiny_processor
 from qpert.object_baseline import object_masks, object_similarities
 from qpert.scoring import score
-from helpers.reference_hooks import shortest_edge_objects, stretch_objects
-from helpers.models import tiny_blip
-from helpers.bench import WORDS, qpert_cli
-from helpers.bench import fixture_data, reranked
-from helpers.models import tiny_coca_dir
-from helpers.internvl_standin import tiny_loaded as tiny_internvl_loaded
-from helpers.models import tiny_siglip
 
 TEXTS = ["a small red square", "a big blue square in the corner", "the green box"]
 BOXES = [[[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0]], [], [[30.0, 30.0, 90.0, 90.0], [50.0, 5.0, 52.0, 7.0]]]
@@ -39,8 +37,9 @@ def plain_objects(name, boxes, sizes):
     """[(token coverage, area)] per image, by the reference's loops over patches."""
     if name == "coca":
         return shortest_edge_objects(boxes, sizes, crop=28, grid=4, patch=7, prefix=1)
-    return stretch_objects(boxes, sizes, input_size=30 if name == "siglip" else 28, grid=4, patch=7,
-                           prefix=0 if name == "siglip" else 1)
+    return stretch_objects(
+        boxes, sizes, input_size=30 if name == "siglip" else 28, grid=4, patch=7, prefix=0 if name == "siglip" else 1
+    )
 
 
 @pytest.fixture(scope="module", params=["blip2", "siglip", "coca", "internvl"])
@@ -53,8 +52,9 @@ def loaded(request, tmp_path_factory):
     processor = tiny_processor(WORDS, str(path))
     if request.param == "blip2":
         return LoadedModel("blip2", tiny_blip2(seed=0), processor, None)
-    processor = SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 30, "width": 30}),
-                                tokenizer=processor.tokenizer)
+    processor = SiglipProcessor(
+        image_processor=SiglipImageProcessor(size={"height": 30, "width": 30}), tokenizer=processor.tokenizer
+    )
     return LoadedModel("siglip", tiny_siglip(seed=0), processor, None)
 
 
@@ -93,8 +93,12 @@ def test_combined_score_is_model_score_plus_best_object(loaded, images):
     base = results["baseline"]
     objects = plain_objects("coca" if name == "coca" else "siglip" if "siglip" in name else "blip2", BOXES, SIZES)
     for i, image_objects in enumerate(objects):
-        sims = [retriever.itc_scores(retriever.image_embeddings(model, tokens[i:i + 1][:, torch.from_numpy(m > 0)]),
-                                     text_emb)[0] for m, _area in image_objects]
+        sims = [
+            retriever.itc_scores(
+                retriever.image_embeddings(model, tokens[i : i + 1][:, torch.from_numpy(m > 0)]), text_emb
+            )[0]
+            for m, _area in image_objects
+        ]
         best = torch.stack(sims).amax(0) if sims else base.itc[i]  # no boxes: the whole image is the object
         assert (results["object-embedding"].itc[i] - (base.itc[i] + best)).abs().max() <= 1e-5
         if base.itm is not None:
@@ -115,12 +119,14 @@ def test_pipeline_matches_scoring(bench, tmp_path):
     root, model_dir = bench
     dataset, boxes = fixture_data(root)
     loaded = qpert.load_model(str(model_dir))
-    options = EvalOptions(k=3, batch_size=3, shard_size=3, cache_dir=tmp_path, progress=False, keep_scores=True,
-                          object_baseline=True)
+    options = EvalOptions(
+        k=3, batch_size=3, shard_size=3, cache_dir=tmp_path, progress=False, keep_scores=True, object_baseline=True
+    )
     result = evaluate(loaded, dataset, boxes, {"baseline": None}, options)
     images = [Image.open(p).convert("RGB") for p in dataset.image_paths]
-    expected = score(loaded, images, [boxes[i].boxes for i in dataset.image_ids], dataset.texts, CONFIG,
-                     object_baseline=True)["object-embedding"]
+    expected = score(
+        loaded, images, [boxes[i].boxes for i in dataset.image_ids], dataset.texts, CONFIG, object_baseline=True
+    )["object-embedding"]
     t2i, _ = reranked(expected.itm, expected.itc, 3)
     got = result.scores["object-embedding"]
     assert np.array_equal(np.isfinite(got), np.isfinite(t2i))
@@ -130,7 +136,22 @@ def test_pipeline_matches_scoring(bench, tmp_path):
 
 def test_cli_eval_object_baseline(bench, tmp_path):
     root, model_dir = bench
-    out = qpert_cli("eval", "--model", str(model_dir), "--dataset", "flickr30k", "--data-root", str(root), "--boxes",
-                    "entities", "--k", "3", "--no-cache", "--object-baseline", "--output", str(tmp_path / "r.json"))
+    out = qpert_cli(
+        "eval",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "flickr30k",
+        "--data-root",
+        str(root),
+        "--boxes",
+        "entities",
+        "--k",
+        "3",
+        "--no-cache",
+        "--object-baseline",
+        "--output",
+        str(tmp_path / "r.json"),
+    )
     assert out.returncode == 0, out.stderr
     assert "object-embedding" in out.stdout and "object-embedding" in json.loads((tmp_path / "r.json").read_text())

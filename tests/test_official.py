@@ -1,14 +1,21 @@
 """compat="official": the official code's projector, weights and token weights, against a plain port of it."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from helpers.official_port import OfficialPort, box_info
 
 import qpert
-from helpers.official_port import OfficialPort, box_info
-from qpert.core import (TokenLayout, canonical_signs, official_projectors, official_token_weights, pooled_projectors,
-                        prepare_boxes)
+from qpert.core import (
+    TokenLayout,
+    canonical_signs,
+    official_projectors,
+    official_token_weights,
+    pooled_projectors,
+    prepare_boxes,
+)
 from qpert.models.tiny import tiny_blip2
 
 # Every box covers at least 9 of the 16 patches (head size d = 8): the keys' autocorrelation is full
@@ -78,9 +85,15 @@ def test_token_weights_match_port_on_odd_sizes(model):
     layout = TokenLayout(grid=(4, 4), patch=(7, 7), num_prefix_tokens=1)
     rng = np.random.default_rng(0)
     for h, w in [(333, 500), (97, 41), (28, 28), (500, 333)]:
-        boxes = [[x0, y0, x0 + bw, y0 + bh] for x0, y0, bw, bh in
-                 zip(rng.uniform(0, w / 2, 6), rng.uniform(0, h / 2, 6), rng.uniform(0.3, w / 2, 6),
-                     rng.uniform(0.3, h / 2, 6))]
+        boxes = [
+            [x0, y0, x0 + bw, y0 + bh]
+            for x0, y0, bw, bh in zip(
+                rng.uniform(0, w / 2, 6),
+                rng.uniform(0, h / 2, 6),
+                rng.uniform(0.3, w / 2, 6),
+                rng.uniform(0.3, h / 2, 6),
+            )
+        ]
         got = official_token_weights(prepare_boxes([boxes], [(h, w)]), layout)[0]
         expected = port.get_key_weight(box_info(boxes, h, w))
         assert torch.equal(got, expected)
@@ -93,8 +106,9 @@ def test_inv_area_is_minus_alpha_area():
     paper = qpert.QPertConfig(alpha=2.0, weight="inv_area")
     assert official.weight_of(0.25) == pytest.approx(-0.5) and paper.weight_of(0.25) == pytest.approx(1.5)
     for weight in ("constant", "area", "centered", "inv_centered"):
-        assert qpert.QPertConfig(weight=weight, compat="official").weight_of(0.3) == \
-            qpert.QPertConfig(weight=weight).weight_of(0.3)
+        assert qpert.QPertConfig(weight=weight, compat="official").weight_of(0.3) == qpert.QPertConfig(
+            weight=weight
+        ).weight_of(0.3)
 
 
 def random_keys(tokens, d=64, seed=0):
@@ -103,7 +117,7 @@ def random_keys(tokens, d=64, seed=0):
 
 
 def energy(keys, p):
-    return float(((keys @ p) ** 2).sum() / (keys ** 2).sum())
+    return float(((keys @ p) ** 2).sum() / (keys**2).sum())
 
 
 def test_official_projector_keeps_less_key_energy_than_paper():
@@ -140,9 +154,11 @@ def test_subspaces_remember_their_recipe(model, inputs):
     try:
         official = handle.compute_subspaces(tokens, BOXES, SIZES)
         assert official.compat == "official" and official.projector == "official"
-        with pytest.raises(ValueError, match="recompute"):
-            with handle.objects(subspaces=official, config=qpert.QPertConfig()):
-                pass
+        with (
+            pytest.raises(ValueError, match="recompute"),
+            handle.objects(subspaces=official, config=qpert.QPertConfig()),
+        ):
+            pass
         again = qpert.core.Subspaces.from_state_dict(official.state_dict())
         assert again.recipe() == official.recipe()
     finally:
@@ -154,16 +170,23 @@ def test_compat_validation():
         qpert.QPertConfig(compat="lavis")
     with pytest.raises(ValueError, match="ablation"):
         qpert.QPertConfig(compat="official", projector="random")
-    assert qpert.QPertConfig.from_dict({"alpha": 2.0, "weight": "area", "threshold": 0.9, "keep_norm": False,
-                                        "mode": "enhance"}).projector == "paper"  # configs saved before compat
+    assert (
+        qpert.QPertConfig.from_dict(
+            {"alpha": 2.0, "weight": "area", "threshold": 0.9, "keep_norm": False, "mode": "enhance"}
+        ).projector
+        == "paper"
+    )  # configs saved before compat
 
 
 def test_edge_and_zero_width_boxes_as_the_official_code_reads_them(model, inputs):
     """The official loaders subtract 1 from every corner: a box at the left or top edge starts at -1, which the
     official mask slices as the last column or row (an empty mask); a zero-width box is empty too. Both stay
     objects with the rank-1 projector of a zero matrix, counted in the mean: compat="official" keeps them."""
-    boxes = [[[-1.0, 9.0, 90.2, 80.9], [40.5, 30.2, 119.0, 99.0]], [[20.0, -1.0, 20.0, 60.0]],
-             [[3.0, 20.6, 70.9, 117.5], [10.0, 10.0, 10.0, 50.0]]]
+    boxes = [
+        [[-1.0, 9.0, 90.2, 80.9], [40.5, 30.2, 119.0, 99.0]],
+        [[20.0, -1.0, 20.0, 60.0]],
+        [[3.0, 20.6, 70.9, 117.5], [10.0, 10.0, 10.0, 50.0]],
+    ]
     port = OfficialPort(model, [box_info(b, *s) for b, s in zip(boxes, SIZES)], 4.0, "area", 0.9)
     try:
         expected = run(model, inputs, True)

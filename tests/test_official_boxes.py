@@ -1,15 +1,16 @@
 """Box loading under the official Q-Pert code's rules, checked against a port of that code."""
+
 from __future__ import annotations
 
 import json
 from collections import Counter
 from pathlib import Path
 
+import helpers.official_loader_port as port
 import numpy as np
 import pytest
 from PIL import Image
 
-import helpers.official_loader_port as port
 from qpert.data.box_sources import BoxFormatError, coco_entities_boxes, flickr30k_entities_boxes, load_boxes
 from qpert.data.datasets import RetrievalDataset
 from qpert.eval.api import resolve_boxes
@@ -26,8 +27,10 @@ def write(path: Path, text: str) -> Path:
 def entities_xml(width: int, height: int, objects: list[tuple[list[str], tuple | None]]) -> str:
     """Annotations/<id>.xml as released: tab-indented PASCAL VOC, 1-based inclusive corners;
     an object without a box carries the nobndbox flag."""
-    parts = [f"<annotation>\n\t<filename>x.jpg</filename>\n\t<size>\n\t\t<width>{width}</width>\n"
-             f"\t\t<height>{height}</height>\n\t\t<depth>3</depth>\n\t</size>\n"]
+    parts = [
+        f"<annotation>\n\t<filename>x.jpg</filename>\n\t<size>\n\t\t<width>{width}</width>\n"
+        f"\t\t<height>{height}</height>\n\t\t<depth>3</depth>\n\t</size>\n"
+    ]
     for names, box in objects:
         parts.append("\t<object>\n" + "".join(f"\t\t<name>{n}</name>\n" for n in names))
         if box is None:
@@ -81,13 +84,13 @@ SENTENCES = (
 )
 OBJECTS = [
     (["18", "22"], (1, 11, 100, 200)),
-    (["23"], (1, 11, 100, 200)),       # the same box under another chain: kept twice
-    (["19"], (401, 301, 520, 375)),    # beyond the 500-pixel width: clipped by qpert
+    (["23"], (1, 11, 100, 200)),  # the same box under another chain: kept twice
+    (["19"], (401, 301, 520, 375)),  # beyond the 500-pixel width: clipped by qpert
     (["19"], (201, 101, 210, 110)),
-    (["19"], (201, 101, 210, 110)),    # repeated in its own chain: kept twice
-    (["30"], (1, 1, 500, 375)),        # chain 30 is in no sentence: dropped
+    (["19"], (201, 101, 210, 110)),  # repeated in its own chain: kept twice
+    (["30"], (1, 1, 500, 375)),  # chain 30 is in no sentence: dropped
     (["20"], None),
-    (["24"], (50, 50, 50, 60)),        # 1 pixel wide: zero width once shifted by -1
+    (["24"], (50, 50, 50, 60)),  # 1 pixel wide: zero width once shifted by -1
 ]
 
 
@@ -106,12 +109,21 @@ def entities(tmp_path):
 def test_official_flickr_boxes_by_hand(entities):
     boxes = flickr30k_entities_boxes(entities / "Annotations", ["1000092795"], rules="official")
     image = boxes["1000092795"]
-    np.testing.assert_array_equal(image.source_boxes, [
-        [0, 10, 99, 199], [0, 10, 99, 199], [400, 300, 519, 374], [200, 100, 209, 109],
-        [200, 100, 209, 109], [49, 49, 49, 59]])
-    np.testing.assert_array_equal(image.boxes, [
-        [0, 10, 99, 199], [0, 10, 99, 199], [400, 300, 500, 374], [200, 100, 209, 109],
-        [200, 100, 209, 109]])  # the zero-width box is dropped, the one beyond the image clipped
+    np.testing.assert_array_equal(
+        image.source_boxes,
+        [
+            [0, 10, 99, 199],
+            [0, 10, 99, 199],
+            [400, 300, 519, 374],
+            [200, 100, 209, 109],
+            [200, 100, 209, 109],
+            [49, 49, 49, 59],
+        ],
+    )
+    np.testing.assert_array_equal(
+        image.boxes,
+        [[0, 10, 99, 199], [0, 10, 99, 199], [400, 300, 500, 374], [200, 100, 209, 109], [200, 100, 209, 109]],
+    )  # the zero-width box is dropped, the one beyond the image clipped
     assert boxes.max_areas(["1000092795"], "official")[0] == 99 * 189 / (500 * 375)
     assert boxes.rules == "official" and "official-code rules" in boxes.summary()
 
@@ -171,8 +183,10 @@ def test_paper_rules_unchanged_on_the_same_files(entities):
     paper = flickr30k_entities_boxes(entities / "Annotations", ["1000092795", "123"])
     assert paper.rules == "paper" and "official" not in paper.summary()
     assert paper["1000092795"].source_boxes is None
-    np.testing.assert_array_equal(paper["1000092795"].boxes, [
-        [0, 10, 100, 200], [400, 300, 500, 375], [200, 100, 210, 110], [0, 0, 500, 375], [49, 49, 50, 60]])
+    np.testing.assert_array_equal(
+        paper["1000092795"].boxes,
+        [[0, 10, 100, 200], [400, 300, 500, 375], [200, 100, 210, 110], [0, 0, 500, 375], [49, 49, 50, 60]],
+    )
     areas = paper.max_areas(["1000092795", "123"])
     assert areas[0] == 1.0 and np.isnan(areas[1])
 
@@ -192,21 +206,27 @@ def test_official_flickr_needs_the_sentences_folder(tmp_path):
 
 RELEASE = {
     "452113": {
-        "two dogs play with a frisbee": {"detections": {
-            "dog": [[1, [10.0, 10.0, 30.0, 30.0]], [2, [10.02, 10.03, 30.0, 30.0]]],  # 2nd never compared
-            "frisbee": [[3, [40.0, 5.0, 50.0, 15.0]]],
-        }},
-        "a man throws a ball to a dog": {"detections": {
-            "man": [[4, [0.0, 0.0, 20.0, 47.5]]],
-            "ball": [[5, [10.04, 10.0, 30.0, 30.0]]],   # L1 0.04 from the first dog box: dropped
-            "dog": [[1, [10.0, 10.0, 30.0, 30.0]]],     # repeated: dropped
-            "person": [[6, [30.0, 20.0, 40.0, 30.0]]],  # "person" is in no caption: dropped
-        }},
-        "a tennis racket and a [racket] on the grass": {"detections": {
-            "tennis racket": [[7, [5.0, 5.0, 25.0, 20.0]]],
-            "racket": [[8, [1.0, 1.0, 3.0, 3.0]]],      # only matches inside the tennis racket markup
-            "grass": [[9, [60.0, 40.0, 70.0, 50.0]], [10, [60.1, 40.1, 70.0, 50.0]]],  # L1 0.2: kept
-        }},
+        "two dogs play with a frisbee": {
+            "detections": {
+                "dog": [[1, [10.0, 10.0, 30.0, 30.0]], [2, [10.02, 10.03, 30.0, 30.0]]],  # 2nd never compared
+                "frisbee": [[3, [40.0, 5.0, 50.0, 15.0]]],
+            }
+        },
+        "a man throws a ball to a dog": {
+            "detections": {
+                "man": [[4, [0.0, 0.0, 20.0, 47.5]]],
+                "ball": [[5, [10.04, 10.0, 30.0, 30.0]]],  # L1 0.04 from the first dog box: dropped
+                "dog": [[1, [10.0, 10.0, 30.0, 30.0]]],  # repeated: dropped
+                "person": [[6, [30.0, 20.0, 40.0, 30.0]]],  # "person" is in no caption: dropped
+            }
+        },
+        "a tennis racket and a [racket] on the grass": {
+            "detections": {
+                "tennis racket": [[7, [5.0, 5.0, 25.0, 20.0]]],
+                "racket": [[8, [1.0, 1.0, 3.0, 3.0]]],  # only matches inside the tennis racket markup
+                "grass": [[9, [60.0, 40.0, 70.0, 50.0]], [10, [60.1, 40.1, 70.0, 50.0]]],  # L1 0.2: kept
+            }
+        },
     },
     "368117": {"a photo of something": {"detections": {"cat": [[1, [1.0, 1.0, 9.0, 9.0]]]}}},
     "999999": {"a bus": {"detections": {"bus": [[1, [1, 2, 3, 4]]]}}},  # not in the dataset
@@ -229,8 +249,15 @@ def coco(tmp_path):
 def test_official_coco_boxes_by_hand(coco):
     path, paths = coco
     boxes = coco_entities_boxes(path, DATASET_IDS, paths, rules="official")
-    expected = [[9, 9, 29, 29], [10.02 - 1, 10.03 - 1, 29, 29], [39, 4, 49, 14], [-1, -1, 19, 46.5],
-                [4, 4, 24, 19], [59, 39, 69, 49], [60.1 - 1, 40.1 - 1, 69, 49]]
+    expected = [
+        [9, 9, 29, 29],
+        [10.02 - 1, 10.03 - 1, 29, 29],
+        [39, 4, 49, 14],
+        [-1, -1, 19, 46.5],
+        [4, 4, 24, 19],
+        [59, 39, 69, 49],
+        [60.1 - 1, 40.1 - 1, 69, 49],
+    ]
     np.testing.assert_array_equal(boxes["452113"].source_boxes, expected)
     np.testing.assert_allclose(boxes["452113"].boxes[3], [0, 0, 19, 46.5])
     np.testing.assert_allclose(boxes["452113"].boxes[5:], [[59, 39, 64, 48], [59.1, 39.1, 64, 48]])
@@ -270,7 +297,9 @@ def test_official_coco_matches_the_port_on_random_captions(tmp_path):
                 dets = []
                 for _ in range(int(rng.integers(1, 4))):
                     if kept and rng.random() < 0.4:  # near or exact repeat of an earlier box
-                        box = list(np.round(np.array(kept[rng.integers(len(kept))]) + rng.choice([0, 0.02, 0.05, 0.2]), 2))
+                        box = list(
+                            np.round(np.array(kept[rng.integers(len(kept))]) + rng.choice([0, 0.02, 0.05, 0.2]), 2)
+                        )
                     else:
                         x0, y0 = float(rng.integers(0, width)), float(rng.integers(0, height))
                         box = [x0, y0, x0 + float(rng.integers(1, 40)), y0 + float(rng.integers(1, 40))]
@@ -289,17 +318,26 @@ def test_official_coco_matches_the_port_on_random_captions(tmp_path):
     infos = {i: port.get_box_info(root / f"Annotations/{port.coco_stem(i)}.xml") for i in ids}
     assert_same_as_port(boxes, infos)
     detections = sum(len(d) for c in release.values() for a in c.values() for d in a["detections"].values())
-    written = sum(len(b) for i in ids for b in port.read_annotation_file(
-        str(root / f"Annotations/{port.coco_stem(i)}.xml"))[2].values())
+    written = sum(
+        len(b)
+        for i in ids
+        for b in port.read_annotation_file(str(root / f"Annotations/{port.coco_stem(i)}.xml"))[2].values()
+    )
     kept = sum(len(i.boxes) for i in infos.values())
     assert 50 < kept < written < detections  # some unmatched nouns, some repeats
 
 
 def test_load_boxes_and_resolve_boxes_pass_the_rules(entities, coco, tmp_path):
     dataset = RetrievalDataset(
-        name="flickr30k", split="test", image_ids=["1000092795", "123"], file_stems=["1000092795", "123"],
-        image_paths=[tmp_path / "a.jpg", tmp_path / "b.jpg"], texts=["a", "b"],
-        text_to_image=np.array([0, 1]), image_to_texts=[[0], [1]])
+        name="flickr30k",
+        split="test",
+        image_ids=["1000092795", "123"],
+        file_stems=["1000092795", "123"],
+        image_paths=[tmp_path / "a.jpg", tmp_path / "b.jpg"],
+        texts=["a", "b"],
+        text_to_image=np.array([0, 1]),
+        image_to_texts=[[0], [1]],
+    )
     official = resolve_boxes(f"entities:{entities / 'Annotations'}", dataset, tmp_path, rules="official")
     assert official.rules == "official" and len(official["1000092795"].boxes) == 5
     assert resolve_boxes(f"entities:{entities / 'Annotations'}", dataset, tmp_path).rules == "paper"

@@ -1,12 +1,13 @@
 """The official metric conventions, by hand and against a port of the official code."""
+
 from __future__ import annotations
 
 import json
 
+import helpers.official_loader_port as port
 import numpy as np
 import pytest
 
-import helpers.official_loader_port as port
 from qpert.eval.metrics import (
     KS,
     NUM_BINS,
@@ -105,7 +106,8 @@ def test_official_metrics_match_the_port(seed):
     m = retrieval_metrics(t2i_scores, text_to_image, areas, i2t_scores=i2t_scores, convention="official")
     img2txt = {i: np.flatnonzero(text_to_image == i).tolist() for i in range(num_images)}
     overall, per_bin, i2t_ranks, t2i_ranks = port.report_metrics(
-        i2t_scores, t2i_scores.T, dict(enumerate(text_to_image.tolist())), img2txt, areas)
+        i2t_scores, t2i_scores.T, dict(enumerate(text_to_image.tolist())), img2txt, areas
+    )
 
     np.testing.assert_array_equal(m.ranks["t2i"], t2i_ranks + 1)
     np.testing.assert_array_equal(m.ranks["i2t"], i2t_ranks + 1)

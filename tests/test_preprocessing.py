@@ -7,24 +7,33 @@ as the hub checkpoints hold it, loads it through ``qpert.load_model`` and the fa
 on an odd-sized 500 x 333 image. PIL's resize and these float32 steps are deterministic, so the
 comparison is exact (``torch.equal``), no tolerance.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from helpers.models import tiny_blip, tiny_siglip, tiny_siglip2
 from PIL import Image
-from transformers import (AutoImageProcessor, BlipImageProcessor, BlipProcessor, Blip2Processor,
-                          Siglip2ImageProcessor, Siglip2Processor, SiglipImageProcessor, SiglipProcessor)
+from transformers import (
+    AutoImageProcessor,
+    Blip2Processor,
+    BlipImageProcessor,
+    BlipProcessor,
+    Siglip2ImageProcessor,
+    Siglip2Processor,
+    SiglipImageProcessor,
+    SiglipProcessor,
+)
 
 import qpert
 from qpert.models.registry import MODELS, retrieval_heads
 from qpert.models.tiny import tiny_blip2, tiny_processor
 from qpert.synthetic import make_scenes
-from helpers.models import tiny_blip, tiny_siglip, tiny_siglip2
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP and BLIP-2 (LAVIS's blip_image_eval)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-HALF = (0.5, 0.5, 0.5)                           # SigLIP
+HALF = (0.5, 0.5, 0.5)  # SigLIP
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +58,18 @@ def test_blip2_pixels_equal_lavis(tmp_path, image):
     tiny_blip2(seed=0).save_pretrained(tmp_path)
     tokenizer = tiny_processor(["a", "cat"], str(tmp_path)).tokenizer
     # as the hub holds it: the plain class name, 364 px as blip2-itm-vit-g-coco
-    Blip2Processor(image_processor=BlipImageProcessor(size={"height": 364, "width": 364}),
-                   tokenizer=tokenizer).save_pretrained(tmp_path)
+    Blip2Processor(
+        image_processor=BlipImageProcessor(size={"height": 364, "width": 364}), tokenizer=tokenizer
+    ).save_pretrained(tmp_path)
     assert torch.equal(loaded_pixels(tmp_path, image)[0], reference(image, 364, 364, CLIP_MEAN, CLIP_STD))
 
 
 def test_blip_pixels_equal_lavis_and_the_default_processor_does_not(tmp_path, image):
     tiny_blip(seed=0).save_pretrained(tmp_path)
     tokenizer = tiny_processor(["a", "cat"], str(tmp_path)).tokenizer
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 384, "width": 384}),
-                  tokenizer=tokenizer).save_pretrained(tmp_path)
+    BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 384, "width": 384}), tokenizer=tokenizer
+    ).save_pretrained(tmp_path)
     expected = reference(image, 384, 384, CLIP_MEAN, CLIP_STD)
     assert torch.equal(loaded_pixels(tmp_path, image)[0], expected)
     # Why the loader asks for the PIL processor: transformers' default (torchvision) resize differs.
@@ -69,8 +80,9 @@ def test_blip_pixels_equal_lavis_and_the_default_processor_does_not(tmp_path, im
 def test_siglip_pixels_equal_pil_bicubic(tmp_path, image):
     tiny_siglip(seed=0).save_pretrained(tmp_path)
     tokenizer = tiny_processor(["a", "cat"], str(tmp_path)).tokenizer
-    SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 384, "width": 384}),
-                    tokenizer=tokenizer).save_pretrained(tmp_path)
+    SiglipProcessor(
+        image_processor=SiglipImageProcessor(size={"height": 384, "width": 384}), tokenizer=tokenizer
+    ).save_pretrained(tmp_path)
     assert torch.equal(loaded_pixels(tmp_path, image)[0], reference(image, 384, 384, HALF, HALF))
 
 
@@ -80,15 +92,16 @@ def test_siglip2_naflex_patches_equal_pil_bilinear(tmp_path, image):
     patch, max_patches = 16, 256
     tiny_siglip2(seed=0).save_pretrained(tmp_path)
     tokenizer = tiny_processor(["a", "cat"], str(tmp_path)).tokenizer
-    Siglip2Processor(image_processor=Siglip2ImageProcessor(patch_size=patch, max_num_patches=max_patches),
-                     tokenizer=tokenizer).save_pretrained(tmp_path)
+    Siglip2Processor(
+        image_processor=Siglip2ImageProcessor(patch_size=patch, max_num_patches=max_patches), tokenizer=tokenizer
+    ).save_pretrained(tmp_path)
     out = loaded_pixels(tmp_path, image)
     rows, cols = out["spatial_shapes"][0].tolist()
     assert rows * cols <= max_patches and cols > rows  # the aspect ratio is kept
     x = reference(image, cols * patch, rows * patch, HALF, HALF, Image.BILINEAR).permute(1, 2, 0)
     patches = x.reshape(rows, patch, cols, patch, 3).permute(0, 2, 1, 3, 4).reshape(rows * cols, -1)
-    assert torch.equal(out["pixel_values"][0, :rows * cols], patches)
-    assert not out["pixel_values"][0, rows * cols:].any()
+    assert torch.equal(out["pixel_values"][0, : rows * cols], patches)
+    assert not out["pixel_values"][0, rows * cols :].any()
     assert out["pixel_attention_mask"][0].tolist() == [1] * (rows * cols) + [0] * (max_patches - rows * cols)
 
 

@@ -1,4 +1,5 @@
 """The README's Python examples run as written, with a tiny BLIP-2 standing in for the released weights."""
+
 from __future__ import annotations
 
 import re
@@ -23,9 +24,10 @@ def python_blocks() -> list[str]:
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = python_blocks()
     assert len(blocks) >= 3, "the README's quick start lost its examples"
-    words = "a man holding small red umbrella busy street at night".split()
-    loaded = qpert.LoadedModel("blip2-coco", tiny_blip2(seed=0), tiny_processor(words, str(tmp_path)),
-                               MODELS["blip2-coco"])
+    words = ["a", "man", "holding", "small", "red", "umbrella", "busy", "street", "at", "night"]
+    loaded = qpert.LoadedModel(
+        "blip2-coco", tiny_blip2(seed=0), tiny_processor(words, str(tmp_path)), MODELS["blip2-coco"]
+    )
     monkeypatch.setattr(qpert, "load_model", lambda name, **kwargs: loaded)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(tmp_path / "street.jpg")

@@ -5,6 +5,7 @@ through their retrieval interface.
 hooks on the pixels' forward pass); the pipeline is then checked against ``score`` on the
 fixture dataset of test_eval_pipeline.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,23 +13,28 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.bench import WORDS, fixture_data, qpert_cli, reranked
+from helpers.internvl_standin import own_itc
+from helpers.internvl_standin import tiny_loaded as tiny_internvl_loaded
+from helpers.models import (
+    TEXT_LENGTH,
+    tiny_blip,
+    tiny_coca_dir,
+    tiny_siglip,
+    tiny_siglip2,
+    tiny_siglip2_processor,
+    tiny_siglip_config,
+)
 from PIL import Image
 from transformers import BlipImageProcessor, BlipProcessor, SiglipImageProcessor, SiglipProcessor, SiglipVisionModel
 
 import qpert
-from helpers.bench import fixture_data, reranked
-from helpers.models import tiny_coca_dir
 from qpert.errors import UnsupportedModelError
 from qpert.eval.metrics import retrieval_metrics
 from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.registry import LoadedModel, family_of, retrieval_heads
 from qpert.models.tiny import tiny_processor
 from qpert.scoring import score
-from helpers.models import tiny_blip
-from helpers.bench import WORDS, qpert_cli
-from helpers.models import tiny_siglip, tiny_siglip_config
-from helpers.internvl_standin import own_itc, tiny_loaded as tiny_internvl_loaded
-from helpers.models import TEXT_LENGTH, tiny_siglip2, tiny_siglip2_processor
 
 TEXTS = ["a small red square", "a big blue square in the corner", "the green box", "a photo of a yellow square"]
 BOXES = [[[10.0, 12.0, 60.0, 44.0], [0.0, 0.0, 22.0, 25.0]], [[30.0, 30.0, 90.0, 90.0]], [[50.0, 5.0, 70.0, 30.0]]]
@@ -46,19 +52,22 @@ def loaded(request, tmp_path_factory):
         return tiny_internvl_loaded(path)
     tokenizer = tiny_processor(WORDS, str(path)).tokenizer
     if request.param == "blip":
-        processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 28, "width": 28}),
-                                  tokenizer=tokenizer)
+        processor = BlipProcessor(
+            image_processor=BlipImageProcessor(size={"height": 28, "width": 28}), tokenizer=tokenizer
+        )
         return LoadedModel("tiny-blip", tiny_blip(seed=0), processor, None)
-    processor = SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 30, "width": 30}),
-                                tokenizer=tokenizer)
+    processor = SiglipProcessor(
+        image_processor=SiglipImageProcessor(size={"height": 30, "width": 30}), tokenizer=tokenizer
+    )
     return LoadedModel("tiny-siglip", tiny_siglip(seed=0), processor, None)
 
 
 @pytest.fixture(scope="module")
 def images():
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((100, 120), (100, 100),
-                                                                                            (60, 90))]
+    return [
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((100, 120), (100, 100), (60, 90))
+    ]
 
 
 def forward_itc(model, processor, image, texts) -> torch.Tensor:
@@ -68,8 +77,13 @@ def forward_itc(model, processor, image, texts) -> torch.Tensor:
         image_emb = model.encode_image(processor.image_transform(image)[None])[0]
         return model.encode_text(processor.tokenizer(texts)) @ image_emb
     if name == "InternVLModel":
-        ids = processor.tokenizer(["summarize:" + t for t in texts], padding="max_length", max_length=80,
-                                  padding_side="right", return_tensors="pt").input_ids
+        ids = processor.tokenizer(
+            ["summarize:" + t for t in texts],
+            padding="max_length",
+            max_length=80,
+            padding_side="right",
+            return_tensors="pt",
+        ).input_ids
         return own_itc(model, retrieval_heads(model).preprocess(model, processor, [image]), ids)[0]
     if name == "Siglip2Model":
         ids = processor.tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, return_tensors="pt").input_ids
@@ -101,7 +115,7 @@ def direct_scores(loaded, images, texts, boxes=None):
     itc, itm = torch.zeros(len(images), len(texts)), torch.zeros(len(images), len(texts))
     try:
         for i, image in enumerate(images):
-            for out, forward, n in ((itc, forward_itc, 1), (itm, forward_itm, len(texts)))[:1 + has_itm]:
+            for out, forward, n in ((itc, forward_itc, 1), (itm, forward_itm, len(texts)))[: 1 + has_itm]:
                 ctx = handle.objects([boxes[i]] * n, [(image.height, image.width)] * n) if handle else _null()
                 with torch.no_grad(), ctx:
                     out[i] = forward(model, processor, image, texts)
@@ -144,7 +158,7 @@ def test_itm_only_where_there_is_an_itm_head(loaded, images):
 
 def test_models_without_retrieval_heads_are_refused(images):
     vision = SiglipVisionModel(tiny_siglip_config().vision_config).eval()
-    with pytest.raises(UnsupportedModelError, match="SiglipVisionModel has no image-text retrieval heads.*CoCa"):
+    with pytest.raises(UnsupportedModelError, match=r"SiglipVisionModel has no image-text retrieval heads.*CoCa"):
         score(LoadedModel("v", vision, None, None), images, BOXES, TEXTS, CONFIG)
 
 
@@ -165,8 +179,9 @@ def test_pipeline_matches_scoring_on_the_fixture(bench, loaded, tmp_path):
     for name in ("baseline", "qpert"):
         itc = expected[name].itc
         t2i, i2t = reranked(expected[name].itm, itc, 3) if has_itm else (itc.numpy(), itc.numpy())
-        best, worst = (retrieval_metrics(t2i + e, dataset.text_to_image, max_areas, i2t_scores=i2t + e).ranks
-                       for e in (own, -own))
+        best, worst = (
+            retrieval_metrics(t2i + e, dataset.text_to_image, max_areas, i2t_scores=i2t + e).ranks for e in (own, -own)
+        )
         for d in ("t2i", "i2t"):
             got = result.metrics[name].ranks[d]
             assert (best[d] <= got).all() and (got <= worst[d]).all(), (name, d)
@@ -211,8 +226,22 @@ def test_pipeline_itm_without_an_itm_head_is_a_clear_error(bench, loaded):
 def test_cli_eval_coca_defaults_to_itc_and_refuses_itm(bench, tmp_path):
     root, _ = bench
     model = tiny_coca_dir(tmp_path)
-    common = ["eval", "--model", str(model), "--dataset", "flickr30k", "--data-root", str(root), "--boxes",
-              "entities", "--k", "3", "--alpha", "1", "--no-cache"]
+    common = [
+        "eval",
+        "--model",
+        str(model),
+        "--dataset",
+        "flickr30k",
+        "--data-root",
+        str(root),
+        "--boxes",
+        "entities",
+        "--k",
+        "3",
+        "--alpha",
+        "1",
+        "--no-cache",
+    ]
     out = qpert_cli(*common, "--output", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr
     assert "ITC only" in out.stdout and json.loads((tmp_path / "r.json").read_text())["settings"]["itm"] is False

@@ -1,4 +1,5 @@
 """Photo search: index a folder with a tiny BLIP-2 and a tiny DETR, search it, update it, break it."""
+
 from __future__ import annotations
 
 import json
@@ -11,19 +12,19 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers.contract import needs_cpp_compiler
+from helpers.processes import kill_when
+from helpers.search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
 from PIL import Image
 
 import qpert
 from qpert.scoring import score
+from qpert.search import indexer
 from qpert.search.catalog import Catalog, CatalogUpdate
 from qpert.search.detectors import DetectorOptions, TransformersDetector, load_detector
-from qpert.search import indexer
 from qpert.search.indexer import IndexSettings, build_index
 from qpert.search.searcher import PhotoIndex
 from qpert.search.vectors import VectorIndex
-from helpers.contract import needs_cpp_compiler
-from helpers.processes import kill_when
-from helpers.search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
 
 CONFIG = qpert.QPertConfig(alpha=4.0)
 
@@ -36,8 +37,15 @@ def models(tmp_path_factory):
 
 def settings_for(models, **overrides) -> IndexSettings:
     model, detr = models
-    return IndexSettings(**{"model": str(model), "detector": str(detr), "qpert": CONFIG,
-                            "detector_options": DetectorOptions(score_threshold=0.0, max_boxes=3), **overrides})
+    return IndexSettings(
+        **{
+            "model": str(model),
+            "detector": str(detr),
+            "qpert": CONFIG,
+            "detector_options": DetectorOptions(score_threshold=0.0, max_boxes=3),
+            **overrides,
+        }
+    )
 
 
 def index_cli(*args, check=True):
@@ -56,15 +64,26 @@ def catalog_state(index_dir):
         catalog.close()
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_cpp_compiler)],
-                         ids=["eager", "compiled-vision-encoder"])
+@pytest.mark.parametrize(
+    "compiled", [False, pytest.param(True, marks=needs_cpp_compiler)], ids=["eager", "compiled-vision-encoder"]
+)
 def test_search_matches_scoring_every_photo_directly(models, tmp_path, compiled, monkeypatch):
     photos = photo_folder(tmp_path / "photos", count=6)
     compiled_encoders = []
-    monkeypatch.setattr(indexer, "compile_vision_encoder",
-                        lambda model, real=indexer.compile_vision_encoder: compiled_encoders.append(real(model)))
-    report = build_index(photos, tmp_path / "index", settings_for(models), device="cpu", batch_size=4,
-                         progress=False, compile_vision=compiled)
+    monkeypatch.setattr(
+        indexer,
+        "compile_vision_encoder",
+        lambda model, real=indexer.compile_vision_encoder: compiled_encoders.append(real(model)),
+    )
+    report = build_index(
+        photos,
+        tmp_path / "index",
+        settings_for(models),
+        device="cpu",
+        batch_size=4,
+        progress=False,
+        compile_vision=compiled,
+    )
     assert (report.added, report.photos, report.skipped) == (6, 6, [])
     assert len(compiled_encoders) == compiled
     index = PhotoIndex(tmp_path / "index", device="cpu")
@@ -74,8 +93,9 @@ def test_search_matches_scoring_every_photo_directly(models, tmp_path, compiled,
     detections = detector.detect(images)
     assert all(len(d.boxes) == 3 for d in detections)
     query = "a red square on the left"
-    reference = score(qpert.load_model(str(models[0])), images, [d.boxes for d in detections], [query], CONFIG,
-                      itm=True)
+    reference = score(
+        qpert.load_model(str(models[0])), images, [d.boxes for d in detections], [query], CONFIG, itm=True
+    )
     by_path = {index.photos_dir / r.path: r for r in index.rows.values()}
     for i, p in enumerate(paths):
         np.testing.assert_allclose(by_path[p].detections.boxes, detections[i].boxes, atol=0.01)
@@ -86,9 +106,12 @@ def test_search_matches_scoring_every_photo_directly(models, tmp_path, compiled,
         assert [paths.index(index.photos_dir / h.path) for h in hits] == list(np.argsort(-expected, kind="stable"))
         np.testing.assert_allclose([h.itc for h in hits], np.sort(expected)[::-1], atol=1e-5)
         reranked = index.search(query, k=6, qpert=qp, itm=True, candidates=6)
-        expected_itm = reference[name].itm[:, 0].numpy()   # ITM + ITC from fp32 tokens; the index keeps fp16
-        np.testing.assert_allclose([h.score for h in reranked],
-                                   [expected_itm[paths.index(index.photos_dir / h.path)] for h in reranked], atol=2e-3)
+        expected_itm = reference[name].itm[:, 0].numpy()  # ITM + ITC from fp32 tokens; the index keeps fp16
+        np.testing.assert_allclose(
+            [h.score for h in reranked],
+            [expected_itm[paths.index(index.photos_dir / h.path)] for h in reranked],
+            atol=2e-3,
+        )
         assert [h.score for h in reranked] == sorted((h.score for h in reranked), reverse=True)
     assert not np.allclose(reference["qpert"].itc, reference["baseline"].itc), "Q-Pert must change the scores"
     top3 = index.search(query, k=3)
@@ -107,14 +130,17 @@ def test_incremental_update_adds_modifies_removes_and_skips_the_rest(models, tmp
 
     calls = []
     real_detect = TransformersDetector.detect
-    monkeypatch.setattr(TransformersDetector, "detect", lambda self, ims: calls.append(len(ims)) or real_detect(self, ims))
+    monkeypatch.setattr(
+        TransformersDetector, "detect", lambda self, ims: calls.append(len(ims)) or real_detect(self, ims)
+    )
     write_photo(photos / "new" / "added.png", seed=50)
-    write_photo(photos / "album0" / "photo0.jpg", seed=51)            # modified content
-    (photos / "album1" / "photo1.png").unlink()                       # deleted
+    write_photo(photos / "album0" / "photo0.jpg", seed=51)  # modified content
+    (photos / "album1" / "photo1.png").unlink()  # deleted
     old = photos / "album0" / "photo2.webp"
     stat = old.stat()
     import os
-    os.utime(old, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))    # touched, same bytes
+
+    os.utime(old, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes
     report = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
     assert (report.added, report.updated, report.removed, report.photos) == (1, 1, 1, 5)
     assert report.unchanged == 3 and sum(calls) == 2, "only the new and the modified photo are detected again"
@@ -127,8 +153,13 @@ def test_incremental_update_adds_modifies_removes_and_skips_the_rest(models, tmp
     assert not (tmp_path / "index" / "staging").exists()
 
     calls.clear()  # new Q-Pert settings: re-embedded from stored boxes and tokens, nothing detected again
-    report = build_index(photos, tmp_path / "index", settings_for(models, qpert=qpert.QPertConfig(alpha=1.0)),
-                         device="cpu", progress=False)
+    report = build_index(
+        photos,
+        tmp_path / "index",
+        settings_for(models, qpert=qpert.QPertConfig(alpha=1.0)),
+        device="cpu",
+        progress=False,
+    )
     assert report.updated == 5 and calls == []
     hits = PhotoIndex(tmp_path / "index", device="cpu").search("a green circle", k=10)
     assert sorted(h.path for h in hits) == sorted(after)
@@ -163,9 +194,10 @@ def test_links_out_of_the_photo_folder_are_not_indexed(models, tmp_path, caplog)
     photos = photo_folder(tmp_path / "photos", count=2)
     (photos / "inside.jpg").symlink_to(photos / "album0" / "photo0.jpg")
     (photos / "outside.jpg").symlink_to(write_photo(tmp_path / "elsewhere" / "secret.jpg", seed=3))
-    (photos / "loop").symlink_to(photos, target_is_directory=True)   # folder links are not followed at all
-    report = build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu",
-                         progress=False)
+    (photos / "loop").symlink_to(photos, target_is_directory=True)  # folder links are not followed at all
+    report = build_index(
+        photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu", progress=False
+    )
     rows, *_ = catalog_state(tmp_path / "index")
     assert report.photos == 3 and sorted(rows) == ["album0/photo0.jpg", "album1/photo1.png", "inside.jpg"]
     assert "outside the photo folder" in caplog.text
@@ -219,17 +251,36 @@ def test_failed_merge_leaves_the_previous_index_whole(models, tmp_path, monkeypa
     assert report.added == 3 and report.photos == 6
 
 
+@pytest.mark.slow
 def test_killed_indexing_keeps_the_old_index_and_resumes(models, tmp_path):
     photos = photo_folder(tmp_path / "photos", count=2)
     index_dir = tmp_path / "index"
-    common = ["--index", str(index_dir), "--model", str(models[0]), "--detector", str(models[1]),
-              "--detector-threshold", "0", "--max-boxes", "3", "--alpha", "4", "--device", "cpu", "--batch-size", "1"]
+    common = [
+        "--index",
+        str(index_dir),
+        "--model",
+        str(models[0]),
+        "--detector",
+        str(models[1]),
+        "--detector-threshold",
+        "0",
+        "--max-boxes",
+        "3",
+        "--alpha",
+        "4",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "1",
+    ]
     index_cli("index", str(photos), *common)
     before = catalog_state(index_dir)
     for i in range(2, 14):
         write_photo(photos / f"batch/p{i:02d}.png", seed=100 + i)
-    kill_when([sys.executable, "-m", "qpert", "index", str(photos), *common],
-              lambda: bool(list(index_dir.glob("staging/photo/*.safetensors"))))
+    kill_when(
+        [sys.executable, "-m", "qpert", "index", str(photos), *common],
+        lambda: bool(list(index_dir.glob("staging/photo/*.safetensors"))),
+    )
     after = catalog_state(index_dir)
     assert after[0] == before[0] and after[3] == before[3], "the catalog is untouched until the merge"
     out = index_cli("search", str(index_dir), "a red square", "--device", "cpu", "--json")
@@ -246,15 +297,47 @@ def test_killed_indexing_keeps_the_old_index_and_resumes(models, tmp_path):
     np.testing.assert_allclose(resumed[2], clean[2], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_gloo_processes_builds_the_same_index(models, tmp_path):
     photos = photo_folder(tmp_path / "photos", count=7)
     (photos / "broken.png").write_bytes(b"nope")
-    common = ["--model", str(models[0]), "--detector", str(models[1]), "--detector-threshold", "0",
-              "--max-boxes", "3", "--alpha", "4", "--device", "cpu", "--batch-size", "2"]
+    common = [
+        "--model",
+        str(models[0]),
+        "--detector",
+        str(models[1]),
+        "--detector-threshold",
+        "0",
+        "--max-boxes",
+        "3",
+        "--alpha",
+        "4",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+    ]
     index_cli("index", str(photos), "--index", str(tmp_path / "single"), *common)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "qpert", "index", str(photos), "--index", str(tmp_path / "multi"), *common],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "qpert",
+            "index",
+            str(photos),
+            "--index",
+            str(tmp_path / "multi"),
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("7 photos indexed") == 1, "rank 0 alone reports"
     single, multi = catalog_state(tmp_path / "single"), catalog_state(tmp_path / "multi")
@@ -262,8 +345,9 @@ def test_torchrun_with_two_gloo_processes_builds_the_same_index(models, tmp_path
     for variant in (1, 2):
         np.testing.assert_allclose(multi[variant], single[variant], atol=1e-5)
     query = ["search", "a red square", "--device", "cpu", "--json"]
-    assert index_cli(query[0], str(tmp_path / "multi"), *query[1:]).stdout.replace("multi", "X") == \
-        index_cli(query[0], str(tmp_path / "single"), *query[1:]).stdout.replace("single", "X")
+    assert index_cli(query[0], str(tmp_path / "multi"), *query[1:]).stdout.replace("multi", "X") == index_cli(
+        query[0], str(tmp_path / "single"), *query[1:]
+    ).stdout.replace("single", "X")
 
 
 def test_index_and_search_errors_are_one_line(models, tmp_path):
@@ -275,8 +359,7 @@ def test_index_and_search_errors_are_one_line(models, tmp_path):
     index_cli("index", str(photos), "--model", str(models[0]), "--detector", "none", "--device", "cpu")
     out = index_cli("index", str(photos), "--model", "blip2-coco", "--detector", "none", check=False)
     assert out.returncode == 2 and "was built with model" in out.stderr
-    out = index_cli("index", str(photos), "--model", str(models[0]), "--detector", "torchvision:nonsense",
-                    check=False)
+    out = index_cli("index", str(photos), "--model", str(models[0]), "--detector", "torchvision:nonsense", check=False)
     assert out.returncode == 2 and "not a torchvision detection model" in out.stderr
     out = index_cli("search", str(photos / ".qpert-index"), "a red square", "-k", "1", "--device", "cpu")
     assert out.stdout.count("photo") >= 1 and " 1. " in out.stdout
@@ -316,10 +399,20 @@ def test_torchvision_detector_from_a_saved_folder(tmp_path):
     from qpert.search.detectors import save_torchvision_detector
 
     torch.manual_seed(0)
-    model = get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None, weights_backbone=None, num_classes=3,
-                      box_score_thresh=0.0)
-    save_torchvision_detector(model, "fasterrcnn_mobilenet_v3_large_320_fpn", ["__background__", "dog", "cat"],
-                              tmp_path / "det", box_score_thresh=0.0)
+    model = get_model(
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        weights=None,
+        weights_backbone=None,
+        num_classes=3,
+        box_score_thresh=0.0,
+    )
+    save_torchvision_detector(
+        model,
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        ["__background__", "dog", "cat"],
+        tmp_path / "det",
+        box_score_thresh=0.0,
+    )
     detector = load_detector(str(tmp_path / "det"), DetectorOptions(score_threshold=0.0, max_boxes=4, classes=("dog",)))
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, size=(90, 120, 3), dtype=np.uint8))
     (found,) = detector.detect([image])
@@ -351,13 +444,12 @@ def test_detections_are_clipped_filtered_and_capped():
 @pytest.mark.parametrize("family", ["coca", "siglip"])
 def test_other_families_index_and_search_by_itc(family, models, tmp_path):
     """One vector per photo (CoCa, SigLIP) instead of BLIP-2's 32; no ITM head, so --itm is refused."""
+    from helpers.models import tiny_coca_dir, tiny_siglip
+    from helpers.search_fixtures import WORDS
     from transformers import SiglipImageProcessor, SiglipProcessor
 
     from qpert.errors import UnsupportedModelError
     from qpert.models.tiny import tiny_processor
-    from helpers.search_fixtures import WORDS
-    from helpers.models import tiny_coca_dir
-    from helpers.models import tiny_siglip
 
     model_dir = tmp_path / family
     model_dir.mkdir()
@@ -365,8 +457,10 @@ def test_other_families_index_and_search_by_itc(family, models, tmp_path):
         tiny_coca_dir(model_dir)
     else:
         tiny_siglip(seed=0).save_pretrained(model_dir)
-        SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 30, "width": 30}),
-                        tokenizer=tiny_processor(WORDS, str(model_dir)).tokenizer).save_pretrained(model_dir)
+        SiglipProcessor(
+            image_processor=SiglipImageProcessor(size={"height": 30, "width": 30}),
+            tokenizer=tiny_processor(WORDS, str(model_dir)).tokenizer,
+        ).save_pretrained(model_dir)
     photos = photo_folder(tmp_path / "photos", count=4)
     build_index(photos, tmp_path / "index", settings_for((model_dir, models[1])), device="cpu", progress=False)
     index = PhotoIndex(tmp_path / "index", device="cpu")
@@ -387,33 +481,59 @@ def test_annotated_photos_take_their_boxes_and_the_rest_go_to_the_detector(model
     import json
 
     photos = photo_folder(tmp_path / "photos", count=4)
-    coco = {"images": [{"id": 7, "file_name": "album0/photo0.jpg", "height": 48, "width": 64},
-                       {"id": 8, "file_name": "album1/photo1.png", "height": 48, "width": 64},
-                       {"id": 9, "file_name": "not/there.jpg", "height": 10, "width": 10}],
-            "annotations": [{"image_id": 7, "bbox": [2, 3, 10, 12], "category_id": 1},
-                            {"image_id": 7, "bbox": [50, 40, 30, 30], "category_id": 2},   # clipped to 64 x 48
-                            {"image_id": 8, "bbox": [0, 0, 5, 5], "category_id": 2, "iscrowd": 1}],
-            "categories": [{"id": 1, "name": "kite"}, {"id": 2, "name": "person"}]}
+    coco = {
+        "images": [
+            {"id": 7, "file_name": "album0/photo0.jpg", "height": 48, "width": 64},
+            {"id": 8, "file_name": "album1/photo1.png", "height": 48, "width": 64},
+            {"id": 9, "file_name": "not/there.jpg", "height": 10, "width": 10},
+        ],
+        "annotations": [
+            {"image_id": 7, "bbox": [2, 3, 10, 12], "category_id": 1},
+            {"image_id": 7, "bbox": [50, 40, 30, 30], "category_id": 2},  # clipped to 64 x 48
+            {"image_id": 8, "bbox": [0, 0, 5, 5], "category_id": 2, "iscrowd": 1},
+        ],
+        "categories": [{"id": 1, "name": "kite"}, {"id": 2, "name": "person"}],
+    }
     (tmp_path / "boxes.json").write_text(json.dumps(coco))
-    build_index(photos, tmp_path / "index", settings_for(models, annotations=str(tmp_path / "boxes.json")),
-                device="cpu", progress=False)
+    build_index(
+        photos,
+        tmp_path / "index",
+        settings_for(models, annotations=str(tmp_path / "boxes.json")),
+        device="cpu",
+        progress=False,
+    )
     rows, *_ = catalog_state(tmp_path / "index")
-    assert rows["album0/photo0.jpg"][2] == [{"box": [2.0, 3.0, 12.0, 15.0], "score": 1.0, "label": "kite"},
-                                            {"box": [50.0, 40.0, 64.0, 48.0], "score": 1.0, "label": "person"}]
+    assert rows["album0/photo0.jpg"][2] == [
+        {"box": [2.0, 3.0, 12.0, 15.0], "score": 1.0, "label": "kite"},
+        {"box": [50.0, 40.0, 64.0, 48.0], "score": 1.0, "label": "person"},
+    ]
     assert rows["album1/photo1.png"][2] == [], "annotated with crowd boxes only: no boxes, no detector"
-    assert all(len(rows[p][2]) == 3 and rows[p][2][0]["label"] in ("dog", "cat", "ball")
-               for p in ("album0/photo2.webp", "album1/photo3.jpg")), "unannotated photos get the detector's boxes"
+    assert all(
+        len(rows[p][2]) == 3 and rows[p][2][0]["label"] in ("dog", "cat", "ball")
+        for p in ("album0/photo2.webp", "album1/photo3.jpg")
+    ), "unannotated photos get the detector's boxes"
     (tmp_path / "bad.json").write_text(json.dumps({"images": [{"file_name": "x.jpg"}], "annotations": []}))
-    out = index_cli("index", str(photos), "--index", str(tmp_path / "other"), "--model", str(models[0]),
-                    "--detector", "none", "--annotations", str(tmp_path / "bad.json"), check=False)
+    out = index_cli(
+        "index",
+        str(photos),
+        "--index",
+        str(tmp_path / "other"),
+        "--model",
+        str(models[0]),
+        "--detector",
+        "none",
+        "--annotations",
+        str(tmp_path / "bad.json"),
+        check=False,
+    )
     assert out.returncode == 2 and "images need id, file_name, height, width" in out.stderr
 
 
 def test_open_vocabulary_detector_finds_what_the_prompts_name(models, tmp_path):
+    from helpers.search_fixtures import save_tiny_owlv2
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
     from qpert.search.detectors import keep
-    from helpers.search_fixtures import save_tiny_owlv2
 
     owl = save_tiny_owlv2(tmp_path / "owlv2")
     prompts = ("a dog", "a red kite")
@@ -421,22 +541,31 @@ def test_open_vocabulary_detector_finds_what_the_prompts_name(models, tmp_path):
         load_detector(f"hf:{owl}")
     options = DetectorOptions(score_threshold=0.0, max_boxes=4, prompts=prompts)
     detector = load_detector(f"hf:{owl}", options)
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40 + 20 * i, 60, 3), dtype=np.uint8))
-              for i in range(2)]
+    images = [
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40 + 20 * i, 60, 3), dtype=np.uint8))
+        for i in range(2)
+    ]
     found = detector.detect(images)
     model, processor = AutoModelForZeroShotObjectDetection.from_pretrained(owl), AutoProcessor.from_pretrained(owl)
-    for image, got in zip(images, found):   # the model's own post-processing, clipped to the image
+    for image, got in zip(images, found):  # the model's own post-processing, clipped to the image
         with torch.no_grad():
             out = model(**processor(text=[list(prompts)], images=[image], padding=True, return_tensors="pt"))
-        (raw,) = processor.post_process_grounded_object_detection(out, threshold=0.0,
-                                                                  target_sizes=[(image.height, image.width)])
-        expected = keep(raw["boxes"], raw["scores"], [prompts[int(i)] for i in raw["labels"]], options,
-                        (image.height, image.width))
+        (raw,) = processor.post_process_grounded_object_detection(
+            out, threshold=0.0, target_sizes=[(image.height, image.width)]
+        )
+        expected = keep(
+            raw["boxes"], raw["scores"], [prompts[int(i)] for i in raw["labels"]], options, (image.height, image.width)
+        )
         assert set(got.labels) <= set(prompts) and 1 <= len(got.boxes) <= 4 and got.labels == expected.labels
-        np.testing.assert_allclose(got.boxes, expected.boxes, atol=1e-3)   # batched detection = one by one
+        np.testing.assert_allclose(got.boxes, expected.boxes, atol=1e-3)  # batched detection = one by one
     photos = photo_folder(tmp_path / "photos", count=2)
-    build_index(photos, tmp_path / "index", settings_for((models[0], f"hf:{owl}"), detector_options=options),
-                device="cpu", progress=False)
+    build_index(
+        photos,
+        tmp_path / "index",
+        settings_for((models[0], f"hf:{owl}"), detector_options=options),
+        device="cpu",
+        progress=False,
+    )
     rows, *_ = catalog_state(tmp_path / "index")
     assert all(r[2] and {b["label"] for b in r[2]} <= set(prompts) for r in rows.values())
     assert IndexSettings.from_json(indexer_manifest(tmp_path / "index")).detector_options.prompts == prompts
@@ -456,17 +585,19 @@ def test_file_names_with_terminal_escapes_are_printed_escaped(models, tmp_path):
     out = index_cli("search", str(photos / ".qpert-index"), "a red square", "--device", "cpu")
     assert "\x1b" not in out.stdout and "\x07" not in out.stdout and "\u202e" not in out.stdout
     assert "\\x1b[2J\\x1b[31mred\\x1b[0m.jpg" in out.stdout and "bell\\x07\\u202egnp.png" in out.stdout
-    data = json.loads(index_cli("search", str(photos / ".qpert-index"), "a red square", "--device", "cpu",
-                                "--json").stdout)
+    data = json.loads(
+        index_cli("search", str(photos / ".qpert-index"), "a red square", "--device", "cpu", "--json").stdout
+    )
     assert "\x1b[2J\x1b[31mred\x1b[0m.jpg" in {h["path"] for h in data["results"]}  # JSON keeps it exact
 
 
 def test_a_file_name_that_is_not_utf8_is_indexed_losslessly(models, tmp_path):
     photos = photo_folder(tmp_path / "photos", count=2)
-    raw = b"caf\xe9 \xff.jpg"   # Latin-1 and a stray byte: no UTF-8 can say it
+    raw = b"caf\xe9 \xff.jpg"  # Latin-1 and a stray byte: no UTF-8 can say it
     write_photo(photos / os.fsdecode(raw), seed=5, fmt="JPEG")
-    report = build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu",
-                         progress=False)
+    report = build_index(
+        photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu", progress=False
+    )
     assert (report.added, report.photos, report.skipped) == (3, 3, [])
     index = PhotoIndex(tmp_path / "index", device="cpu")
     (row,) = [r for r in index.rows.values() if r.path.endswith(".jpg") and "album" not in r.path]
@@ -475,8 +606,7 @@ def test_a_file_name_that_is_not_utf8_is_indexed_losslessly(models, tmp_path):
     with photo:
         assert photo.read() == (photos / os.fsdecode(raw)).read_bytes()
     index.close()
-    again = build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu",
-                        progress=False)
+    again = build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu", progress=False)
     assert (again.unchanged, again.added, again.removed) == (3, 0, 0)
     out = index_cli("search", str(tmp_path / "index"), "a red square", "--device", "cpu")
     assert "caf\\xe9 \\xff.jpg" in out.stdout
@@ -501,8 +631,10 @@ def test_an_unreadable_folder_is_skipped_and_its_photos_are_kept(models, tmp_pat
     report = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
     monkeypatch.undo()
     assert (report.added, report.removed, report.photos) == (1, 0, 5)
-    assert sorted(report.skipped) == [("album1/", "unreadable folder (Permission denied)"),
-                                      ("lost+found/", "unreadable folder (Permission denied)")]
+    assert sorted(report.skipped) == [
+        ("album1/", "unreadable folder (Permission denied)"),
+        ("lost+found/", "unreadable folder (Permission denied)"),
+    ]
     assert "album1/" in caplog.text and "lost+found/" in caplog.text and "Permission denied" in caplog.text
     assert "skipped album1/: unreadable folder" in report.summary()
 
@@ -512,7 +644,7 @@ def test_a_folder_nested_deeper_than_the_recursion_limit_is_scanned(tmp_path):
 
     deep = tmp_path / "photos"
     deep.mkdir()
-    for _ in range(1100):   # deeper than Python's default recursion limit (1000)
+    for _ in range(1100):  # deeper than Python's default recursion limit (1000)
         deep /= "d"
         os.mkdir(deep)
     try:
@@ -539,11 +671,11 @@ def test_an_edit_that_keeps_size_and_mtime_is_found(models, tmp_path):
     Image.open(target).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "other.jpg", quality=50)
     new = (tmp_path / "other.jpg").read_bytes()
     assert len(new) <= len(old) and new != old
-    new += b"\0" * (len(old) - len(new))   # same size (JPEG decoders ignore what follows the image)
+    new += b"\0" * (len(old) - len(new))  # same size (JPEG decoders ignore what follows the image)
     copy = tmp_path / "copy.jpg"
     copy.write_bytes(new)
     os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    os.replace(copy, target)                                 # as rsync -t does: same size, same mtime
+    os.replace(copy, target)  # as rsync -t does: same size, same mtime
     assert (target.stat().st_size, target.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
     report = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
     after, *_ = catalog_state(tmp_path / "index")
@@ -568,11 +700,11 @@ def test_rehash_checks_every_photo_and_skipped_files_are_retried(models, tmp_pat
     monkeypatch.setattr(indexer, "content_hash", content_hash)
     first = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
     assert first.photos == 2 and [p for p, _ in first.skipped] == ["album1/photo1.png"]
-    unreadable.clear()   # chmod-ed back: size, mtime and all unchanged
+    unreadable.clear()  # chmod-ed back: size, mtime and all unchanged
     retried = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
     assert (retried.added, retried.photos, retried.skipped) == (1, 3, []), "an unchanged skipped file is retried"
 
-    catalog = Catalog(tmp_path / "index" / "catalog.sqlite")   # a stored hash that no longer matches the bytes
+    catalog = Catalog(tmp_path / "index" / "catalog.sqlite")  # a stored hash that no longer matches the bytes
     with catalog.db:
         catalog.db.execute("UPDATE photos SET sha256='0' WHERE path='album0/photo2.webp'")
     catalog.close()
@@ -582,8 +714,21 @@ def test_rehash_checks_every_photo_and_skipped_files_are_retried(models, tmp_pat
     full = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False, rehash=True)
     assert sorted(hashed) == ["photo0.jpg", "photo1.png", "photo2.webp"]
     assert (full.updated, full.unchanged) == (1, 2)
-    out = index_cli("index", str(photos), "--index", str(tmp_path / "index"), "--model", str(models[0]),
-                    "--detector", "none", "--alpha", "4", "--device", "cpu", "--rehash")
+    out = index_cli(
+        "index",
+        str(photos),
+        "--index",
+        str(tmp_path / "index"),
+        "--model",
+        str(models[0]),
+        "--detector",
+        "none",
+        "--alpha",
+        "4",
+        "--device",
+        "cpu",
+        "--rehash",
+    )
     assert "3 unchanged" in out.stdout
 
 
@@ -593,7 +738,7 @@ def test_searches_read_the_index_while_an_update_holds_the_catalog(models, tmp_p
     build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu", progress=False)
     writer = Catalog(tmp_path / "index" / "catalog.sqlite")
     try:
-        writer.db.execute("BEGIN EXCLUSIVE")   # what a merge that spills its cache to the file holds
+        writer.db.execute("BEGIN EXCLUSIVE")  # what a merge that spills its cache to the file holds
         writer.db.execute("DELETE FROM photos")
         index = PhotoIndex(tmp_path / "index", device="cpu")
         assert len(index.search("a red square", k=10, itm=True)) == 3
@@ -611,7 +756,7 @@ def test_a_catalog_locked_too_long_is_a_clear_error(models, tmp_path, monkeypatc
     build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu", progress=False)
     monkeypatch.setattr(catalog_module, "BUSY_SECONDS", 0.2)
     holder = sqlite3.connect(tmp_path / "index" / "catalog.sqlite")
-    holder.execute("PRAGMA locking_mode=EXCLUSIVE")   # a lock even WAL readers wait for
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")  # a lock even WAL readers wait for
     holder.execute("BEGIN EXCLUSIVE")
     try:
         with pytest.raises(IndexBusyError, match="stayed locked by another process"):
@@ -628,11 +773,14 @@ def test_temporaries_of_a_killed_merge_are_removed_at_the_next_run(models, tmp_p
     index_dir = tmp_path / "index"
     settings = settings_for(models, detector="none")
     build_index(photos, index_dir, settings, device="cpu", progress=False)
-    stale = [index_dir / "qpert.faiss.tmp4242.faiss", index_dir / "baseline.owners.npy.tmp4242-0a1b2c3d",
-             index_dir / "index.json.tmp"]
-    for path in stale:   # as kill -9 during the FAISS and manifest writes leaves them
+    stale = [
+        index_dir / "qpert.faiss.tmp4242.faiss",
+        index_dir / "baseline.owners.npy.tmp4242-0a1b2c3d",
+        index_dir / "index.json.tmp",
+    ]
+    for path in stale:  # as kill -9 during the FAISS and manifest writes leaves them
         path.write_bytes(b"\0" * 100_000)
-    with atomic_write(index_dir / "other.json") as live:   # another process still writing: kept
+    with atomic_write(index_dir / "other.json") as live:  # another process still writing: kept
         live.write(b"{}")
         build_index(photos, index_dir, settings, device="cpu", progress=False)
         assert not [p for p in stale if p.exists()]
@@ -646,16 +794,22 @@ def test_non_finite_alpha_is_refused_and_an_overflow_never_stored(models, tmp_pa
     with pytest.raises(ValueError, match="finite"):
         qpert.QPertConfig(alpha=float("nan"))
     photos = photo_folder(tmp_path / "photos", count=2)
-    out = index_cli("index", str(photos), "--model", str(models[0]), "--detector", "none", "--alpha", "inf",
-                    check=False)
+    out = index_cli(
+        "index", str(photos), "--model", str(models[0]), "--detector", "none", "--alpha", "inf", check=False
+    )
     assert out.returncode == 2 and "error: alpha must be a finite real number" in out.stderr
     with pytest.raises(ValueError, match="non-finite image embeddings"):
-        build_index(photos, tmp_path / "index", settings_for(models, qpert=qpert.QPertConfig(alpha=1e308)),
-                    device="cpu", progress=False)
+        build_index(
+            photos,
+            tmp_path / "index",
+            settings_for(models, qpert=qpert.QPertConfig(alpha=1e308)),
+            device="cpu",
+            progress=False,
+        )
     assert not (tmp_path / "index" / "catalog.sqlite").exists() or catalog_state(tmp_path / "index")[0] == {}
     build_index(photos, tmp_path / "index", settings_for(models, detector="none"), device="cpu", progress=False)
     index = PhotoIndex(tmp_path / "index", device="cpu")
-    index._itm = lambda rows, *args: np.full(len(rows), np.nan, np.float32)   # as an ITM head overflowing would
+    index._itm = lambda rows, *args: np.full(len(rows), np.nan, np.float32)  # as an ITM head overflowing would
     with pytest.raises(ValueError, match="ITM re-ranking gave non-finite scores"):
         index.search("a red square", itm=True)
     index.close()

@@ -1,4 +1,5 @@
 """``qpert serve``: the JSON API and photo route over HTTP, Ctrl-C, and the page in headless Chromium."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,8 @@ from urllib.parse import urlencode, urlsplit
 from urllib.request import urlopen
 
 import pytest
-from PIL import Image
 from helpers.search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
+from PIL import Image
 
 from qpert import QPertConfig
 from qpert.search.detectors import DetectorOptions
@@ -33,9 +34,18 @@ from qpert.search.searcher import PhotoIndex
 from qpert.search.server import make_server
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1000")
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+)
 QUERY = "a red square"
 PHOTOS = 8
 EXIF_ORIENTATION = 0x0112
@@ -52,9 +62,12 @@ def index_dir(tmp_path_factory) -> Path:
     exif[EXIF_ORIENTATION] = 6  # shown turned 90 degrees clockwise: 48 wide, 64 high
     rotated.save(photos / "album1" / "rotated.jpg", exif=exif)
     link = write_photo(photos / "album0" / "link.jpg", seed=99)
-    settings = IndexSettings(model=str(save_tiny_blip2(root / "model")), detector=str(save_tiny_detr(root / "detr")),
-                             detector_options=DetectorOptions(score_threshold=0.0, max_boxes=3),
-                             qpert=QPertConfig(alpha=4))
+    settings = IndexSettings(
+        model=str(save_tiny_blip2(root / "model")),
+        detector=str(save_tiny_detr(root / "detr")),
+        detector_options=DetectorOptions(score_threshold=0.0, max_boxes=3),
+        qpert=QPertConfig(alpha=4),
+    )
     build_index(photos, root / "index", settings, device="cpu", batch_size=4, progress=False)
     link.unlink()
     link.symlink_to(write_photo(root / "outside" / "secret.jpg", seed=99))
@@ -68,8 +81,9 @@ def served(index_dir):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     ids = {r.path: r.id for r in index.rows.values()}
-    yield SimpleNamespace(url=server.url, index=index, link_id=ids["album0/link.jpg"],
-                          rotated=index.rows[ids["album1/rotated.jpg"]])
+    yield SimpleNamespace(
+        url=server.url, index=index, link_id=ids["album0/link.jpg"], rotated=index.rows[ids["album1/rotated.jpg"]]
+    )
     server.shutdown()
     server.server_close()
     index.close()
@@ -134,12 +148,21 @@ def test_compare_returns_both_rankings(served, itm):
     assert len(data["qpert"]) == 5 and all((h["itm"] is not None) == (itm == "1") for h in data["qpert"])
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"q": ""}, "empty"), ({"q": "   "}, "empty"), ({}, "empty"), ({"q": "x" * 501}, "too long"),
-    ({"q": QUERY, "k": "0"}, "k must be"), ({"q": QUERY, "k": "abc"}, "k must be"),
-    ({"q": QUERY, "k": "101"}, "k must be"), ({"q": QUERY, "k": "-3"}, "k must be"),
-    ({"q": QUERY, "itm": "yes"}, "itm must be 0 or 1"), ({"q": QUERY, "compare": "2"}, "compare must be 0 or 1"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"q": ""}, "empty"),
+        ({"q": "   "}, "empty"),
+        ({}, "empty"),
+        ({"q": "x" * 501}, "too long"),
+        ({"q": QUERY, "k": "0"}, "k must be"),
+        ({"q": QUERY, "k": "abc"}, "k must be"),
+        ({"q": QUERY, "k": "101"}, "k must be"),
+        ({"q": QUERY, "k": "-3"}, "k must be"),
+        ({"q": QUERY, "itm": "yes"}, "itm must be 0 or 1"),
+        ({"q": QUERY, "compare": "2"}, "compare must be 0 or 1"),
+    ],
+)
 def test_bad_search_requests_are_400_json(served, params, message):
     status, data = search(served, **params)
     assert status == 400 and message in data["error"]
@@ -182,13 +205,33 @@ def test_thumbnails_are_small_upright_jpegs(served, tmp_path):
     assert status == 404 and json.loads(body) == {"error": "no such photo"}
 
 
-@pytest.mark.parametrize("path", [
-    "/photo/../../etc/passwd", "/photo/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/photo/..%2F..%2Fetc%2Fpasswd",
-    "/photo/999999", "/photo/abc", "/photo/-1", "/photo/1.5", "/photo/", "/photo/1/", "/photo/1%00",
-    "/photo/album0/photo0.jpg", "//etc/passwd", "/../etc/passwd", "/static/../server.py", "/static/index.html",
-    "/static/%2e%2e/server.py", "/index.html", "/api/searchx", "/thumb/../../etc/passwd", "/thumb/abc",
-    "/thumb/999999", "/thumbs/1",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/photo/../../etc/passwd",
+        "/photo/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/photo/..%2F..%2Fetc%2Fpasswd",
+        "/photo/999999",
+        "/photo/abc",
+        "/photo/-1",
+        "/photo/1.5",
+        "/photo/",
+        "/photo/1/",
+        "/photo/1%00",
+        "/photo/album0/photo0.jpg",
+        "//etc/passwd",
+        "/../etc/passwd",
+        "/static/../server.py",
+        "/static/index.html",
+        "/static/%2e%2e/server.py",
+        "/index.html",
+        "/api/searchx",
+        "/thumb/../../etc/passwd",
+        "/thumb/abc",
+        "/thumb/999999",
+        "/thumbs/1",
+    ],
+)
 def test_anything_but_a_catalog_id_is_404(served, path):
     status, headers, body = raw_get(served.url, path)
     assert status == 404 and headers["X-Content-Type-Options"] == "nosniff"
@@ -221,18 +264,45 @@ def test_foreign_host_header_is_refused(served):
     assert raw_get(served.url, "/api/info", host=f"localhost:{urlsplit(served.url).port}")[0] == 200
 
 
-@pytest.mark.parametrize("host", [
-    "127.0.0.1.evil.example", "127.0.0.1.evil.example:80", "127.evil.example", "127.0.0.1evil",
-    "localhost.evil.example", "localhost.", "evil.localhost", "[::1].evil.example", "127.1", "2130706433", "0x7f.0.0.1", "127.0.0.1:", "",
-    "evil.example", "127.0.0.1 evil", "[::2]",
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1.evil.example",
+        "127.0.0.1.evil.example:80",
+        "127.evil.example",
+        "127.0.0.1evil",
+        "localhost.evil.example",
+        "localhost.",
+        "evil.localhost",
+        "[::1].evil.example",
+        "127.1",
+        "2130706433",
+        "0x7f.0.0.1",
+        "127.0.0.1:",
+        "",
+        "evil.example",
+        "127.0.0.1 evil",
+        "[::2]",
+    ],
+)
 def test_host_names_that_only_look_like_loopback_are_refused(served, host):
     status, _, body = raw_get(served.url, "/api/info", host=host)
     assert status == 403 and json.loads(body) == {"error": "unknown Host header"}
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:{port}", "localhost", "LocalHost:{port}", "127.0.0.2:{port}",
-                                  "[::1]", "[::1]:{port}", "[0:0::1]:{port}"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "127.0.0.1:{port}",
+        "localhost",
+        "LocalHost:{port}",
+        "127.0.0.2:{port}",
+        "[::1]",
+        "[::1]:{port}",
+        "[0:0::1]:{port}",
+    ],
+)
 def test_exact_loopback_names_are_answered(served, host):
     assert raw_get(served.url, "/api/info", host=host.format(port=urlsplit(served.url).port))[0] == 200
 
@@ -241,8 +311,14 @@ def test_allowed_host_names_are_answered_and_no_others(served):
     server = make_server(served.index, allowed_hosts=["Photos.Local", "fe80::1"])
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        for host, status in [("photos.local", 200), ("photos.local:8765", 200), ("[fe80::1]:80", 200),
-                             ("localhost", 200), ("photos.local.evil.example", 403), ("evil.example", 403)]:
+        for host, status in [
+            ("photos.local", 200),
+            ("photos.local:8765", 200),
+            ("[fe80::1]:80", 200),
+            ("localhost", 200),
+            ("photos.local.evil.example", 403),
+            ("evil.example", 403),
+        ]:
             assert raw_get(server.url, "/api/info", host=host)[0] == status, host
     finally:
         server.shutdown()
@@ -265,10 +341,24 @@ def test_every_interface_needs_allowed_hosts_and_still_checks_them(served):
 
 
 def test_serving_on_every_interface_warns_of_the_exposure(index_dir):
-    command = [sys.executable, "-m", "qpert", "serve", str(index_dir), "--host", "0.0.0.0", "--port", "0",
-               "--allow-host", "photos.local", "--device", "cpu"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "qpert",
+        "serve",
+        str(index_dir),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "0",
+        "--allow-host",
+        "photos.local",
+        "--device",
+        "cpu",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     try:
         warning = next(line for line in process.stderr if line.startswith("warning: "))
         url = re.search(r"http://0\.0\.0\.0:(\d+)/", process.stdout.readline())
@@ -281,8 +371,19 @@ def test_serving_on_every_interface_warns_of_the_exposure(index_dir):
     assert process.returncode == 0
 
 
-@pytest.mark.parametrize("path", ["/", "/api/info", f"/api/search?q={QUERY.replace(' ', '+')}", "/api/search",
-                                  "/photo/{id}", "/thumb/{id}", "/photo/999999", "/nothing"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/api/info",
+        f"/api/search?q={QUERY.replace(' ', '+')}",
+        "/api/search",
+        "/photo/{id}",
+        "/thumb/{id}",
+        "/photo/999999",
+        "/nothing",
+    ],
+)
 def test_answers_may_not_be_embedded_by_other_sites(served, path):
     photo_id = next(r.id for r in served.index.rows.values() if r.id != served.link_id)
     _, headers, _ = raw_get(served.url, path.format(id=photo_id), host="localhost")
@@ -379,7 +480,7 @@ def test_out_of_file_descriptors_does_not_spin_the_accept_loop(fresh, monkeypatc
 
     with serving(fresh.index_dir) as server:
         monkeypatch.setattr(socket.socket, "accept", accept)
-        waiting = socket.create_connection(server.server_address[:2])   # the listening socket stays readable
+        waiting = socket.create_connection(server.server_address[:2])  # the listening socket stays readable
         time.sleep(1.0)
         monkeypatch.undo()
         waiting.close()
@@ -404,7 +505,7 @@ def decodes(monkeypatch):
     record = SimpleNamespace(sizes=[], running=0, most=0, lock=threading.Lock())
 
     def load(image):
-        if image.tile:   # a decode still to do, not a no-op on a loaded image
+        if image.tile:  # a decode still to do, not a no-op on a loaded image
             with record.lock:
                 record.sizes.append(image.size)
                 record.running += 1
@@ -439,7 +540,7 @@ def test_thumbnails_of_camera_photos_are_decoded_small_few_at_a_time_and_cached(
     assert [p.name for p in cached] == sorted(f"{r.sha256}-384.jpg" for r in rows)
     assert sorted(p.read_bytes() for p in cached) == sorted(body for _, _, body in answers)
 
-    decodes.sizes.clear()   # a new server (another run) finds them on disk
+    decodes.sizes.clear()  # a new server (another run) finds them on disk
     with serving(fresh.index_dir) as server:
         assert [get(f"{server.url}thumb/{r.id}")[0] for r in rows] == [200] * 4
     assert decodes.sizes == []
@@ -449,7 +550,7 @@ def test_an_edited_photo_gets_a_new_thumbnail(fresh):
     with serving(fresh.index_dir) as server:
         row = next(r for r in server.index.rows.values() if r.path == "album0/photo0.jpg")
         before = get(f"{server.url}thumb/{row.id}")[2]
-        write_photo(fresh.photos / "album0" / "photo0.jpg", seed=1234)   # not re-indexed yet
+        write_photo(fresh.photos / "album0" / "photo0.jpg", seed=1234)  # not re-indexed yet
         after = get(f"{server.url}thumb/{row.id}")[2]
     assert after != before
     assert Image.open(io.BytesIO(after)).size == Image.open(fresh.photos / "album0" / "photo0.jpg").size
@@ -461,9 +562,14 @@ def test_a_running_server_follows_a_new_index(fresh):
         assert search(SimpleNamespace(url=server.url), q=QUERY, k=10, itm=1)[0] == 200
         (fresh.photos / "album1" / "photo1.png").unlink()
         write_photo(fresh.photos / "new" / "added.jpg", seed=77)
-        write_photo(fresh.photos / "album0" / "photo0.jpg", seed=78)   # changed: its old tokens are collected
-        build_index(fresh.photos, fresh.index_dir, dataclasses.replace(fresh.settings, qpert=QPertConfig(alpha=2)),
-                    device="cpu", progress=False)
+        write_photo(fresh.photos / "album0" / "photo0.jpg", seed=78)  # changed: its old tokens are collected
+        build_index(
+            fresh.photos,
+            fresh.index_dir,
+            dataclasses.replace(fresh.settings, qpert=QPertConfig(alpha=2)),
+            device="cpu",
+            progress=False,
+        )
         status, data = search(SimpleNamespace(url=server.url), q=QUERY, k=10, itm=1)
         info = json.loads(get(server.url + "api/info")[2])
     assert status == 200, data
@@ -487,8 +593,9 @@ def test_page_and_its_files_are_served(served):
 
 def test_serve_stops_cleanly_on_ctrl_c(index_dir):
     command = [sys.executable, "-m", "qpert", "serve", str(index_dir), "--port", "0", "--device", "cpu"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     try:
         line = process.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", line)
@@ -517,6 +624,7 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
+@pytest.mark.browser
 def test_page_end_to_end(served, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -543,9 +651,10 @@ def test_page_end_to_end(served, browser):
     for result, hit in zip(results, expected):
         boxes = result.find_elements(By.CSS_SELECTOR, ".frame .box")
         assert len(boxes) == len(hit.boxes) and boxes[0].find_element(By.CLASS_NAME, "box-label").text.startswith(
-            hit.boxes[0]["label"])
+            hit.boxes[0]["label"]
+        )
         assert_box_placed(result.find_element(By.CLASS_NAME, "frame"), boxes[0], hit)
-    loaded = [h for h in expected if h.id != served.link_id][0]
+    loaded = next(h for h in expected if h.id != served.link_id)
     wait.until(lambda d: image_width(d, f"#results-qpert .result[data-id='{loaded.id}'] img") == loaded.width)
 
     browser.find_element(By.ID, "compare").click()
@@ -566,6 +675,7 @@ def test_page_end_to_end(served, browser):
     assert_no_script_errors(browser)
 
 
+@pytest.mark.browser
 def test_page_from_a_link_with_itm(served, browser):
     """A shared URL runs its search; a photo that is not served says so; ITM re-ranks; EXIF turns are honoured."""
     from selenium.webdriver.common.by import By
@@ -595,14 +705,18 @@ def assert_no_script_errors(driver) -> None:
 
 def image_width(driver, selector: str) -> int:
     """The loaded image's natural width (0 until it has loaded)."""
-    return driver.execute_script("const i = document.querySelector(arguments[0]); return i && i.complete ? "
-                                 "i.naturalWidth : 0;", selector)
+    return driver.execute_script(
+        "const i = document.querySelector(arguments[0]); return i && i.complete ? i.naturalWidth : 0;", selector
+    )
 
 
 def natural_size(driver, url: str) -> list[int] | None:
-    return driver.execute_async_script("const done = arguments[1], image = new Image(); "
-                                       "image.onload = () => done([image.naturalWidth, image.naturalHeight]); "
-                                       "image.onerror = () => done(null); image.src = arguments[0];", url)
+    return driver.execute_async_script(
+        "const done = arguments[1], image = new Image(); "
+        "image.onload = () => done([image.naturalWidth, image.naturalHeight]); "
+        "image.onerror = () => done(null); image.src = arguments[0];",
+        url,
+    )
 
 
 def assert_box_placed(frame, box, hit) -> None:
@@ -618,10 +732,16 @@ def assert_changed_marks_agree(driver) -> None:
     """A photo is highlighted exactly when its rank differs between the columns (or it is in one only)."""
     from selenium.webdriver.common.by import By
 
-    columns = [{int(r.get_attribute("data-id")): (int(r.get_attribute("data-rank")),
-                                                  "changed" in r.get_attribute("class").split())
-                for r in driver.find_elements(By.CSS_SELECTOR, f"#results-{name} .result")}
-               for name in ("qpert", "baseline")]
+    columns = [
+        {
+            int(r.get_attribute("data-id")): (
+                int(r.get_attribute("data-rank")),
+                "changed" in r.get_attribute("class").split(),
+            )
+            for r in driver.find_elements(By.CSS_SELECTOR, f"#results-{name} .result")
+        }
+        for name in ("qpert", "baseline")
+    ]
     for this, other in (columns, columns[::-1]):
         for photo_id, (rank, changed) in this.items():
             assert changed == (other.get(photo_id, (None,))[0] != rank)

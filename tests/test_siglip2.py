@@ -6,20 +6,27 @@ and 5 x 4; the position embeddings (a 4 x 4 grid) are resized to each.
 The reference places boxes on the grids the processor reports (``spatial_shapes``) by a loop
 over patches; qpert computes the grids itself from the image sizes.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from helpers.contract import (
+    BOXES,
+    SIZES,
+    assert_detach_restores,
+    assert_inactive_is_bit_identical,
+    assert_matches_reference,
+)
+from helpers.models import MAX_PATCHES, PATCH, TEXT_LENGTH, tiny_siglip2, tiny_siglip2_processor
+from helpers.reference_hooks import ReferenceHooks
 from PIL import Image
 
 import qpert
-from helpers.models import MAX_PATCHES, PATCH, TEXT_LENGTH, tiny_siglip2, tiny_siglip2_processor
-from helpers.contract import BOXES, SIZES, assert_detach_restores, assert_inactive_is_bit_identical, assert_matches_reference
 from qpert.core import prepare_boxes, token_weights
 from qpert.models.registry import MODELS, family_of, retrieval_heads
 from qpert.scoring import score
-from helpers.reference_hooks import ReferenceHooks
 
 CONFIGS = [
     dict(alpha=1.0, weight="constant", threshold=0.99, keep_norm=False, mode="enhance"),
@@ -68,7 +75,7 @@ def naflex_objects(boxes, sizes, shapes):
                 for c in range(cols):
                     ix = max(0.0, min(x1, (c + 1) * PATCH) - max(x0, c * PATCH))
                     iy = max(0.0, min(y1, (r + 1) * PATCH) - max(y0, r * PATCH))
-                    m[r * cols + c] = ix * iy / PATCH ** 2
+                    m[r * cols + c] = ix * iy / PATCH**2
             kept.append((m, (x1 - x0) * (y1 - y0) / (sx * sy * h * w)))
         objects.append(kept)
     return objects
@@ -79,7 +86,9 @@ def test_the_batch_has_different_grids(pixels):
     assert pixels["pixel_attention_mask"].sum(1).tolist() == [20, 16, 20]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c['weight']}-{c.get('rank') or c['threshold']}-{c['mode']}-kn{c['keep_norm']}"
+)
 def test_matches_plain_reference(model, pixels, cfg):
     def reference():
         ref = ReferenceHooks(naflex_objects(BOXES, SIZES, pixels["spatial_shapes"].tolist()), cfg)
@@ -104,21 +113,26 @@ def test_box_on_one_patch_maps_to_that_token_on_each_grid(model, processor):
     pixels = processor.image_processor(random_images(sizes), return_tensors="pt")
     assert pixels["spatial_shapes"].tolist() == [[3, 5], [5, 3]]
     boxes = [[[16.0, 8.0, 24.0, 16.0]], [[8.0, 24.0, 16.0, 32.0]]]
-    weights = token_weights(prepare_boxes(boxes, sizes), family_of(model).token_layout(model),
-                            num_tokens=pixels["pixel_values"].shape[1])
+    weights = token_weights(
+        prepare_boxes(boxes, sizes), family_of(model).token_layout(model), num_tokens=pixels["pixel_values"].shape[1]
+    )
     expected = torch.zeros(2, 1, MAX_PATCHES)
     expected[0, 0, 1 * 5 + 2] = expected[1, 0, 3 * 3 + 1] = 1.0
     assert torch.equal(weights, expected)
-    whole = token_weights(prepare_boxes([[[0, 0, w, h]] for h, w in sizes], sizes),
-                          family_of(model).token_layout(model), num_tokens=MAX_PATCHES)[:, 0]
+    whole = token_weights(
+        prepare_boxes([[[0, 0, w, h]] for h, w in sizes], sizes),
+        family_of(model).token_layout(model),
+        num_tokens=MAX_PATCHES,
+    )[:, 0]
     assert torch.equal(whole > 0, pixels["pixel_attention_mask"].bool())  # padding tokens get weight 0
 
 
 def test_padding_tokens_stay_masked(model, processor, pixels):
     """With Q-Pert on, what the padding tokens hold still does not reach the embedding."""
     retriever = retrieval_heads(model)
-    tokens = retriever.image_tokens(model, {k: pixels[k] for k in ("pixel_values", "pixel_attention_mask",
-                                                                   "spatial_shapes")})
+    tokens = retriever.image_tokens(
+        model, {k: pixels[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+    )
     padding = tokens[..., -1] == 0
     assert padding.any()
     noisy = tokens.clone()
@@ -136,8 +150,11 @@ def test_padding_tokens_stay_masked(model, processor, pixels):
 def test_registry_and_scores_of_a_saved_model(tmp_path):
     """Loaded from disk as ``qpert score`` loads it: scores equal the model's own forward, without and with Q-Pert."""
     spec = MODELS["siglip2-so400m-naflex"]
-    assert (spec.source, spec.model_class, spec.alphas) == ("google/siglip2-so400m-patch16-naflex",
-                                                                 "Siglip2Model", (0.2, 0.4, 0.6, 0.8, 1.0))
+    assert (spec.source, spec.model_class, spec.alphas) == (
+        "google/siglip2-so400m-patch16-naflex",
+        "Siglip2Model",
+        (0.2, 0.4, 0.6, 0.8, 1.0),
+    )
     tiny_siglip2(seed=1).save_pretrained(tmp_path)
     tiny_siglip2_processor(str(tmp_path)).save_pretrained(tmp_path)
     loaded = qpert.load_model(str(tmp_path))
@@ -170,10 +187,17 @@ def test_registry_and_scores_of_a_saved_model(tmp_path):
 def test_whole_image_box_pools_every_patch(model, pixels):
     """The object embedding of a box covering the image is the image embedding (no prefix token, padding masked)."""
     retriever = retrieval_heads(model)
-    tokens = retriever.image_tokens(model, {k: pixels[k] for k in ("pixel_values", "pixel_attention_mask",
-                                                                   "spatial_shapes")})
-    keep = token_weights(prepare_boxes([[[0, 0, w, h]] for h, w in SIZES], SIZES),
-                         family_of(model).token_layout(model), num_tokens=tokens.shape[1])[:, 0] > 0
+    tokens = retriever.image_tokens(
+        model, {k: pixels[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+    )
+    keep = (
+        token_weights(
+            prepare_boxes([[[0, 0, w, h]] for h, w in SIZES], SIZES),
+            family_of(model).token_layout(model),
+            num_tokens=tokens.shape[1],
+        )[:, 0]
+        > 0
+    )
     got = retriever.roi_embeddings(model, tokens, keep)
     assert (got - retriever.image_embeddings(model, tokens)).abs().max() <= 1e-5
 
@@ -195,7 +219,19 @@ def test_cli_scores_a_saved_naflex_model(tmp_path):
     tiny_siglip2(seed=2).save_pretrained(tmp_path)
     tiny_siglip2_processor(str(tmp_path)).save_pretrained(tmp_path)
     random_images([(40, 90)])[0].save(tmp_path / "wide.png")
-    out = qpert_cli("score", str(tmp_path / "wide.png"), "-t", "a small red square", "-t", "the green box",
-                    "--box", "10,5,40,30", "--model", str(tmp_path), "--alpha", "1")
+    out = qpert_cli(
+        "score",
+        str(tmp_path / "wide.png"),
+        "-t",
+        "a small red square",
+        "-t",
+        "the green box",
+        "--box",
+        "10,5,40,30",
+        "--model",
+        str(tmp_path),
+        "--alpha",
+        "1",
+    )
     assert out.returncode == 0, out.stderr
     assert "the green box" in out.stdout

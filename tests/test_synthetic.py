@@ -1,4 +1,5 @@
 """Synthetic scenes: determinism, pixel-exact boxes, the real loaders, and the shipped toy checkpoint."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -96,12 +97,15 @@ def test_shipped_checkpoint_retrieves_far_above_chance():
     loaded = qpert.load_model("blip2-shapes")
     scenes = make_scenes(424_242, 100)  # neither the training nor the validation stream
     texts = [c for s in scenes for c in s.captions]
-    pixels = loaded.processor.image_processor([Image.fromarray(s.image) for s in scenes],
-                                              return_tensors="pt").pixel_values
+    pixels = loaded.processor.image_processor(
+        [Image.fromarray(s.image) for s in scenes], return_tensors="pt"
+    ).pixel_values
     tok = loaded.processor.tokenizer(texts, padding="longest", return_tensors="pt")
     tokens = blip2.image_tokens(loaded.model, pixels)
-    scores = blip2.itc_scores(blip2.image_embeddings(loaded.model, tokens),
-                              blip2.text_embeddings(loaded.model, tok.input_ids, tok.attention_mask))
+    scores = blip2.itc_scores(
+        blip2.image_embeddings(loaded.model, tokens),
+        blip2.text_embeddings(loaded.model, tok.input_ids, tok.attention_mask),
+    )
     with pytest.warns(UserWarning, match="area bin"):
         metrics = retrieval_metrics(scores.numpy(), np.repeat(np.arange(100), 5), [s.max_area for s in scenes])
     assert metrics.t2i["R@1"] > 20.0  # chance is 1%

@@ -3,10 +3,12 @@
 Attached with hooks only: a pre-hook on the attention module sees the image tokens it
 attends to, a forward hook on its ``query`` linear perturbs the projected queries.
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import nn
@@ -30,8 +32,11 @@ class BertCrossAttentionSite(CrossAttentionSite):
     def key_projection(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.module.key.weight, self.module.key.bias
 
-    def install(self, on_image_tokens: Callable[[torch.Tensor], bool],
-                on_queries: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> list[RemovableHandle]:
+    def install(
+        self,
+        on_image_tokens: Callable[[torch.Tensor], bool],
+        on_queries: Callable[[torch.Tensor], Optional[torch.Tensor]],
+    ) -> list[RemovableHandle]:
         """on_image_tokens(tokens) -> whether to perturb; on_queries((B, T, H, d)) -> new queries or None."""
         armed = [False]
 
@@ -48,17 +53,21 @@ class BertCrossAttentionSite(CrossAttentionSite):
             new = on_queries(q)
             return None if new is None else new.reshape(output.shape)
 
-        return [self.module.register_forward_pre_hook(pre_hook, with_kwargs=True),
-                self.module.query.register_forward_hook(query_hook)]
+        return [
+            self.module.register_forward_pre_hook(pre_hook, with_kwargs=True),
+            self.module.query.register_forward_hook(query_hook),
+        ]
 
 
 def find_bert_cross_attentions(root: nn.Module) -> list[BertCrossAttentionSite]:
     """Every module under a ``crossattention`` block that owns ``query`` and ``key`` linears."""
     sites = []
     for name, module in root.named_modules():
-        if "crossattention" in name.split(".")[:-1] and \
-                isinstance(getattr(module, "query", None), nn.Linear) and \
-                isinstance(getattr(module, "key", None), nn.Linear) and \
-                "encoder_hidden_states" in inspect.signature(module.forward).parameters:
+        if (
+            "crossattention" in name.split(".")[:-1]
+            and isinstance(getattr(module, "query", None), nn.Linear)
+            and isinstance(getattr(module, "key", None), nn.Linear)
+            and "encoder_hidden_states" in inspect.signature(module.forward).parameters
+        ):
             sites.append(BertCrossAttentionSite(name, module))
     return sites

@@ -1,9 +1,11 @@
 """The attach/detach handle: turns boxes into subspaces and feeds them to the hooked layers."""
+
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -17,10 +19,11 @@ from ..core.official import official_token_weights
 from ..errors import ConfigError, UsageError
 from .site import CrossAttentionSite, KeyTokens, same_tokens
 
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, QPertHandle]" = weakref.WeakKeyDictionary()
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, QPertHandle] = weakref.WeakKeyDictionary()
 
 #: Images per chunk when keys of all layers are materialized to build subspaces.
 IMAGES_PER_CHUNK = 16
+
 
 class _Precomputed:
     """``objects(subspaces=...)``: operators computed beforehand, moved to the tokens' device once.
@@ -29,7 +32,7 @@ class _Precomputed:
     (that would stall its queue once per pass), which is exact: inactive rows come back unchanged.
     """
 
-    def __init__(self, handle: "QPertHandle", subspaces: Subspaces):
+    def __init__(self, handle: QPertHandle, subspaces: Subspaces):
         self.handle, self.subspaces = handle, subspaces
         self.any_active: Optional[bool] = None
 
@@ -50,7 +53,7 @@ class _OnTheFly:
     begun and the operators are computed again.
     """
 
-    def __init__(self, handle: "QPertHandle", boxes: BoxBatch, config: QPertConfig):
+    def __init__(self, handle: QPertHandle, boxes: BoxBatch, config: QPertConfig):
         self.handle, self.boxes, self.config = handle, boxes, config
         self.source: Optional[torch.Tensor] = None
         self.current: Optional[Subspaces] = None
@@ -70,8 +73,14 @@ class QPertHandle:
     Also a context manager: ``with qpert.attach(model, config) as handle: ...`` detaches on exit.
     """
 
-    def __init__(self, model: nn.Module, config: QPertConfig, sites: Sequence[CrossAttentionSite], layout: Layout,
-                 key_tokens: KeyTokens = same_tokens):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: QPertConfig,
+        sites: Sequence[CrossAttentionSite],
+        layout: Layout,
+        key_tokens: KeyTokens = same_tokens,
+    ):
         self.model = model
         self.config = config
         self.sites = list(sites)
@@ -87,7 +96,7 @@ class QPertHandle:
         for index, site in enumerate(self.sites):
             self._hooks += site.install(self._on_image_tokens, self._query_hook(index))
 
-    def __enter__(self) -> "QPertHandle":
+    def __enter__(self) -> QPertHandle:
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -104,9 +113,14 @@ class QPertHandle:
         return [site.name for site in self.sites]
 
     @contextmanager
-    def objects(self, boxes: Optional[Sequence[BoxesLike]] = None,
-                image_sizes: Optional[Sequence[Sequence[float]]] = None, *,
-                subspaces: Optional[Subspaces] = None, config: Optional[QPertConfig] = None) -> Iterator["QPertHandle"]:
+    def objects(
+        self,
+        boxes: Optional[Sequence[BoxesLike]] = None,
+        image_sizes: Optional[Sequence[Sequence[float]]] = None,
+        *,
+        subspaces: Optional[Subspaces] = None,
+        config: Optional[QPertConfig] = None,
+    ) -> Iterator[QPertHandle]:
         """Perturb every forward pass inside the block with these objects.
 
         Args:
@@ -144,8 +158,13 @@ class QPertHandle:
         finally:
             self._block, self._current = None, None
 
-    def compute_subspaces(self, image_tokens: torch.Tensor, boxes: Sequence[BoxesLike],
-                          image_sizes: Sequence[Sequence[float]], config: Optional[QPertConfig] = None) -> Subspaces:
+    def compute_subspaces(
+        self,
+        image_tokens: torch.Tensor,
+        boxes: Sequence[BoxesLike],
+        image_sizes: Sequence[Sequence[float]],
+        config: Optional[QPertConfig] = None,
+    ) -> Subspaces:
         """Subspaces of a batch of images, to reuse for every text they are matched with.
 
         Args:
@@ -179,21 +198,29 @@ class QPertHandle:
         theirs = [tuple(t.shape[1:3]) for t in subspaces.mean_projector]
         ours = [(site.num_heads, site.head_dim) for site in self.sites]
         if theirs != ours:
-            raise ConfigError(f"these subspaces are for {len(theirs)} layers of (heads, dims) {sorted(set(theirs))}, "
-                             f"the model has {len(ours)} of {sorted(set(ours))}")
+            raise ConfigError(
+                f"these subspaces are for {len(theirs)} layers of (heads, dims) {sorted(set(theirs))}, "
+                f"the model has {len(ours)} of {sorted(set(ours))}"
+            )
         wanted = (config.threshold, config.rank, config.compat, config.projector)
         if subspaces.recipe() != wanted:
-            raise ConfigError(f"subspaces were built with (threshold, rank, compat, projector) {subspaces.recipe()}; "
-                             f"the config asks for {wanted}: recompute them")
+            raise ConfigError(
+                f"subspaces were built with (threshold, rank, compat, projector) {subspaces.recipe()}; "
+                f"the config asks for {wanted}: recompute them"
+            )
 
     def _check_batch(self, image_tokens: torch.Tensor, batch_size: int) -> None:
         if image_tokens.shape[0] != batch_size:
-            raise ConfigError(f"Q-Pert got objects for {batch_size} images but the model's batch has "
-                             f"{image_tokens.shape[0]}: give one box list per image in the batch")
+            raise ConfigError(
+                f"Q-Pert got objects for {batch_size} images but the model's batch has "
+                f"{image_tokens.shape[0]}: give one box list per image in the batch"
+            )
         if isinstance(self.layout, TokenLayout) and image_tokens.shape[1] != self.layout.num_tokens:
-            raise ConfigError(f"the cross-attention sees {image_tokens.shape[1]} image tokens, the token layout "
-                             f"expects {self.layout.num_tokens} (grid {self.layout.grid}); were the images "
-                             "preprocessed to the model's own input size?")
+            raise ConfigError(
+                f"the cross-attention sees {image_tokens.shape[1]} image tokens, the token layout "
+                f"expects {self.layout.num_tokens} (grid {self.layout.grid}); were the images "
+                "preprocessed to the model's own input size?"
+            )
 
     def _keys(self, image_tokens: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
         """(B, L, H, N, d) float32 keys of the attached ``layers`` (which share H and d)."""
@@ -236,11 +263,17 @@ class QPertHandle:
             subs, config = self._current, self._block[1]
             matrix = perturbation_matrix(subs.mean_projector[layer], subs.area_projector[layer], config)
             return perturb_queries(queries, matrix, subs.active, config.keep_norm)
+
         return on_queries
 
 
-def attach_sites(model: nn.Module, config: QPertConfig, sites: Sequence[CrossAttentionSite], layout: Layout,
-                 key_tokens: KeyTokens = same_tokens) -> QPertHandle:
+def attach_sites(
+    model: nn.Module,
+    config: QPertConfig,
+    sites: Sequence[CrossAttentionSite],
+    layout: Layout,
+    key_tokens: KeyTokens = same_tokens,
+) -> QPertHandle:
     """Hook Q-Pert into the given cross-attention ``sites`` of any model: the escape hatch for models no
     registered family covers.
 

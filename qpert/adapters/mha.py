@@ -8,10 +8,12 @@ dtype and any projection weight. (Moving the query *input* by Δx = W_q⁻¹Δq 
 only up to cond(W_q) times the input's rounding, which is poor for trained weights and
 useless in half precision.) Keys, values and the module's weights are untouched.
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import nn
@@ -29,8 +31,10 @@ class MultiheadAttentionSite(CrossAttentionSite):
 
     def __init__(self, name: str, module: nn.MultiheadAttention):
         if module.bias_k is not None or module.add_zero_attn:
-            raise UnsupportedModelError(f"{name}: Q-Pert does not support nn.MultiheadAttention with add_bias_kv or "
-                             "add_zero_attn (their extra key would escape the perturbation)")
+            raise UnsupportedModelError(
+                f"{name}: Q-Pert does not support nn.MultiheadAttention with add_bias_kv or "
+                "add_zero_attn (their extra key would escape the perturbation)"
+            )
         self.name = name
         self.module = module
         self.num_heads = int(module.num_heads)
@@ -40,10 +44,10 @@ class MultiheadAttentionSite(CrossAttentionSite):
         """(weight, bias) of the query (0) or key (1) projection, sliced as the module slices them."""
         m, e = self.module, self.module.embed_dim
         if m._qkv_same_embed_dim:
-            weight = m.in_proj_weight[which * e:(which + 1) * e]
+            weight = m.in_proj_weight[which * e : (which + 1) * e]
         else:
             weight = m.q_proj_weight if which == 0 else m.k_proj_weight
-        bias = None if m.in_proj_bias is None else m.in_proj_bias[which * e:(which + 1) * e]
+        bias = None if m.in_proj_bias is None else m.in_proj_bias[which * e : (which + 1) * e]
         return weight, bias
 
     def key_projection(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -54,8 +58,11 @@ class MultiheadAttentionSite(CrossAttentionSite):
         weight, bias = self._projection(which)
         return F.linear(x, weight, bias).unflatten(-1, (self.num_heads, self.head_dim))
 
-    def install(self, on_image_tokens: Callable[[torch.Tensor], bool],
-                on_queries: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> list[RemovableHandle]:
+    def install(
+        self,
+        on_image_tokens: Callable[[torch.Tensor], bool],
+        on_queries: Callable[[torch.Tensor], Optional[torch.Tensor]],
+    ) -> list[RemovableHandle]:
         """on_image_tokens((B, N, C)) -> whether to perturb; on_queries((B, T, H, d)) -> new queries or None."""
         batch_first = self.module.batch_first
 
@@ -75,7 +82,7 @@ class MultiheadAttentionSite(CrossAttentionSite):
             if new is None:
                 return None
             k = self._heads(key, 1)
-            delta = torch.einsum("blhd,bnhd->bhln", new - q, k) * self.head_dim ** -0.5
+            delta = torch.einsum("blhd,bnhd->bhln", new - q, k) * self.head_dim**-0.5
             bound["attn_mask"] = _add_to_mask(bound.get("attn_mask"), delta.flatten(0, 1))
             kpm = bound.get("key_padding_mask")
             if kpm is not None and kpm.dtype == torch.bool:  # keep both masks float, as MHA prefers

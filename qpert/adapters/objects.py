@@ -4,11 +4,13 @@ Scoring, evaluation, indexing and search all do the same: build each image's sub
 tokens and boxes (with the family's key transform), then perturb forward passes over those images,
 or over batches of (image, text) pairs that pick them by index.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 
@@ -31,13 +33,19 @@ class ImageObjects:
     config: QPertConfig
 
     @classmethod
-    def from_boxes(cls, handle: QPertHandle, image_tokens: torch.Tensor, boxes: Sequence[BoxesLike],
-                   image_sizes: Sequence[Sequence[float]], config: Optional[QPertConfig] = None) -> "ImageObjects":
+    def from_boxes(
+        cls,
+        handle: QPertHandle,
+        image_tokens: torch.Tensor,
+        boxes: Sequence[BoxesLike],
+        image_sizes: Sequence[Sequence[float]],
+        config: Optional[QPertConfig] = None,
+    ) -> ImageObjects:
         """Subspaces from the family's image tokens (B, N, C) and one box list per image."""
         config = config or handle.config
         return cls(handle, handle.compute_subspaces(image_tokens, boxes, image_sizes, config), config)
 
-    def perturb(self, index: Union[None, slice, torch.Tensor, Iterable[int]] = None) -> AbstractContextManager:
+    def perturb(self, index: Union[slice, torch.Tensor, Iterable[int], None] = None) -> AbstractContextManager:
         """The block inside which forward passes are perturbed: over these images (``index`` None), a
         slice of them, or a batch whose row p is image ``index[p]`` (e.g. ITM pairs)."""
         subspaces = self.subspaces if index is None else self.subspaces.select(index)

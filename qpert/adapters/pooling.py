@@ -9,10 +9,12 @@ computes softmax(scale * q̂ kᵀ) from the module's own inputs and weights, and
 ``attn_drop`` hands those probabilities to the rest of the forward (values, output projection),
 which runs unchanged.
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import nn
@@ -46,8 +48,11 @@ class AttentionPoolingSite(CrossAttentionSite):
         """What the key projection reads: the image tokens through the block's ``norm1_k``."""
         return self.block.norm1_k(tokens.to(self.module.k.weight.device))
 
-    def install(self, on_image_tokens: Callable[[torch.Tensor], bool],
-                on_queries: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> list[RemovableHandle]:
+    def install(
+        self,
+        on_image_tokens: Callable[[torch.Tensor], bool],
+        on_queries: Callable[[torch.Tensor], Optional[torch.Tensor]],
+    ) -> list[RemovableHandle]:
         """on_image_tokens((B, N, C)) -> whether to perturb; on_queries((B, T, H, d)) -> new queries or None."""
         state: dict = {}
         heads = (self.num_heads, self.head_dim)
@@ -71,6 +76,8 @@ class AttentionPoolingSite(CrossAttentionSite):
             probabilities = state.pop("probabilities", None)
             return None if probabilities is None else (probabilities,)
 
-        return [self.block.register_forward_pre_hook(block_pre_hook, with_kwargs=True),
-                self.module.register_forward_pre_hook(attention_pre_hook, with_kwargs=True),
-                self.module.attn_drop.register_forward_pre_hook(dropout_pre_hook)]
+        return [
+            self.block.register_forward_pre_hook(block_pre_hook, with_kwargs=True),
+            self.module.register_forward_pre_hook(attention_pre_hook, with_kwargs=True),
+            self.module.attn_drop.register_forward_pre_hook(dropout_pre_hook),
+        ]

@@ -11,10 +11,12 @@ row ``i`` attends to image ``i % B``. There are no grouped key heads: ``k_proj``
 Hooks only: a pre-hook on the module sees the image tokens, a forward hook on ``q_proj``
 perturbs its output; the keys Q-Pert pools are ``k_proj(norm2(tokens))``, as the module's.
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import nn
@@ -33,8 +35,10 @@ class LlamaCrossAttentionSite(CrossAttentionSite):
         self.num_heads = int(module.num_heads)
         self.head_dim = int(module.head_dim)
         if module.k_proj.out_features != self.num_heads * self.head_dim:
-            raise UnsupportedModelError(f"{name}: k_proj gives {module.k_proj.out_features} features, expected "
-                             f"num_heads x head_dim = {self.num_heads * self.head_dim} (grouped keys are not supported)")
+            raise UnsupportedModelError(
+                f"{name}: k_proj gives {module.k_proj.out_features} features, expected "
+                f"num_heads x head_dim = {self.num_heads * self.head_dim} (grouped keys are not supported)"
+            )
         params = list(inspect.signature(module.forward).parameters)
         self._tokens_position = params.index("vision_hidden_states")
         self._repeat_position = params.index("repeat_time") if "repeat_time" in params else None
@@ -51,8 +55,11 @@ class LlamaCrossAttentionSite(CrossAttentionSite):
             return kwargs[name]
         return args[position] if position is not None and len(args) > position else default
 
-    def install(self, on_image_tokens: Callable[[torch.Tensor], bool],
-                on_queries: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> list[RemovableHandle]:
+    def install(
+        self,
+        on_image_tokens: Callable[[torch.Tensor], bool],
+        on_queries: Callable[[torch.Tensor], Optional[torch.Tensor]],
+    ) -> list[RemovableHandle]:
         """on_image_tokens((B, N, C)) -> whether to perturb; on_queries((B, T, H, d)) -> new queries or None."""
         armed = [0]  # the call's repeat_time while armed, 0 when not
 
@@ -73,18 +80,22 @@ class LlamaCrossAttentionSite(CrossAttentionSite):
                 return None
             return new.unflatten(1, (repeat, -1)).transpose(0, 1).flatten(0, 1).flatten(-2)
 
-        return [self.module.register_forward_pre_hook(pre_hook, with_kwargs=True),
-                self.module.q_proj.register_forward_hook(query_hook)]
+        return [
+            self.module.register_forward_pre_hook(pre_hook, with_kwargs=True),
+            self.module.q_proj.register_forward_hook(query_hook),
+        ]
 
 
 def find_llama_cross_attentions(root: nn.Module) -> list[LlamaCrossAttentionSite]:
-    """Every ``cross_attn`` module with ``q_proj``/``k_proj`` linears, a ``norm2`` and a ``vision_hidden_states`` input."""
+    """Every ``cross_attn`` module with ``q_proj``/``k_proj`` linears, a ``norm2`` and a vision-states input."""
     sites = []
     for name, module in root.named_modules():
-        if name.split(".")[-1] == "cross_attn" and \
-                isinstance(getattr(module, "q_proj", None), nn.Linear) and \
-                isinstance(getattr(module, "k_proj", None), nn.Linear) and \
-                isinstance(getattr(module, "norm2", None), nn.Module) and \
-                "vision_hidden_states" in inspect.signature(module.forward).parameters:
+        if (
+            name.split(".")[-1] == "cross_attn"
+            and isinstance(getattr(module, "q_proj", None), nn.Linear)
+            and isinstance(getattr(module, "k_proj", None), nn.Linear)
+            and isinstance(getattr(module, "norm2", None), nn.Module)
+            and "vision_hidden_states" in inspect.signature(module.forward).parameters
+        ):
             sites.append(LlamaCrossAttentionSite(name, module))
     return sites

@@ -1,7 +1,9 @@
 """What every adapter provides: one hooked cross-attention over image tokens."""
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import nn

@@ -4,12 +4,14 @@ Q-Pert pools the keys of the tokens an object covers (DESIGN.md §1, step 1). A 
 is the exact fraction of its patch that the box covers once the box has gone through the same
 resize/crop as the pixels, so boxes land on the tokens the model actually sees.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, Union
+from typing import Optional, Protocol, Union
 
 import numpy as np
 import torch
@@ -162,12 +164,16 @@ def prepare_boxes(boxes: Sequence[BoxesLike], image_sizes: Sequence[Sequence[flo
             clipped[:, [0, 2]] = np.clip(clipped[:, [0, 2]], 0, w)
             clipped[:, [1, 3]] = np.clip(clipped[:, [1, 3]], 0, h)
         empty = finite & ~inverted & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])) & clip
-        for what, mask in (("non-finite", ~finite), ("inverted (x1 < x0 or y1 < y0)", inverted),
-                           ("zero-area or outside the image", empty)):
+        for what, mask in (
+            ("non-finite", ~finite),
+            ("inverted (x1 < x0 or y1 < y0)", inverted),
+            ("zero-area or outside the image", empty),
+        ):
             if mask.any():
                 warnings.warn(
                     f"image {i}: dropped {int(mask.sum())} {what} box(es): {arr[mask].tolist()}",
-                    QPertWarning, stacklevel=3,
+                    QPertWarning,
+                    stacklevel=3,
                 )
         kept.append(clipped[finite & ~inverted & ~empty])
     m = max((len(k) for k in kept), default=0)
@@ -185,8 +191,9 @@ def _overlap_1d(lo: torch.Tensor, hi: torch.Tensor, cells: int, cell: float) -> 
     return (torch.minimum(hi[..., None], edges[1:]) - torch.maximum(lo[..., None], edges[:-1])).clamp_min(0)
 
 
-def _grid_weights(boxes: torch.Tensor, valid: torch.Tensor, image_sizes: torch.Tensor,
-                  layout: TokenLayout) -> torch.Tensor:
+def _grid_weights(
+    boxes: torch.Tensor, valid: torch.Tensor, image_sizes: torch.Tensor, layout: TokenLayout
+) -> torch.Tensor:
     """(B, M, N) coverage of boxes of images that share one fixed layout."""
     boxes = layout.to_input_coords(boxes.double(), image_sizes.double())
     (rows, cols), (ph, pw) = layout.grid, layout.patch
@@ -199,8 +206,9 @@ def _grid_weights(boxes: torch.Tensor, valid: torch.Tensor, image_sizes: torch.T
     return out
 
 
-def token_weights(batch: BoxBatch, layout: Layout, device: Optional[torch.device] = None, *,
-                  num_tokens: Optional[int] = None) -> torch.Tensor:
+def token_weights(
+    batch: BoxBatch, layout: Layout, device: Optional[torch.device] = None, *, num_tokens: Optional[int] = None
+) -> torch.Tensor:
     """(B, M, N) fraction of each token's patch covered by each box; prefix/suffix tokens get 0.
 
     A :class:`PerImageLayout` needs ``num_tokens``, the sequence length the images were padded to.
@@ -213,6 +221,7 @@ def token_weights(batch: BoxBatch, layout: Layout, device: Optional[torch.device
         out = torch.zeros(len(batch), batch.boxes.shape[1], num_tokens)
         for i, (h, w) in enumerate(batch.image_sizes.round().int().tolist()):
             sl = slice(i, i + 1)
-            out[sl] = _grid_weights(batch.boxes[sl], batch.valid[sl], batch.image_sizes[sl],
-                                    layout.for_image(h, w, num_tokens))
+            out[sl] = _grid_weights(
+                batch.boxes[sl], batch.valid[sl], batch.image_sizes[sl], layout.for_image(h, w, num_tokens)
+            )
     return out if device is None else out.to(device)

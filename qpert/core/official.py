@@ -22,6 +22,7 @@ reproduces its computations so they can be compared with the paper's equations:
 * an object whose mask covers no token is kept (its pooled keys are zero; eigh of the zero
   matrix gives it a rank-1 projector onto the last coordinate), and counts in the mean over objects.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -70,7 +71,7 @@ def _resize_masks(masks: torch.Tensor, height: int, width: int, layout: TokenLay
     new_h, new_w = (side, int(side * width / height)) if height <= width else (int(side * height / width), side)
     resized = F.interpolate(masks, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
     top, left = round((new_h - in_h) / 2), round((new_w - in_w) / 2)
-    return resized[..., top:top + in_h, left:left + in_w]
+    return resized[..., top : top + in_h, left : left + in_w]
 
 
 def official_token_weights(batch: BoxBatch, layout: Layout, num_tokens: Optional[int] = None) -> torch.Tensor:
@@ -90,5 +91,5 @@ def official_token_weights(batch: BoxBatch, layout: Layout, num_tokens: Optional
         binary = (_resize_masks(masks, h, w, fixed) > 0).float()
         cover = F.avg_pool2d(binary, kernel_size=fixed.patch, stride=fixed.patch).flatten(1)
         start = fixed.num_prefix_tokens
-        out[i, kept, start:start + cover.shape[1]] = cover
+        out[i, kept, start : start + cover.shape[1]] = cover
     return out

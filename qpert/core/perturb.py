@@ -1,4 +1,5 @@
 """Query enhancement (DESIGN.md §1, step 3): q̂ = q + (1/M') Σ_i w(a_i) P_i q, batched."""
+
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,9 @@ import torch
 from ..config import QPertConfig
 
 
-def perturbation_matrix(mean_projector: torch.Tensor, area_projector: torch.Tensor, config: QPertConfig) -> torch.Tensor:
+def perturbation_matrix(
+    mean_projector: torch.Tensor, area_projector: torch.Tensor, config: QPertConfig
+) -> torch.Tensor:
     """A with q̂ = q + A q, from S0 = mean_i P_i and S1 = mean_i a_i P_i (any leading shape)."""
     if config.mode == "orthogonal":
         return -mean_projector

@@ -6,11 +6,13 @@ S0 = mean_i P_i and S1 = mean_i a_i P_i over the kept objects. Storing (S0, S1) 
 per-object projectors makes the cache independent of alpha and the weight function, and
 applying it costs one d x d product per query.
 """
+
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 
@@ -59,11 +61,15 @@ class Subspaces:
         """What decides the operators besides the image and its boxes."""
         return self.threshold, self.rank, self.compat, self.projector
 
-    def _with(self, fn) -> "Subspaces":
-        return Subspaces(tuple(fn(t) for t in self.mean_projector), tuple(fn(t) for t in self.area_projector),
-                         fn(self.active), *self.recipe())
+    def _with(self, fn) -> Subspaces:
+        return Subspaces(
+            tuple(fn(t) for t in self.mean_projector),
+            tuple(fn(t) for t in self.area_projector),
+            fn(self.active),
+            *self.recipe(),
+        )
 
-    def select(self, index: Union[torch.Tensor, Iterable[int], slice]) -> "Subspaces":
+    def select(self, index: Union[torch.Tensor, Iterable[int], slice]) -> Subspaces:
         """Rows for a batch of (image, text) pairs, e.g. ``subspaces.select(image_index_of_pair)``."""
         if not isinstance(index, (torch.Tensor, slice)):
             index = torch.as_tensor(list(index), dtype=torch.long)
@@ -71,40 +77,53 @@ class Subspaces:
             index = index.to(self.active.device)
         return self._with(lambda t: t[index])
 
-    def to(self, device: Union[str, torch.device]) -> "Subspaces":
+    def to(self, device: Union[str, torch.device]) -> Subspaces:
         return self._with(lambda t: t.to(device))
 
     @staticmethod
-    def cat(parts: list["Subspaces"]) -> "Subspaces":
+    def cat(parts: list[Subspaces]) -> Subspaces:
         if not parts:
             raise ConfigError("cannot concatenate an empty list of Subspaces")
         recipes = {p.recipe() for p in parts}
         if len(recipes) != 1:
-            raise ConfigError(f"cannot concatenate subspaces built differently (threshold, rank, compat, projector): "
-                             f"{recipes}")
+            raise ConfigError(
+                f"cannot concatenate subspaces built differently (threshold, rank, compat, projector): {recipes}"
+            )
         layers = range(parts[0].num_layers)
-        return Subspaces(tuple(torch.cat([p.mean_projector[i] for p in parts]) for i in layers),
-                         tuple(torch.cat([p.area_projector[i] for p in parts]) for i in layers),
-                         torch.cat([p.active for p in parts]), *parts[0].recipe())
+        return Subspaces(
+            tuple(torch.cat([p.mean_projector[i] for p in parts]) for i in layers),
+            tuple(torch.cat([p.area_projector[i] for p in parts]) for i in layers),
+            torch.cat([p.active for p in parts]),
+            *parts[0].recipe(),
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (safetensors-friendly): one pair per layer; the recipe travels as small tensors."""
-        state = {"active": self.active.contiguous(), "threshold": torch.tensor(self.threshold, dtype=torch.float64),
-                 "rank": torch.tensor(-1 if self.rank is None else self.rank),
-                 "compat": _encode(self.compat), "projector": _encode(self.projector)}
+        state = {
+            "active": self.active.contiguous(),
+            "threshold": torch.tensor(self.threshold, dtype=torch.float64),
+            "rank": torch.tensor(-1 if self.rank is None else self.rank),
+            "compat": _encode(self.compat),
+            "projector": _encode(self.projector),
+        }
         for i, (s0, s1) in enumerate(zip(self.mean_projector, self.area_projector)):
             state[f"mean_projector.{i}"] = s0.clone().contiguous()
             state[f"area_projector.{i}"] = s1.clone().contiguous()
         return state
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "Subspaces":
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> Subspaces:
         rank = int(state["rank"])
         layers = sum(1 for k in state if k.startswith("mean_projector."))
-        return cls(tuple(state[f"mean_projector.{i}"].float() for i in range(layers)),
-                   tuple(state[f"area_projector.{i}"].float() for i in range(layers)),
-                   state["active"].bool(), float(state["threshold"]), None if rank < 0 else rank,
-                   _decode(state.get("compat"), "paper"), _decode(state.get("projector"), "paper"))
+        return cls(
+            tuple(state[f"mean_projector.{i}"].float() for i in range(layers)),
+            tuple(state[f"area_projector.{i}"].float() for i in range(layers)),
+            state["active"].bool(),
+            float(state["threshold"]),
+            None if rank < 0 else rank,
+            _decode(state.get("compat"), "paper"),
+            _decode(state.get("projector"), "paper"),
+        )
 
 
 def key_autocorrelation(keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -171,13 +190,15 @@ def pooled_projectors(pooled: torch.Tensor, threshold: float = 0.99, rank: Optio
 
 def _ranks(pooled: torch.Tensor, threshold: float, rank: Optional[int]) -> torch.Tensor:
     """(…,) the rank the paper's rule gives each object's K-subspace."""
-    gram = pooled @ pooled.transpose(-1, -2) if pooled.shape[-2] < pooled.shape[-1] \
-        else pooled.transpose(-1, -2) @ pooled
+    gram = (
+        pooled @ pooled.transpose(-1, -2) if pooled.shape[-2] < pooled.shape[-1] else pooled.transpose(-1, -2) @ pooled
+    )
     return _rank_mask(_descending_eigh(gram)[0], threshold, rank).sum(-1)
 
 
-def random_projectors(pooled: torch.Tensor, seeds: list[int], threshold: float = 0.99,
-                      rank: Optional[int] = None) -> torch.Tensor:
+def random_projectors(
+    pooled: torch.Tensor, seeds: list[int], threshold: float = 0.99, rank: Optional[int] = None
+) -> torch.Tensor:
     """Projectors onto random orthonormal subspaces of the ranks the object keys would give.
 
     The ablation control for "the object subspace matters": same rank, same weights, no key
@@ -186,8 +207,9 @@ def random_projectors(pooled: torch.Tensor, seeds: list[int], threshold: float =
     """
     d = pooled.shape[-1]
     ranks = _ranks(pooled.float(), threshold, rank)
-    gaussians = torch.stack([torch.randn(*ranks.shape[1:], d, d, generator=torch.Generator().manual_seed(seed))
-                             for seed in seeds]).to(pooled.device)
+    gaussians = torch.stack(
+        [torch.randn(*ranks.shape[1:], d, d, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+    ).to(pooled.device)
     basis = torch.linalg.qr(gaussians).Q * (torch.arange(d, device=pooled.device) < ranks[..., None])[..., None, :]
     return basis @ basis.transpose(-1, -2)
 
@@ -245,8 +267,15 @@ def compute_subspaces(
             c = coef[chunk][:, None, None, None, None]
             s0.index_add_(0, image_of[chunk], p * c)
             s1.index_add_(0, image_of[chunk], p * (c * obj_area[chunk][:, None, None, None, None]))
-    return Subspaces(tuple(s0.unbind(1)), tuple(s1.unbind(1)), count > 0, config.threshold, config.rank,
-                     config.compat, config.projector)
+    return Subspaces(
+        tuple(s0.unbind(1)),
+        tuple(s1.unbind(1)),
+        count > 0,
+        config.threshold,
+        config.rank,
+        config.compat,
+        config.projector,
+    )
 
 
 def _projectors(pooled: torch.Tensor, config: QPertConfig, weights: torch.Tensor) -> torch.Tensor:

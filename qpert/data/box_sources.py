@@ -32,9 +32,10 @@ import json
 import logging
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import numpy as np
 from PIL import Image
@@ -105,9 +106,7 @@ class BoxSet:
     def __getitem__(self, image_id: str) -> ImageBoxes:
         return self.images[image_id]
 
-    def max_areas(
-        self, image_ids: Sequence[str], convention: AreaConvention = "paper"
-    ) -> np.ndarray:
+    def max_areas(self, image_ids: Sequence[str], convention: AreaConvention = "paper") -> np.ndarray:
         """Per-image largest normalized area, the input of the mR@K metrics.
 
         ``"paper"``: of the clipped boxes, NaN without boxes (in no bin). ``"official"``: as
@@ -202,9 +201,7 @@ def read_entities_xml(path: PathLike) -> EntitiesAnnotation:
     )
 
 
-def flickr30k_entities_boxes(
-    annotations_dir: PathLike, image_ids: Iterable[str], rules: BoxRules = "paper"
-) -> BoxSet:
+def flickr30k_entities_boxes(annotations_dir: PathLike, image_ids: Iterable[str], rules: BoxRules = "paper") -> BoxSet:
     """Boxes of Flickr30K Entities for ``image_ids``, looked up in the full Annotations folder.
 
     With ``rules="official"`` each image also needs ``Sentences/<id>.txt`` beside
@@ -340,24 +337,15 @@ def _coco_entities_by_det_id(captions: Mapping[str, Any]) -> list[tuple[float, .
     return list(detections.values())
 
 
-def coco_instances_boxes(
-    json_path: PathLike, image_ids: Iterable[str], include_crowd: bool = False
-) -> BoxSet:
+def coco_instances_boxes(json_path: PathLike, image_ids: Iterable[str], include_crowd: bool = False) -> BoxSet:
     """Ground-truth boxes of COCO instances annotations (sizes from its ``images`` list)."""
     data = _read_json(json_path)
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
-        raise BoxFormatError(
-            f"{json_path}: expected a COCO instances file with 'images' and 'annotations'"
-        )
+        raise BoxFormatError(f"{json_path}: expected a COCO instances file with 'images' and 'annotations'")
     try:
-        sizes = {
-            normalize_image_id(im["id"]): (int(im["height"]), int(im["width"]))
-            for im in data["images"]
-        }
+        sizes = {normalize_image_id(im["id"]): (int(im["height"]), int(im["width"])) for im in data["images"]}
     except (KeyError, TypeError, ValueError) as error:
-        raise BoxFormatError(
-            f"{json_path}: 'images' need 'id', 'height', 'width' ({error!r})"
-        ) from error
+        raise BoxFormatError(f"{json_path}: 'images' need 'id', 'height', 'width' ({error!r})") from error
     annotations = [a for a in data["annotations"] if include_crowd or not a.get("iscrowd", 0)]
     return _from_xywh("coco-instances", json_path, annotations, image_ids, sizes=sizes)
 
@@ -376,21 +364,15 @@ def detector_boxes(
     """
     data = _read_json(json_path)
     if not isinstance(data, list):
-        raise BoxFormatError(
-            f"{json_path}: expected a COCO results list [{{'image_id', 'bbox', 'score'}}, ...]"
-        )
+        raise BoxFormatError(f"{json_path}: expected a COCO results list [{{'image_id', 'bbox', 'score'}}, ...]")
     if max_boxes is not None and max_boxes < 1:
         raise ConfigError(f"max_boxes must be >= 1 or None, got {max_boxes}")
     try:
         kept = [d for d in data if float(d["score"]) >= score_threshold]
     except (KeyError, TypeError, ValueError) as error:
-        raise BoxFormatError(
-            f"{json_path}: a detection has no numeric 'score' ({error!r})"
-        ) from error
+        raise BoxFormatError(f"{json_path}: a detection has no numeric 'score' ({error!r})") from error
     kept.sort(key=lambda d: -float(d["score"]))  # stable: equal scores keep file order
-    return _from_xywh(
-        "detector", json_path, kept, image_ids, image_paths=image_paths, max_boxes=max_boxes
-    )
+    return _from_xywh("detector", json_path, kept, image_ids, image_paths=image_paths, max_boxes=max_boxes)
 
 
 def load_boxes(
@@ -458,12 +440,7 @@ def read_official_entities(xml_path: PathLike, sentences_path: PathLike) -> Imag
         raise BoxFormatError(f"{xml_path}: not a valid Flickr30K Entities XML ({error})") from error
     with open(sentences_path, encoding="utf-8") as f:
         phrase_ids = _official_phrase_ids(f, sentences_path)
-    kept = [
-        box
-        for name, boxes in groups.items()
-        if any(n in phrase_ids for n in name.split(","))
-        for box in boxes
-    ]
+    kept = [box for name, boxes in groups.items() if any(n in phrase_ids for n in name.split(",")) for box in boxes]
     return _official_image_boxes(kept, size)
 
 
@@ -521,9 +498,7 @@ def _official_phrase_ids(lines: Iterable[str], where: Any) -> set[str]:
     return ids
 
 
-def _official_image_boxes(
-    source: list[tuple[float, ...]], size: Optional[tuple[int, int]]
-) -> ImageBoxes:
+def _official_image_boxes(source: list[tuple[float, ...]], size: Optional[tuple[int, int]]) -> ImageBoxes:
     """Clip the official boxes to the image (dropping empty ones); keep the originals."""
     if not source:
         return ImageBoxes(_as_array([]), size, np.zeros((0, 4), dtype=np.float64))
@@ -561,9 +536,7 @@ def _from_xywh(
     images, missing = {}, []
     for image_id, boxes in wanted.items():
         if boxes:
-            images[image_id] = _image_boxes(
-                boxes, image_id, json_path, sizes, image_paths, max_boxes
-            )
+            images[image_id] = _image_boxes(boxes, image_id, json_path, sizes, image_paths, max_boxes)
         else:
             images[image_id] = _no_boxes()
             missing.append(image_id)
@@ -579,7 +552,7 @@ def _image_boxes(
     max_boxes: Optional[int] = None,
 ) -> ImageBoxes:
     """Clip to the image (size from ``sizes``, else the image header), then keep ``max_boxes``."""
-    height, width = size = _known_size(image_id, source_path, sizes, image_paths)
+    height, width = _known_size(image_id, source_path, sizes, image_paths)
     clipped = [c for c in (_clip(b, height, width) for b in boxes) if c is not None]
     return ImageBoxes(_as_array(clipped[:max_boxes]), (height, width))
 
@@ -594,9 +567,7 @@ def _known_size(
         return sizes[image_id]
     if image_paths is not None and image_id in image_paths:
         return image_size(image_paths[image_id])
-    raise BoxFormatError(
-        f"{source_path}: the size of image {image_id} is unknown; pass its image path"
-    )
+    raise BoxFormatError(f"{source_path}: the size of image {image_id} is unknown; pass its image path")
 
 
 def _clip(box: tuple[float, ...], height: int, width: int) -> Optional[tuple[float, ...]]:

@@ -185,9 +185,7 @@ def _record(path: Path, image: Any, captions: Any, images_dir: Path) -> _Record:
     return _Record(images_dir / image, captions)
 
 
-def _karpathy_records(
-    data: dict[str, Any], path: Path, split: str, source: _Source, images_dir: Path
-) -> list[_Record]:
+def _karpathy_records(data: dict[str, Any], path: Path, split: str, source: _Source, images_dir: Path) -> list[_Record]:
     records = []
     if not isinstance(data["images"], list) or not all(isinstance(image, dict) for image in data["images"]):
         raise DatasetLayoutError(f"{path}: 'images' must be a list of image entries ({{'filename', 'sentences', ...}})")
@@ -200,8 +198,7 @@ def _karpathy_records(
             records.append(_record(path, image["filename"], captions, images_dir / folder))
         except (KeyError, TypeError) as error:
             raise DatasetLayoutError(
-                f"{path}: Karpathy image entry without 'filename' or 'sentences'[*]['raw']: "
-                f"{image!r:.200}"
+                f"{path}: Karpathy image entry without 'filename' or 'sentences'[*]['raw']: {image!r:.200}"
             ) from error
     if not records:
         raise DatasetLayoutError(f"{path}: no image has split {split!r}")
@@ -290,8 +287,7 @@ def _find_annotation_file(ann_dir: Path, source: _Source, split: str, base: str)
         if candidate.is_file():
             return candidate
     raise DatasetLayoutError(
-        f"no {split} annotation file for {base}: looked for "
-        f"{', '.join(str(c) for c in candidates)}\n{_layout(base)}"
+        f"no {split} annotation file for {base}: looked for {', '.join(str(c) for c in candidates)}\n{_layout(base)}"
     )
 
 

@@ -1,37 +1,54 @@
 """One call from names to numbers: the Python face of ``qpert eval`` and ``qpert tune``."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 from ..config import COMPATS, QPertConfig, compat_dtype
-from ..errors import ConfigError, MissingFileError
 from ..data.box_sources import BoxSet, load_boxes
 from ..data.datasets import RetrievalDataset, load_dataset
 from ..distributed import Ranks
+from ..errors import ConfigError, MissingFileError
 from ..models.registry import LoadedModel, family_of, load_model
 from .metrics import METRIC_KEYS
 from .pipeline import PAPER_THRESHOLDS, EvalOptions, EvalResult, evaluate, method_name, paper_grid
 
-BOX_KINDS = {"entities": "flickr30k-entities", "coco-json": "detector", "coco-instances": "coco-instances",
-             "coco-entities": "coco-entities"}
+BOX_KINDS = {
+    "entities": "flickr30k-entities",
+    "coco-json": "detector",
+    "coco-instances": "coco-instances",
+    "coco-entities": "coco-entities",
+}
 
 
-def resolve_boxes(spec: str, dataset: RetrievalDataset, data_root: Path, score_threshold: float = 0.0,
-                  max_boxes: Optional[int] = None, rules: str = "paper") -> BoxSet:
+def resolve_boxes(
+    spec: str,
+    dataset: RetrievalDataset,
+    data_root: Path,
+    score_threshold: float = 0.0,
+    max_boxes: Optional[int] = None,
+    rules: str = "paper",
+) -> BoxSet:
     """``entities`` (ROOT/flickr30k/Annotations or ROOT/flickr30k_entities/Annotations), ``entities:DIR``,
     ``coco-json:FILE`` (detector results), ``coco-instances:FILE`` or ``coco-entities:FILE``, read by
     ``rules`` (``qpert.data.box_sources.Rules``)."""
     kind, _, path = spec.partition(":")
     if kind not in BOX_KINDS:
-        raise ConfigError(f"unknown box source {spec!r}: use entities[:DIR], coco-json:FILE, "
-                         "coco-instances:FILE or coco-entities:FILE")
+        raise ConfigError(
+            f"unknown box source {spec!r}: use entities[:DIR], coco-json:FILE, "
+            "coco-instances:FILE or coco-entities:FILE"
+        )
     if not path:
         if kind != "entities":
             raise ConfigError(f"--boxes {kind} needs a file: {kind}:FILE")
-        candidates = [Path(data_root) / "flickr30k" / "Annotations", Path(data_root) / "flickr30k_entities" / "Annotations"]
+        candidates = [
+            Path(data_root) / "flickr30k" / "Annotations",
+            Path(data_root) / "flickr30k_entities" / "Annotations",
+        ]
         path = str(next((c for c in candidates if c.is_dir()), candidates[0]))
     options = {"score_threshold": score_threshold, "max_boxes": max_boxes} if kind == "coco-json" else {}
     return load_boxes(BOX_KINDS[kind], path, dataset, rules, **options)
@@ -58,12 +75,24 @@ def read_config_file(path: Union[str, Path]) -> QPertConfig:
         raise ConfigError(f"{path}: {error}") from None
 
 
-def evaluate_benchmark(model: Union[str, LoadedModel], dataset: str, data_root: Union[str, Path], boxes: str,
-                       configs: Sequence[QPertConfig], split: str = "test", captions_file: Optional[str] = None,
-                       device: str = "cpu", dtype: Optional[str] = None, score_threshold: float = 0.0,
-                       max_boxes: Optional[int] = None, options: Optional[EvalOptions] = None,
-                       trust_remote_code: bool = False, compat: str = "paper",
-                       bin_boxes: Optional[str] = None, ranks: Optional[Ranks] = None) -> EvalResult:
+def evaluate_benchmark(
+    model: Union[str, LoadedModel],
+    dataset: str,
+    data_root: Union[str, Path],
+    boxes: str,
+    configs: Sequence[QPertConfig],
+    split: str = "test",
+    captions_file: Optional[str] = None,
+    device: str = "cpu",
+    dtype: Optional[str] = None,
+    score_threshold: float = 0.0,
+    max_boxes: Optional[int] = None,
+    options: Optional[EvalOptions] = None,
+    trust_remote_code: bool = False,
+    compat: str = "paper",
+    bin_boxes: Optional[str] = None,
+    ranks: Optional[Ranks] = None,
+) -> EvalResult:
     """Baseline and every Q-Pert config on a benchmark split, side by side, from one feature cache.
 
     Args:
@@ -101,8 +130,9 @@ def evaluate_benchmark(model: Union[str, LoadedModel], dataset: str, data_root: 
     options = replace(options or EvalOptions(), compat=compat)
     data = load_dataset(dataset, Path(data_root), split=split, captions_file=captions_file)
     box_set = resolve_boxes(boxes, data, Path(data_root), score_threshold, max_boxes, rules=compat)
-    bin_set = resolve_boxes(bin_boxes, data, Path(data_root), score_threshold, max_boxes, rules=compat) \
-        if bin_boxes else None
+    bin_set = (
+        resolve_boxes(bin_boxes, data, Path(data_root), score_threshold, max_boxes, rules=compat) if bin_boxes else None
+    )
     if isinstance(model, str):
         model = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     methods = {"baseline": None}
@@ -111,11 +141,22 @@ def evaluate_benchmark(model: Union[str, LoadedModel], dataset: str, data_root: 
     return evaluate(model, data, box_set, methods, options, bin_boxes=bin_set, ranks=ranks)
 
 
-def tune(model: Union[str, LoadedModel], dataset: str, data_root: Union[str, Path], boxes: str, split: str = "val",
-         alphas: Optional[Sequence[float]] = None, thresholds: Sequence[float] = PAPER_THRESHOLDS,
-         weights: Optional[Sequence[str]] = None, select_by: str = "t2i mR@1", device: str = "cpu",
-         dtype: Optional[str] = None, trust_remote_code: bool = False, compat: str = "paper",
-         **kwargs) -> tuple[EvalResult, str]:
+def tune(
+    model: Union[str, LoadedModel],
+    dataset: str,
+    data_root: Union[str, Path],
+    boxes: str,
+    split: str = "val",
+    alphas: Optional[Sequence[float]] = None,
+    thresholds: Sequence[float] = PAPER_THRESHOLDS,
+    weights: Optional[Sequence[str]] = None,
+    select_by: str = "t2i mR@1",
+    device: str = "cpu",
+    dtype: Optional[str] = None,
+    trust_remote_code: bool = False,
+    compat: str = "paper",
+    **kwargs,
+) -> tuple[EvalResult, str]:
     """The paper's grid on the validation split: alpha x the five weight functions x tau.
 
     Args:

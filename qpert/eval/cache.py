@@ -6,6 +6,7 @@ what is done and never reads a half-written file. A run starting removes the tem
 killed runs, never those of another run still writing to the same cache. Keys are content
 hashes of everything the value depends on.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,7 +68,9 @@ class FeatureStore:
             return load_file(path)
         except (SafetensorError, OSError) as e:  # damaged outside our control: drop it, recompute
             path.unlink(missing_ok=True)
-            raise CacheError(f"cache file {path} was unreadable ({e}) and has been removed: run again to recompute it") from e
+            raise CacheError(
+                f"cache file {path} was unreadable ({e}) and has been removed: run again to recompute it"
+            ) from e
 
     def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

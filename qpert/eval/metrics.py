@@ -19,8 +19,9 @@ that ITM re-ranking puts beyond its top-k, where they cannot change R@1/5/10.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Optional, Sequence
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -77,16 +78,12 @@ class RetrievalMetrics:
         return out
 
 
-def t2i_ranks(
-    scores: np.ndarray, text_to_image: np.ndarray, block_rows: int = DEFAULT_BLOCK_ROWS
-) -> np.ndarray:
+def t2i_ranks(scores: np.ndarray, text_to_image: np.ndarray, block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
     """1-based rank of each text's paired image among all images (ties against the text)."""
     return _t2i_ranks(*_check_inputs(scores, text_to_image, block_rows), block_rows)
 
 
-def i2t_ranks(
-    scores: np.ndarray, text_to_image: np.ndarray, block_rows: int = DEFAULT_BLOCK_ROWS
-) -> np.ndarray:
+def i2t_ranks(scores: np.ndarray, text_to_image: np.ndarray, block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
     """1-based rank of each image's best-ranked caption among all texts.
 
     The best caption is the highest-scoring one; its rank is 1 + the number of other
@@ -110,9 +107,9 @@ def _i2t_ranks(scores: np.ndarray, text_to_image: np.ndarray, block_rows: int) -
     positive = scores[text_to_image, np.arange(scores.shape[1])]
     best = np.full(num_images, -np.inf, dtype=scores.dtype)
     np.maximum.at(best, text_to_image, positive)
-    tied_positives = np.bincount(
-        text_to_image, weights=positive >= best[text_to_image], minlength=num_images
-    ).astype(np.int64)
+    tied_positives = np.bincount(text_to_image, weights=positive >= best[text_to_image], minlength=num_images).astype(
+        np.int64
+    )
     at_least_best = np.empty(num_images, dtype=np.int64)
     for start in range(0, num_images, block_rows):
         stop = start + block_rows
@@ -218,13 +215,14 @@ def retrieval_metrics(
         image_bins = dict.fromkeys(DIRECTIONS, area_bins(max_areas))
     ranks = {
         "t2i": _t2i_ranks(scores, text_to_image, block_rows),
-        "i2t": _i2t_ranks(scores if i2t_scores is None else _check_inputs(i2t_scores, text_to_image, block_rows)[0],
-                          text_to_image, block_rows),
+        "i2t": _i2t_ranks(
+            scores if i2t_scores is None else _check_inputs(i2t_scores, text_to_image, block_rows)[0],
+            text_to_image,
+            block_rows,
+        ),
     }
     query_bins = {"t2i": image_bins["t2i"][text_to_image], "i2t": image_bins["i2t"]}
-    empty_bins = [
-        b for b in range(NUM_BINS) if not all(np.any(image_bins[d] == b) for d in DIRECTIONS)
-    ]
+    empty_bins = [b for b in range(NUM_BINS) if not all(np.any(image_bins[d] == b) for d in DIRECTIONS)]
     if empty_bins:
         warnings.warn(
             f"no image has its largest object in area bin(s) {empty_bins} "
@@ -238,10 +236,7 @@ def retrieval_metrics(
     for d in DIRECTIONS:
         r, qb = ranks[d], query_bins[d]
         per_bin = {
-            f"R@{k}": [
-                recall_at_k(r[qb == b], k) if np.any(qb == b) else None for b in range(NUM_BINS)
-            ]
-            for k in KS
+            f"R@{k}": [recall_at_k(r[qb == b], k) if np.any(qb == b) else None for b in range(NUM_BINS)] for k in KS
         }
         values: dict[str, Optional[float]] = {f"R@{k}": recall_at_k(r, k) for k in KS}
         for k in KS:
@@ -266,9 +261,7 @@ def retrieval_metrics(
     )
 
 
-def format_comparison(
-    results: Mapping[str, RetrievalMetrics], directions: Sequence[str] = DIRECTIONS
-) -> str:
+def format_comparison(results: Mapping[str, RetrievalMetrics], directions: Sequence[str] = DIRECTIONS) -> str:
     """Plain-text table of several named runs side by side, plus each later run minus the first."""
     if not results:
         raise ValueError("nothing to format")
@@ -282,10 +275,7 @@ def format_comparison(
             cells = [_cell(v) for v in values] + [_cell(v, signed=True) for v in diffs]
             rows.append([f"{d} {key}", *cells])
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    lines = [
-        "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
-        for row in rows
-    ]
+    lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     without_boxes = {results[n].num_images_without_boxes for n in names}
     empty = {tuple(results[n].empty_bins) for n in names}
@@ -314,17 +304,13 @@ def _check_convention(convention: str) -> None:
         raise ValueError(f"unknown metric convention {convention!r}; expected one of {CONVENTIONS}")
 
 
-def _check_inputs(
-    scores: np.ndarray, text_to_image: np.ndarray, block_rows: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _check_inputs(scores: np.ndarray, text_to_image: np.ndarray, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores)
     text_to_image = np.asarray(text_to_image)
     if scores.ndim != 2:
         raise ValueError(f"scores must be (num_images, num_texts), got shape {scores.shape}")
     if text_to_image.shape != (scores.shape[1],):
-        raise ValueError(
-            f"text_to_image must have shape ({scores.shape[1]},), got {text_to_image.shape}"
-        )
+        raise ValueError(f"text_to_image must have shape ({scores.shape[1]},), got {text_to_image.shape}")
     if not np.issubdtype(text_to_image.dtype, np.integer):
         raise ValueError("text_to_image must hold integer image indices")
     if text_to_image.size and (text_to_image.min() < 0 or text_to_image.max() >= scores.shape[0]):

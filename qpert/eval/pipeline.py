@@ -20,14 +20,16 @@ one more method, "object-embedding": the baseline's ITC plus each image's best o
 (cached per shard and text set), re-ranked by the baseline's ITM logits, so it is scored
 ITM + ITC + object similarity.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -37,11 +39,11 @@ from tqdm.auto import tqdm
 from ..adapters import ImageObjects, QPertHandle
 from ..attach import attach
 from ..config import COMPATS, WEIGHT_COEFFICIENTS, QPertConfig
-from ..errors import ConfigError, DataError
 from ..core import Subspaces
 from ..data.box_sources import BoxSet
-from ..distributed import Ranks
 from ..data.datasets import RetrievalDataset
+from ..distributed import Ranks
+from ..errors import ConfigError, DataError
 from ..models.compiling import compile_vision_encoder
 from ..models.registry import DEFAULT_RERANK_K, LoadedModel, retrieval_heads
 from ..object_baseline import object_masks, object_similarities
@@ -60,23 +62,28 @@ Methods = dict[str, Optional[QPertConfig]]
 
 @dataclass
 class EvalOptions:
-    itm: Optional[bool] = None   # ITM + ITC re-ranking; None: whenever the model has an ITM head
-    k: Optional[int] = None      # candidates re-ranked per query; None: the model's (qpert.models.registry)
-    batch_size: int = 16          # images per vision / Q-Former forward
-    itm_batch_size: int = 128     # (image, text) pairs per ITM forward
-    shard_size: int = 64          # images per cache file (the unit of resumption)
+    itm: Optional[bool] = None  # ITM + ITC re-ranking; None: whenever the model has an ITM head
+    k: Optional[int] = None  # candidates re-ranked per query; None: the model's (qpert.models.registry)
+    batch_size: int = 16  # images per vision / Q-Former forward
+    itm_batch_size: int = 128  # (image, text) pairs per ITM forward
+    shard_size: int = 64  # images per cache file (the unit of resumption)
     cache_dir: Optional[Path] = None
     progress: bool = True
-    keep_scores: bool = False     # keep each method's final T2I score matrix (for reports)
+    keep_scores: bool = False  # keep each method's final T2I score matrix (for reports)
     object_baseline: bool = False  # add the "object-embedding" method (the paper's Table F ablation)
     compile_vision: bool = False  # torch.compile the vision encoder (qpert.compile_vision_encoder)
-    compat: str = "paper"         # "official": the official code's metric conventions (and every method's compat)
+    compat: str = "paper"  # "official": the official code's metric conventions (and every method's compat)
     exclude_sites: tuple[str, ...] = ()  # cross-attentions left alone (qpert.attach(exclude=...))
-    pairs_per_block: int = 4096   # ITM pairs per cache file: the unit of work ranks share and a resumed run skips
+    pairs_per_block: int = 4096  # ITM pairs per cache file: the unit of work ranks share and a resumed run skips
 
     def __post_init__(self) -> None:
-        counts = {"k": self.k, "batch_size": self.batch_size, "itm_batch_size": self.itm_batch_size,
-                  "shard_size": self.shard_size, "pairs_per_block": self.pairs_per_block}
+        counts = {
+            "k": self.k,
+            "batch_size": self.batch_size,
+            "itm_batch_size": self.itm_batch_size,
+            "shard_size": self.shard_size,
+            "pairs_per_block": self.pairs_per_block,
+        }
         for name, value in counts.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"EvalOptions.{name} must be a whole number >= 1, got {value!r}")
@@ -111,11 +118,14 @@ def method_name(config: QPertConfig) -> str:
 class _Run:
     """State of one evaluation: model, cache, shards and the inputs every stage needs."""
 
-    def __init__(self, loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, options: EvalOptions,
-                 ranks: Ranks):
+    def __init__(
+        self, loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, options: EvalOptions, ranks: Ranks
+    ):
         if ranks.world > 1 and options.cache_dir is None:
-            raise ConfigError("several processes share their work through the feature cache: give a --cache-dir "
-                              "that every rank sees (a shared file system across nodes), not --no-cache")
+            raise ConfigError(
+                "several processes share their work through the feature cache: give a --cache-dir "
+                "that every rank sees (a shared file system across nodes), not --no-cache"
+            )
         self.ranks = ranks
         self.heads = retrieval_heads(loaded.model)
         self.itm = resolve_itm(self.heads, options.itm, loaded.name)
@@ -139,8 +149,14 @@ class _Run:
 
     def bar(self, total: int, desc: str, unit: str):
         """Rank 0's progress on its share (the ranks' shares are equal, so its ETA is the run's)."""
-        return tqdm(total=total, desc=desc, unit=unit, disable=not (self.options.progress and self.ranks.is_main),
-                    dynamic_ncols=True, mininterval=1.0)
+        return tqdm(
+            total=total,
+            desc=desc,
+            unit=unit,
+            disable=not (self.options.progress and self.ranks.is_main),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
 
     # ---------------------------------------------------------------------------- stage 1
     def tokens_key(self, shard: range) -> str:
@@ -155,8 +171,13 @@ class _Run:
                     idx = range(start, min(start + self.options.batch_size, shard.stop))
                     images = [_open_image(self.dataset.image_paths[i]) for i in idx]
                     good = [im for im in images if im is not None]
-                    produced = iter(self.heads.image_tokens(
-                        self.model, self.heads.preprocess(self.model, self.loaded.processor, good)) if good else ())
+                    produced = iter(
+                        self.heads.image_tokens(
+                            self.model, self.heads.preprocess(self.model, self.loaded.processor, good)
+                        )
+                        if good
+                        else ()
+                    )
                     for im in images:
                         tokens.append(None if im is None else next(produced))
                         sizes.append((1, 1) if im is None else (im.height, im.width))
@@ -166,8 +187,11 @@ class _Run:
                 if template is None:
                     raise DataError(f"no image of shard {shard.start}-{shard.stop - 1} could be read")
                 stacked = torch.stack([t if t is not None else torch.zeros_like(template) for t in tokens])
-                self.store.save("tokens", self.tokens_key(shard), {
-                    "tokens": stacked, "sizes": torch.tensor(sizes), "readable": torch.tensor(readable)})
+                self.store.save(
+                    "tokens",
+                    self.tokens_key(shard),
+                    {"tokens": stacked, "sizes": torch.tensor(sizes), "readable": torch.tensor(readable)},
+                )
         self.ranks.barrier()
 
     def load_tokens(self, shard: range) -> dict[str, torch.Tensor]:
@@ -179,12 +203,16 @@ class _Run:
     def text_embeddings(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, mask = self.heads.tokenize(self.model, self.loaded.processor, self.dataset.texts)
         texts = content_key("text", self.model_key, self.dataset.texts)
-        chunks = [(content_key(texts, s), range(s, min(s + TEXTS_PER_CHUNK, len(ids))))
-                  for s in range(0, len(ids), TEXTS_PER_CHUNK)]
+        chunks = [
+            (content_key(texts, s), range(s, min(s + TEXTS_PER_CHUNK, len(ids))))
+            for s in range(0, len(ids), TEXTS_PER_CHUNK)
+        ]
         todo = [(key, chunk) for key, chunk in self.ranks.strided(chunks) if not self.store.has("text", key)]
         with self.bar(sum(len(c) for _, c in todo), "text features", "text") as bar:
             for key, chunk in todo:
-                emb = self.heads.text_embeddings(self.model, ids[chunk.start:chunk.stop], mask[chunk.start:chunk.stop])
+                emb = self.heads.text_embeddings(
+                    self.model, ids[chunk.start : chunk.stop], mask[chunk.start : chunk.stop]
+                )
                 self.store.save("text", key, {"emb": emb.float()})
                 bar.update(len(chunk))
         self.ranks.barrier()
@@ -215,8 +243,10 @@ class _Run:
         return content_key(self.subspaces_key(shard, config), config.to_dict())
 
     def image_embeddings(self, methods: Methods) -> None:
-        todo = [(s, [c for c in methods.values() if not self.store.has("itc", self.method_key(s, c))])
-                for s in self.ranks.strided(self.shards)]
+        todo = [
+            (s, [c for c in methods.values() if not self.store.has("itc", self.method_key(s, c))])
+            for s in self.ranks.strided(self.shards)
+        ]
         todo = [(s, sorted(need, key=_by_subspaces)) for s, need in todo if need]  # reuse each tau's subspaces
         with self.bar(sum(len(s) * len(n) for s, n in todo), "image embeddings", "img") as bar:
             for shard, need in todo:
@@ -247,8 +277,9 @@ class _Run:
         return torch.cat(rows)
 
     # ---------------------------------------------------------------------------- stage 5
-    def itm_rerank(self, config: Optional[QPertConfig], itc: torch.Tensor, ids, mask,
-                   desc: str) -> tuple[np.ndarray, np.ndarray]:
+    def itm_rerank(
+        self, config: Optional[QPertConfig], itc: torch.Tensor, ids, mask, desc: str
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Final (I, T) matrices for T2I and I2T: ITM + ITC on each query's top k, -inf elsewhere.
 
         The pairs (sorted by image) are cut into blocks of equal size, so every rank scores as many pairs
@@ -256,13 +287,13 @@ class _Run:
         """
         n_img, n_txt = itc.shape
         k_img, k_txt = min(self.k, n_img), min(self.k, n_txt)
-        t2i_top = itc.topk(k_img, dim=0).indices                    # (k, T): images per text
-        i2t_top = itc.topk(k_txt, dim=1).indices                    # (I, k): texts per image
+        t2i_top = itc.topk(k_img, dim=0).indices  # (k, T): images per text
+        i2t_top = itc.topk(k_txt, dim=1).indices  # (I, k): texts per image
         t2i_pairs = torch.stack([t2i_top.flatten(), torch.arange(n_txt).repeat(k_img)], 1)
         i2t_pairs = torch.stack([torch.arange(n_img).repeat_interleave(k_txt), i2t_top.flatten()], 1)
         pairs = torch.unique(torch.cat([t2i_pairs, i2t_pairs]), dim=0)  # sorted by image
         size = self.options.pairs_per_block
-        blocks = [pairs[s:s + size] for s in range(0, len(pairs), size)]
+        blocks = [pairs[s : s + size] for s in range(0, len(pairs), size)]
         keys = [self.itm_key(config, block) for block in blocks]
         mine = [b for b in self.ranks.contiguous(len(blocks)) if not self.store.has("itm", keys[b])]
         started = time.perf_counter()
@@ -291,19 +322,23 @@ class _Run:
         return groups
 
     def itm_key(self, config: Optional[QPertConfig], block: torch.Tensor) -> str:
-        return content_key("itm-block", [self.method_key(shard, config) for shard, _ in self._shards_of(block)],
-                           block.tolist())
+        return content_key(
+            "itm-block", [self.method_key(shard, config) for shard, _ in self._shards_of(block)], block.tolist()
+        )
 
     def _itm(self, config, block: torch.Tensor, ids, mask, bar) -> torch.Tensor:
         out = []
         for shard, chunk in self._shards_of(block):
             tokens = self.load_tokens(shard)
             for s in range(0, len(chunk), self.options.itm_batch_size):
-                part = chunk[s:s + self.options.itm_batch_size]
+                part = chunk[s : s + self.options.itm_batch_size]
                 local = part[:, 0] - shard.start
                 with self._objects(config, shard, tokens, None, pairs=local):
-                    out.append(self.heads.itm_scores(self.model, tokens["tokens"], ids[part[:, 1]], mask[part[:, 1]],
-                                                     image_index=local))  # kept on the device: no wait per batch
+                    out.append(
+                        self.heads.itm_scores(
+                            self.model, tokens["tokens"], ids[part[:, 1]], mask[part[:, 1]], image_index=local
+                        )
+                    )  # kept on the device: no wait per batch
                 bar.update(len(part))
         return torch.cat(out).cpu()
 
@@ -311,8 +346,10 @@ class _Run:
     def object_similarities(self, text_emb: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
         """(I, T) best object similarity per image and text; ``itc`` (the baseline's) where an image has none."""
         texts = content_key("text", self.model_key, self.dataset.texts)
-        keys = {shard.start: content_key("objects", self.tokens_key(shard), [self.boxes[i].tolist() for i in shard],
-                                         texts) for shard in self.shards}
+        keys = {
+            shard.start: content_key("objects", self.tokens_key(shard), [self.boxes[i].tolist() for i in shard], texts)
+            for shard in self.shards
+        }
         for shard in self.ranks.strided(self.shards):
             key = keys[shard.start]
             if not self.store.has("objects", key):
@@ -320,8 +357,9 @@ class _Run:
                 tokens = self.load_tokens(shard)
                 boxes = [b if ok else [] for b, ok in zip(boxes, tokens["readable"].tolist())]
                 masks = object_masks(self.handle.layout, boxes, tokens["sizes"].tolist(), tokens["tokens"].shape[1])
-                sims = object_similarities(self.model, self.heads, tokens["tokens"], masks, text_emb,
-                                           itc[shard.start:shard.stop])
+                sims = object_similarities(
+                    self.model, self.heads, tokens["tokens"], masks, text_emb, itc[shard.start : shard.stop]
+                )
                 self.store.save("objects", key, {"sims": sims})
         self.ranks.barrier()
         return torch.cat([self.store.load("objects", keys[shard.start])["sims"] for shard in self.shards])
@@ -361,9 +399,15 @@ def _open_image(path: Path) -> Optional[Image.Image]:
         return None
 
 
-def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, methods: Methods,
-             options: Optional[EvalOptions] = None, bin_boxes: Optional[BoxSet] = None,
-             ranks: Optional[Ranks] = None) -> EvalResult:
+def evaluate(
+    loaded: LoadedModel,
+    dataset: RetrievalDataset,
+    boxes: BoxSet,
+    methods: Methods,
+    options: Optional[EvalOptions] = None,
+    bin_boxes: Optional[BoxSet] = None,
+    ranks: Optional[Ranks] = None,
+) -> EvalResult:
     """R@K / mR@K of every method on ``dataset``, all from one shared feature cache.
 
     Args:
@@ -386,8 +430,10 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
     options = options or EvalOptions()
     mixed = {n: c.compat for n, c in methods.items() if c is not None and c.compat != options.compat}
     if mixed:
-        raise ConfigError(f"methods {sorted(mixed)} use compat {sorted(set(mixed.values()))} but the evaluation runs "
-                         f"compat={options.compat!r}: one evaluation uses one set of conventions")
+        raise ConfigError(
+            f"methods {sorted(mixed)} use compat {sorted(set(mixed.values()))} but the evaluation runs "
+            f"compat={options.compat!r}: one evaluation uses one set of conventions"
+        )
     bin_boxes = bin_boxes or boxes
     started = time.time()
     ranks = ranks or Ranks()
@@ -399,13 +445,15 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
         readable = run.readable()
         skipped = [dataset.image_ids[i] for i in np.flatnonzero(~readable)]
         if skipped:
-            log.warning("%d unreadable image(s) left out of the gallery with their captions: %s",
-                        len(skipped), skipped[:10])
+            log.warning(
+                "%d unreadable image(s) left out of the gallery with their captions: %s", len(skipped), skipped[:10]
+            )
         keep_txt = readable[dataset.text_to_image]
         remap = np.cumsum(readable) - 1
         text_to_image = remap[dataset.text_to_image[keep_txt]]
-        max_areas = bin_boxes.max_areas([i for i, ok in zip(dataset.image_ids, readable) if ok],
-                                        convention=options.compat)
+        max_areas = bin_boxes.max_areas(
+            [i for i, ok in zip(dataset.image_ids, readable) if ok], convention=options.compat
+        )
         metrics, scores = {}, {}
         runs = [(name, config, False) for name, config in methods.items()]
         runs += [("object-embedding", None, True)] if options.object_baseline else []
@@ -419,19 +467,29 @@ def evaluate(loaded: LoadedModel, dataset: RetrievalDataset, boxes: BoxSet, meth
             else:
                 t2i = i2t = itc.numpy()
             t2i, i2t = t2i[readable][:, keep_txt], i2t[readable][:, keep_txt]
-            metrics[name] = retrieval_metrics(t2i, text_to_image, max_areas, i2t_scores=i2t,
-                                              convention=options.compat)
+            metrics[name] = retrieval_metrics(t2i, text_to_image, max_areas, i2t_scores=i2t, convention=options.compat)
             if options.keep_scores:
                 scores[name] = t2i
     finally:
         run.handle.detach()
     settings = {
-        "model": loaded.name, "dataset": dataset.name, "split": dataset.split, "boxes": boxes.source,
-        "boxes_summary": boxes.summary(), "bin_boxes": bin_boxes.source, "compat": options.compat,
-        "num_images": int(readable.sum()), "num_texts": int(keep_txt.sum()), "itm": run.itm, "k": run.k,
-        "dtype": str(run.dtype).replace("torch.", ""), "device": str(run.device),
+        "model": loaded.name,
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "boxes": boxes.source,
+        "boxes_summary": boxes.summary(),
+        "bin_boxes": bin_boxes.source,
+        "compat": options.compat,
+        "num_images": int(readable.sum()),
+        "num_texts": int(keep_txt.sum()),
+        "itm": run.itm,
+        "k": run.k,
+        "dtype": str(run.dtype).replace("torch.", ""),
+        "device": str(run.device),
         "methods": {n: (c.to_dict() if c else None) for n, c in methods.items()},
-        "object_baseline": options.object_baseline, "compiled": options.compile_vision, "world_size": ranks.world,
+        "object_baseline": options.object_baseline,
+        "compiled": options.compile_vision,
+        "world_size": ranks.world,
         "exclude_sites": list(options.exclude_sites),
         "seconds": round(time.time() - started, 1),
     }
@@ -445,4 +503,6 @@ PAPER_THRESHOLDS: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95, 0.99)
 
 def paper_grid(alphas: Sequence[float], thresholds: Sequence[float] = PAPER_THRESHOLDS) -> list[QPertConfig]:
     """The paper's search space: alpha x the five weight functions x tau."""
-    return [QPertConfig(alpha=a, weight=w, threshold=t) for t in thresholds for w in WEIGHT_COEFFICIENTS for a in alphas]
+    return [
+        QPertConfig(alpha=a, weight=w, threshold=t) for t in thresholds for w in WEIGHT_COEFFICIENTS for a in alphas
+    ]

@@ -5,6 +5,7 @@ queries that Q-Pert perturbs; the ITC pass has no cross-attention and is left as
 changes BLIP's retrieval only through ITM re-ranking). The retrieval functions compute what
 ``BlipForImageTextRetrieval.forward`` computes with ``use_itm_head=False`` (ITC) and ``True`` (ITM).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -17,7 +18,8 @@ from ..adapters import find_bert_cross_attentions
 from .blip2 import blip2_token_layout
 from .family import QFORMER_ALPHAS, ModelFamily, RetrievalHeads, cosine_scores
 from .pair_batching import pairs_of_images
-from .processing import bert_tokenize, pixel_values as preprocess, vision_tokens
+from .processing import bert_tokenize, vision_tokens
+from .processing import pixel_values as preprocess
 
 
 @torch.no_grad()
@@ -47,8 +49,13 @@ def enc_token_id(model: nn.Module) -> Optional[int]:
 
 
 @torch.no_grad()
-def itm_scores(model: nn.Module, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+def itm_scores(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_index: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """(P,) ITM positive-class logit of the first token for P (image, text) pairs (Q-Pert applies here):
     text p with image ``image_index[p]`` of ``tokens`` (default: row p).
 
@@ -63,8 +70,12 @@ def itm_scores(model: nn.Module, tokens: torch.Tensor, input_ids: torch.Tensor, 
         input_ids[:, 0] = enc
     with pairs_of_images(model.text_encoder, tokens, image_index) as pair_tokens:
         image_mask = torch.ones(pair_tokens.shape[:-1], dtype=torch.long, device=pair_tokens.device)
-        out = model.text_encoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 encoder_hidden_states=pair_tokens, encoder_attention_mask=image_mask).last_hidden_state
+        out = model.text_encoder(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            encoder_hidden_states=pair_tokens,
+            encoder_attention_mask=image_mask,
+        ).last_hidden_state
     return model.itm_head(out[:, 0, :])[:, 1].float()
 
 
@@ -76,8 +87,14 @@ BLIP = ModelFamily(
     token_layout=blip2_token_layout,
     # Not in the paper: its ITM cross-attentions have the Q-Former's shape (12 heads x 64), so BLIP-2's grid.
     alpha_grid=QFORMER_ALPHAS,
-    retrieval=RetrievalHeads(image_tokens=vision_tokens, image_embeddings=image_embeddings,
-                             text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=bert_tokenize,
-                             preprocess=preprocess, itm_scores=itm_scores,
-                             vision_encoder=lambda model: model.vision_model),
+    retrieval=RetrievalHeads(
+        image_tokens=vision_tokens,
+        image_embeddings=image_embeddings,
+        text_embeddings=text_embeddings,
+        itc_scores=cosine_scores,
+        tokenize=bert_tokenize,
+        preprocess=preprocess,
+        itm_scores=itm_scores,
+        vision_encoder=lambda model: model.vision_model,
+    ),
 )

@@ -7,10 +7,12 @@ Retrieval splits ``VisionTransformer.forward`` at the pooler, calling the tower'
 ``_embeds``/``transformer`` and ``_pool``: the cache holds the tokens entering the pooler, and
 ``key_tokens`` applies the pooler's LayerNorm to them for the subspaces. CoCa has no ITM head.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Union
 
 import torch
 from PIL import Image
@@ -31,8 +33,10 @@ def _visual(model: nn.Module) -> nn.Module:
     if getattr(visual, "attn_pool", None) is None:
         raise UnsupportedModelError("this OpenCLIP model has no attentional pooler for Q-Pert to perturb")
     if getattr(visual, "attn_pool_contrastive", None) is not None:
-        raise UnsupportedModelError("Q-Pert supports OpenCLIP's original CoCa pooler (attentional_pool=true), "
-                                    "not the parallel/cascade contrastive poolers")
+        raise UnsupportedModelError(
+            "Q-Pert supports OpenCLIP's original CoCa pooler (attentional_pool=true), "
+            "not the parallel/cascade contrastive poolers"
+        )
     return visual
 
 
@@ -47,8 +51,9 @@ def coca_token_layout(model: nn.Module) -> TokenLayout:
     mode = getattr(visual, "preprocess_cfg", {}).get("resize_mode", "shortest")
     if mode not in _RESIZE:
         raise UnsupportedModelError(f"Q-Pert cannot place boxes for OpenCLIP resize_mode={mode!r}")
-    return TokenLayout(grid=tuple(visual.grid_size), patch=tuple(visual.patch_size), num_prefix_tokens=1,
-                       resize=_RESIZE[mode])
+    return TokenLayout(
+        grid=tuple(visual.grid_size), patch=tuple(visual.patch_size), num_prefix_tokens=1, resize=_RESIZE[mode]
+    )
 
 
 @dataclass
@@ -59,13 +64,16 @@ class OpenClipProcessor:
     tokenizer: Callable[..., torch.Tensor]
 
 
-def load_open_clip(model_name: str, pretrained: Union[None, str], device: Union[str, torch.device],
-                   dtype: Union[None, torch.dtype]) -> tuple[nn.Module, OpenClipProcessor]:
+def load_open_clip(
+    model_name: str, pretrained: Union[str, None], device: Union[str, torch.device], dtype: Union[torch.dtype, None]
+) -> tuple[nn.Module, OpenClipProcessor]:
     """``open_clip.create_model_and_transforms`` (a name + pretrained tag, or ``local-dir:FOLDER``)."""
     try:
         import open_clip
     except ImportError:
-        raise MissingDependencyError("OpenCLIP models need the open_clip_torch package: pip install 'qpert[openclip]'") from None
+        raise MissingDependencyError(
+            "OpenCLIP models need the open_clip_torch package: pip install 'qpert[openclip]'"
+        ) from None
     model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
     model.to(device=device, dtype=dtype).eval()
     return model, OpenClipProcessor(transform, open_clip.get_tokenizer(model_name))
@@ -115,10 +123,20 @@ def preprocess(model: nn.Module, processor: OpenClipProcessor, images: Sequence[
 
 
 COCA = ModelFamily(
-    name="coca", classes=("open_clip.CoCa",), sites=coca_sites, token_layout=coca_token_layout,
-    alpha_grid=POOLER_ALPHAS, key_tokens=key_tokens,
-    retrieval=RetrievalHeads(image_tokens=image_tokens, image_embeddings=image_embeddings,
-                             text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
-                             preprocess=preprocess, roi_embeddings=roi_embeddings,
-                             vision_encoder=lambda model: _visual(model).transformer),
+    name="coca",
+    classes=("open_clip.CoCa",),
+    sites=coca_sites,
+    token_layout=coca_token_layout,
+    alpha_grid=POOLER_ALPHAS,
+    key_tokens=key_tokens,
+    retrieval=RetrievalHeads(
+        image_tokens=image_tokens,
+        image_embeddings=image_embeddings,
+        text_embeddings=text_embeddings,
+        itc_scores=cosine_scores,
+        tokenize=tokenize,
+        preprocess=preprocess,
+        roi_embeddings=roi_embeddings,
+        vision_encoder=lambda model: _visual(model).transformer,
+    ),
 )

@@ -1,4 +1,5 @@
 """Optional ``torch.compile`` of a retrieval model's vision encoder."""
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,10 @@ def compile_vision_encoder(model: nn.Module, mode: Optional[str] = None) -> nn.M
         UnsupportedModelError: the family has no retrieval heads or names no vision encoder.
     """
     if not has_cpp_compiler():
-        raise OSError("torch.compile needs a C++ compiler (g++, clang++ or $CXX) and none was found: install one "
-                      "(e.g. apt-get install g++) or run without --compile")
+        raise OSError(
+            "torch.compile needs a C++ compiler (g++, clang++ or $CXX) and none was found: install one "
+            "(e.g. apt-get install g++) or run without --compile"
+        )
     heads = retrieval_heads(model)
     if heads.vision_encoder is None:
         raise UnsupportedModelError(f"{type(model).__name__}'s family names no vision encoder to compile")

@@ -1,11 +1,13 @@
 """What the attach step, scoring and evaluation need to know about a family of models."""
+
 from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from PIL import Image
@@ -26,6 +28,7 @@ def cosine_scores(image_emb: Tensor, text_emb: Tensor) -> Tensor:
 def keys_restricted(attention: nn.MultiheadAttention, keep: Tensor) -> Iterator[None]:
     """Inside the block, ``attention`` ignores every key where ``keep`` (B, N) is False (its
     ``key_padding_mask``): a pooler that attends to a region of the image only."""
+
     def pre_hook(_module, args, kwargs):
         ignore, attn_mask = ~keep, kwargs.get("attn_mask")
         if attn_mask is not None and attn_mask.is_floating_point():  # MHA wants both masks of one type

@@ -24,10 +24,12 @@ stand-in with the same module names and signatures (``tests/test_internvl.py``).
 real checkpoint (no network here): in particular, that today's transformers loads its remote code
 and converts its sentencepiece tokenizer unchanged is unverified.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -85,15 +87,26 @@ def load_processor(source: str) -> InternVLProcessor:
 def preprocess(model: nn.Module, processor: Any, images: Sequence[Image.Image]) -> torch.Tensor:
     """clip_benchmark's ``build_transform('retrieval')``: bicubic stretch, no crop, ImageNet normalization."""
     size = _input_size(model)
-    transform = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
-                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    transform = T.Compose(
+        [
+            T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     return torch.stack([transform(im.convert("RGB")) for im in images])
 
 
 def tokenize(model: nn.Module, processor: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefixed, padded on the right (``encode_text`` reads the last non-pad position) to 80 tokens."""
-    ids = processor.tokenizer([TEXT_PREFIX + t for t in texts], max_length=MAX_TEXT_TOKENS, truncation=True,
-                              padding="max_length", padding_side="right", return_tensors="pt").input_ids
+    ids = processor.tokenizer(
+        [TEXT_PREFIX + t for t in texts],
+        max_length=MAX_TEXT_TOKENS,
+        truncation=True,
+        padding="max_length",
+        padding_side="right",
+        return_tensors="pt",
+    ).input_ids
     return ids, (ids != PAD_TOKEN_ID).long()
 
 
@@ -101,8 +114,9 @@ def tokenize(model: nn.Module, processor: Any, texts: Sequence[str]) -> tuple[to
 def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, N, C) InternViT tokens (CLS + patches): what QLLaMA's cross-attention and ``clip_projector`` read."""
     param = model.query_tokens
-    return model.vision_model(pixel_values=pixel_values.to(param.device, param.dtype), output_hidden_states=False,
-                              return_dict=True).last_hidden_state
+    return model.vision_model(
+        pixel_values=pixel_values.to(param.device, param.dtype), output_hidden_states=False, return_dict=True
+    ).last_hidden_state
 
 
 def _query_features(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -113,9 +127,14 @@ def _query_features(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     queries = model.query_tokens.repeat(len(tokens), 1, 1)
     n = queries.shape[1]
     no_mask = queries.new_zeros(len(tokens), 1, n, n)  # the expanded all-ones mask get_image_features passes
-    return decoder.forward_train(inputs_embeds=queries, vision_hidden_states=tokens, attention_mask=no_mask,
-                                 output_attentions=False, output_hidden_states=False,
-                                 return_dict=True).last_hidden_state
+    return decoder.forward_train(
+        inputs_embeds=queries,
+        vision_hidden_states=tokens,
+        attention_mask=no_mask,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+    ).last_hidden_state
 
 
 @torch.no_grad()
@@ -152,17 +171,29 @@ class _QLLaMAFamily(ModelFamily):
         if not super().supports(model):
             return False
         if not isinstance(getattr(model, "qllama", None), nn.Module):
-            raise UnsupportedModelError(f"this {type(model).__name__} has no QLLaMA (qllama) with cross-attention: "
-                                        "Q-Pert supports InternVL-G (OpenGVLab/InternVL-14B-224px), not the "
-                                        "InternVL chat models")
+            raise UnsupportedModelError(
+                f"this {type(model).__name__} has no QLLaMA (qllama) with cross-attention: "
+                "Q-Pert supports InternVL-G (OpenGVLab/InternVL-14B-224px), not the "
+                "InternVL chat models"
+            )
         return True
 
 
 INTERNVL = _QLLaMAFamily(
-    name="internvl", classes=("InternVLModel", "InternVL_G"), sites=internvl_sites,  # remote code: by class name
-    token_layout=internvl_token_layout, alpha_grid=POOLER_ALPHAS,
-    retrieval=RetrievalHeads(image_tokens=image_tokens, image_embeddings=image_embeddings,
-                             text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
-                             preprocess=preprocess, roi_embeddings=roi_embeddings,
-                             vision_encoder=lambda model: model.vision_model, load_processor=load_processor),
+    name="internvl",
+    classes=("InternVLModel", "InternVL_G"),
+    sites=internvl_sites,  # remote code: by class name
+    token_layout=internvl_token_layout,
+    alpha_grid=POOLER_ALPHAS,
+    retrieval=RetrievalHeads(
+        image_tokens=image_tokens,
+        image_embeddings=image_embeddings,
+        text_embeddings=text_embeddings,
+        itc_scores=cosine_scores,
+        tokenize=tokenize,
+        preprocess=preprocess,
+        roi_embeddings=roi_embeddings,
+        vision_encoder=lambda model: model.vision_model,
+        load_processor=load_processor,
+    ),
 )

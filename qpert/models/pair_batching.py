@@ -5,25 +5,28 @@ and projecting N image tokens to keys and values in every cross-attention layer 
 Q-Former's work per pair at 364 px. The encoder hidden states are ``tokens[image_index]``, so rows
 of one image are equal: the projections run on one row per distinct image and are gathered back.
 """
+
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..adapters.bert import find_bert_cross_attentions
 
-_PROJECTIONS: "weakref.WeakKeyDictionary[nn.Module, list[nn.Linear]]" = weakref.WeakKeyDictionary()
+_PROJECTIONS: weakref.WeakKeyDictionary[nn.Module, list[nn.Linear]] = weakref.WeakKeyDictionary()
 
 
 def key_value_projections(encoder: nn.Module) -> list[nn.Linear]:
     """The key and value linears of every BERT-style cross-attention under ``encoder`` (looked up once)."""
     if encoder not in _PROJECTIONS:
-        _PROJECTIONS[encoder] = [p for site in find_bert_cross_attentions(encoder)
-                                 for p in (site.module.key, site.module.value)]
+        _PROJECTIONS[encoder] = [
+            p for site in find_bert_cross_attentions(encoder) for p in (site.module.key, site.module.value)
+        ]
     return _PROJECTIONS[encoder]
 
 
@@ -52,7 +55,9 @@ def projected_once_per_image(projections: list[nn.Linear], image_index: torch.Te
         reduced.discard(module)
         return output[inverse.to(output.device)]
 
-    handles = [h for p in projections for h in (p.register_forward_pre_hook(pre_hook), p.register_forward_hook(post_hook))]
+    handles = [
+        h for p in projections for h in (p.register_forward_pre_hook(pre_hook), p.register_forward_hook(post_hook))
+    ]
     try:
         yield
     finally:
@@ -61,8 +66,9 @@ def projected_once_per_image(projections: list[nn.Linear], image_index: torch.Te
 
 
 @contextmanager
-def pairs_of_images(encoder: nn.Module, tokens: torch.Tensor,
-                    image_index: Optional[torch.Tensor]) -> Iterator[torch.Tensor]:
+def pairs_of_images(
+    encoder: nn.Module, tokens: torch.Tensor, image_index: Optional[torch.Tensor]
+) -> Iterator[torch.Tensor]:
     """Yields the (P, N, C) image tokens of P pairs, ``tokens[image_index]`` (``tokens`` itself when
     ``image_index`` is None), while ``encoder``'s cross-attentions project keys and values once per image."""
     if image_index is None:

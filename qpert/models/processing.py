@@ -1,7 +1,9 @@
 """Texts and images into tensors through a transformers processor (BLIP-2, BLIP, SigLIP)."""
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import transformers
@@ -34,14 +36,16 @@ def load_processor(source: str, trust_remote_code: bool = False) -> Any:
     processor = transformers.AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     if getattr(processor, "image_processor", None) is not None:
         processor.image_processor = transformers.AutoImageProcessor.from_pretrained(
-            source, trust_remote_code=trust_remote_code, **_PIL_BACKEND)
+            source, trust_remote_code=trust_remote_code, **_PIL_BACKEND
+        )
     return processor
 
 
 def bert_tokenize(model: nn.Module, processor: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded to the longest text and cut at 35 tokens, as BLIP and BLIP-2 evaluate retrieval."""
-    tok = processor.tokenizer(list(texts), padding="longest", truncation=True, max_length=MAX_TEXT_TOKENS,
-                              return_tensors="pt")
+    tok = processor.tokenizer(
+        list(texts), padding="longest", truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt"
+    )
     return tok.input_ids, tok.attention_mask
 
 

@@ -4,12 +4,14 @@ Both are registries others can extend: ``register_family`` for a new kind of mod
 cross-attention sites, token layout and retrieval heads), ``register_model`` for a new named
 checkpoint of a known family; ``list_models`` names what is registered.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -64,15 +66,15 @@ class ModelSpec:
     """A named checkpoint. ``alpha_grid`` None means its family's; ``library`` picks the loader."""
 
     name: str
-    source: str          # Hugging Face hub id (or a local folder); for OpenCLIP, its model name
-    model_class: str     # class that loads it (transformers, or open_clip's for library="open_clip")
+    source: str  # Hugging Face hub id (or a local folder); for OpenCLIP, its model name
+    model_class: str  # class that loads it (transformers, or open_clip's for library="open_clip")
     family: ModelFamily
     image_size: int
     description: str
     alpha_grid: Optional[tuple[float, ...]] = None
-    library: str = "transformers"     # or "open_clip"
+    library: str = "transformers"  # or "open_clip"
     pretrained: Optional[str] = None  # OpenCLIP pretrained tag
-    remote_code: bool = False         # the checkpoint's own modeling code (needs trust_remote_code=True)
+    remote_code: bool = False  # the checkpoint's own modeling code (needs trust_remote_code=True)
     rerank_k: int = DEFAULT_RERANK_K  # ITM re-ranking candidates per query in its authors' evaluation
 
     @property
@@ -83,40 +85,114 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("blip2-coco", "Salesforce/blip2-itm-vit-g-coco", "Blip2ForImageTextRetrieval", BLIP2, 364,
-                  "BLIP-2 ViT-g, retrieval heads fine-tuned on COCO (the paper's model)"),
-        ModelSpec("blip2", "Salesforce/blip2-itm-vit-g", "Blip2ForImageTextRetrieval", BLIP2, 224,
-                  "BLIP-2 ViT-g, pre-trained retrieval heads"),
-        ModelSpec("blip2-shapes", str(Path(__file__).parents[1] / "assets" / "blip2-shapes"),
-                  "Blip2ForImageTextRetrieval", BLIP2, 64,
-                  "toy BLIP-2 (1M parameters) trained on synthetic coloured shapes (qpert.synthetic), for offline use",
-                  alpha_grid=(0.5, 1.0, 2.0, 4.0, 8.0)),
+        ModelSpec(
+            "blip2-coco",
+            "Salesforce/blip2-itm-vit-g-coco",
+            "Blip2ForImageTextRetrieval",
+            BLIP2,
+            364,
+            "BLIP-2 ViT-g, retrieval heads fine-tuned on COCO (the paper's model)",
+        ),
+        ModelSpec(
+            "blip2",
+            "Salesforce/blip2-itm-vit-g",
+            "Blip2ForImageTextRetrieval",
+            BLIP2,
+            224,
+            "BLIP-2 ViT-g, pre-trained retrieval heads",
+        ),
+        ModelSpec(
+            "blip2-shapes",
+            str(Path(__file__).parents[1] / "assets" / "blip2-shapes"),
+            "Blip2ForImageTextRetrieval",
+            BLIP2,
+            64,
+            "toy BLIP-2 (1M parameters) trained on synthetic coloured shapes (qpert.synthetic), for offline use",
+            alpha_grid=(0.5, 1.0, 2.0, 4.0, 8.0),
+        ),
         # Captioning (``qpert caption``): Q-Pert on the Q-Former pass that feeds the language model.
-        ModelSpec("blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b", "Blip2ForConditionalGeneration", BLIP2, 224,
-                  "BLIP-2 ViT-g + OPT-2.7b captioner (Q-Pert in the Q-Former)"),
-        ModelSpec("blip2-flant5-xl", "Salesforce/blip2-flan-t5-xl", "Blip2ForConditionalGeneration", BLIP2, 224,
-                  "BLIP-2 ViT-g + Flan-T5-XL captioner (Q-Pert in the Q-Former)"),
+        ModelSpec(
+            "blip2-opt-2.7b",
+            "Salesforce/blip2-opt-2.7b",
+            "Blip2ForConditionalGeneration",
+            BLIP2,
+            224,
+            "BLIP-2 ViT-g + OPT-2.7b captioner (Q-Pert in the Q-Former)",
+        ),
+        ModelSpec(
+            "blip2-flant5-xl",
+            "Salesforce/blip2-flan-t5-xl",
+            "Blip2ForConditionalGeneration",
+            BLIP2,
+            224,
+            "BLIP-2 ViT-g + Flan-T5-XL captioner (Q-Pert in the Q-Former)",
+        ),
         # BLIP's and LAVIS's retrieval evaluations re-rank the top 256 (COCO) and 128 (Flickr30K).
-        ModelSpec("blip-coco", "Salesforce/blip-itm-large-coco", "BlipForImageTextRetrieval", BLIP, 384,
-                  "BLIP ViT-L, retrieval fine-tuned on COCO (Q-Pert in the ITM pass)", rerank_k=256),
-        ModelSpec("blip-flickr", "Salesforce/blip-itm-large-flickr", "BlipForImageTextRetrieval", BLIP, 384,
-                  "BLIP ViT-L, retrieval fine-tuned on Flickr30K (Q-Pert in the ITM pass)", rerank_k=128),
-        ModelSpec("coca-l14", "coca_ViT-L-14", "CoCa", COCA, 224,
-                  "OpenCLIP CoCa ViT-L/14 fine-tuned on COCO (Q-Pert in the attentional pooler)",
-                  library="open_clip", pretrained="mscoco_finetuned_laion2B-s13B-b90k"),
-        ModelSpec("siglip-so400m", "google/siglip-so400m-patch14-384", "SiglipModel", SIGLIP, 384,
-                  "SigLIP So400m/14 (Q-Pert in the vision pooling head)"),
-        ModelSpec("siglip2-so400m", "google/siglip2-so400m-patch14-384", "SiglipModel", SIGLIP, 384,
-                  "SigLIP 2 So400m/14, fixed resolution (Q-Pert in the vision pooling head)"),
+        ModelSpec(
+            "blip-coco",
+            "Salesforce/blip-itm-large-coco",
+            "BlipForImageTextRetrieval",
+            BLIP,
+            384,
+            "BLIP ViT-L, retrieval fine-tuned on COCO (Q-Pert in the ITM pass)",
+            rerank_k=256,
+        ),
+        ModelSpec(
+            "blip-flickr",
+            "Salesforce/blip-itm-large-flickr",
+            "BlipForImageTextRetrieval",
+            BLIP,
+            384,
+            "BLIP ViT-L, retrieval fine-tuned on Flickr30K (Q-Pert in the ITM pass)",
+            rerank_k=128,
+        ),
+        ModelSpec(
+            "coca-l14",
+            "coca_ViT-L-14",
+            "CoCa",
+            COCA,
+            224,
+            "OpenCLIP CoCa ViT-L/14 fine-tuned on COCO (Q-Pert in the attentional pooler)",
+            library="open_clip",
+            pretrained="mscoco_finetuned_laion2B-s13B-b90k",
+        ),
+        ModelSpec(
+            "siglip-so400m",
+            "google/siglip-so400m-patch14-384",
+            "SiglipModel",
+            SIGLIP,
+            384,
+            "SigLIP So400m/14 (Q-Pert in the vision pooling head)",
+        ),
+        ModelSpec(
+            "siglip2-so400m",
+            "google/siglip2-so400m-patch14-384",
+            "SiglipModel",
+            SIGLIP,
+            384,
+            "SigLIP 2 So400m/14, fixed resolution (Q-Pert in the vision pooling head)",
+        ),
         # NaFlex: up to 256 patches of 16 px per image (a 256 x 256 square), the grid following the aspect ratio.
-        ModelSpec("siglip2-so400m-naflex", "google/siglip2-so400m-patch16-naflex", "Siglip2Model", SIGLIP2_NAFLEX,
-                  256, "SigLIP 2 So400m/16 NaFlex, a patch grid per aspect ratio (Q-Pert in the vision pooling head)"),
-        ModelSpec("internvl-g", "OpenGVLab/InternVL-14B-224px", "InternVLModel", INTERNVL, 224,
-                  "InternVL-G: InternViT-6B + QLLaMA (Q-Pert in every QLLaMA cross-attention and the attention "
-                  "pooling; remote code)", remote_code=True),
+        ModelSpec(
+            "siglip2-so400m-naflex",
+            "google/siglip2-so400m-patch16-naflex",
+            "Siglip2Model",
+            SIGLIP2_NAFLEX,
+            256,
+            "SigLIP 2 So400m/16 NaFlex, a patch grid per aspect ratio (Q-Pert in the vision pooling head)",
+        ),
+        ModelSpec(
+            "internvl-g",
+            "OpenGVLab/InternVL-14B-224px",
+            "InternVLModel",
+            INTERNVL,
+            224,
+            "InternVL-G: InternViT-6B + QLLaMA (Q-Pert in every QLLaMA cross-attention and the attention "
+            "pooling; remote code)",
+            remote_code=True,
+        ),
     )
 }
-
 
 
 def register_model(spec: ModelSpec, *, replace: bool = False) -> None:
@@ -160,8 +236,10 @@ def family_of(model: nn.Module) -> ModelFamily:
     for family in _FAMILIES:
         if family.supports(model):
             return family
-    raise UnsupportedModelError(f"Q-Pert does not support {type(model).__name__}; supported model classes: "
-                                f"{', '.join(_supported_classes())} (or register a family: qpert.register_family)")
+    raise UnsupportedModelError(
+        f"Q-Pert does not support {type(model).__name__}; supported model classes: "
+        f"{', '.join(_supported_classes())} (or register a family: qpert.register_family)"
+    )
 
 
 def retrieval_heads(model: nn.Module) -> RetrievalHeads:
@@ -172,15 +250,17 @@ def retrieval_heads(model: nn.Module) -> RetrievalHeads:
     """
     heads = family_of(model).retrieval_of(model)
     if heads is None:
-        carriers = sorted({name.rpartition(".")[2] for f in _FAMILIES if f.retrieval
-                           for name in (f.retrieval_classes or f.classes)})
+        carriers = sorted(
+            {name.rpartition(".")[2] for f in _FAMILIES if f.retrieval for name in (f.retrieval_classes or f.classes)}
+        )
         raise UnsupportedModelError(
             f"{type(model).__name__} has no image-text retrieval heads for qpert to score; scoring and evaluation "
-            f"take {', '.join(carriers)} (attach to other models with qpert.attach(model, config))")
+            f"take {', '.join(carriers)} (attach to other models with qpert.attach(model, config))"
+        )
     return heads
 
 
-def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -191,8 +271,10 @@ def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
 def _local_model_class(path: Path) -> str:
     config = path / "config.json"
     if not config.is_file():
-        raise MissingFileError(f"{path} is a folder but has no config.json (transformers) or {OPEN_CLIP_CONFIG} "
-                               "(OpenCLIP): not a saved model")
+        raise MissingFileError(
+            f"{path} is a folder but has no config.json (transformers) or {OPEN_CLIP_CONFIG} "
+            "(OpenCLIP): not a saved model"
+        )
     try:
         architectures = json.loads(config.read_text()).get("architectures") or []
     except (json.JSONDecodeError, AttributeError) as error:
@@ -201,8 +283,9 @@ def _local_model_class(path: Path) -> str:
     for name in architectures:
         if name in supported:
             return name
-    raise UnsupportedModelError(f"{path} holds {architectures or 'an unknown architecture'}; Q-Pert supports "
-                                f"{', '.join(supported)}")
+    raise UnsupportedModelError(
+        f"{path} holds {architectures or 'an unknown architecture'}; Q-Pert supports {', '.join(supported)}"
+    )
 
 
 def _has_remote_code(path: Path) -> bool:
@@ -222,13 +305,19 @@ def _resolve(name_or_path: str) -> tuple[Optional[ModelSpec], str]:
         raise MissingFileError(f"model path {name_or_path} is not a folder saved with save_pretrained")
     known = {spec.source: spec for spec in MODELS.values()}
     if name_or_path not in known:
-        raise ConfigError(f"unknown model {name_or_path!r}: use one of {list_models()}, a hub id among "
-                          f"{sorted(known)}, or a local folder")
+        raise ConfigError(
+            f"unknown model {name_or_path!r}: use one of {list_models()}, a hub id among "
+            f"{sorted(known)}, or a local folder"
+        )
     return known[name_or_path], name_or_path
 
 
-def load_model(name_or_path: str, device: Union[str, torch.device] = "cpu",
-               dtype: Union[None, str, torch.dtype] = None, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    name_or_path: str,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Union[str, torch.dtype, None] = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
     """Load a model and its processor, ready for ``qpert.attach``, ``qpert.score`` and evaluation.
 
     Args:
@@ -252,14 +341,21 @@ def load_model(name_or_path: str, device: Union[str, torch.device] = "cpu",
     return LOADERS[library](spec, source, device, parse_dtype(dtype), trust_remote_code)
 
 
-def _load_transformers(spec: Optional[ModelSpec], source: str, device: Union[str, torch.device],
-                       dtype: Optional[torch.dtype], trust_remote_code: bool) -> LoadedModel:
+def _load_transformers(
+    spec: Optional[ModelSpec],
+    source: str,
+    device: Union[str, torch.device],
+    dtype: Optional[torch.dtype],
+    trust_remote_code: bool,
+) -> LoadedModel:
     import transformers
 
     if spec.remote_code if spec else _has_remote_code(Path(source)):
         if not trust_remote_code:
-            raise ConfigError(f"{source} runs modeling code downloaded with the checkpoint; read it, then opt in with "
-                              "trust_remote_code=True (qpert.load_model) or --trust-remote-code (command line)")
+            raise ConfigError(
+                f"{source} runs modeling code downloaded with the checkpoint; read it, then opt in with "
+                "trust_remote_code=True (qpert.load_model) or --trust-remote-code (command line)"
+            )
         model = transformers.AutoModel.from_pretrained(source, dtype=dtype, trust_remote_code=True)
     else:
         class_name = spec.model_class if spec else _local_model_class(Path(source))
@@ -273,8 +369,13 @@ def _load_transformers(spec: Optional[ModelSpec], source: str, device: Union[str
     return LoadedModel(spec.name if spec else source, model, processor, spec)
 
 
-def _load_open_clip(spec: Optional[ModelSpec], source: str, device: Union[str, torch.device],
-                    dtype: Optional[torch.dtype], trust_remote_code: bool) -> LoadedModel:
+def _load_open_clip(
+    spec: Optional[ModelSpec],
+    source: str,
+    device: Union[str, torch.device],
+    dtype: Optional[torch.dtype],
+    trust_remote_code: bool,
+) -> LoadedModel:
     model_name, pretrained = (spec.source, spec.pretrained) if spec else (f"local-dir:{source}", None)
     model, processor = load_open_clip(model_name, pretrained, device, dtype)
     family_of(model)  # an OpenCLIP model without a supported pooler is an error here, not at attach time

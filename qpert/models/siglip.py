@@ -8,10 +8,12 @@ checkpoints are ``SiglipModel``s; NaFlex ``Siglip2Model``s, with a patch grid pe
 Retrieval: SigLIP's score is the sigmoid logit ``t * cos(image, text) + b`` with a learned
 t > 0; ranking needs only the cosine, which is what ``itc_scores`` returns. SigLIP has no ITM head.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +23,8 @@ from ..adapters import MultiheadAttentionSite, find_multihead_attentions
 from ..core import TokenLayout
 from ..errors import ConfigError, UnsupportedModelError
 from .family import POOLER_ALPHAS, ModelFamily, RetrievalHeads, cosine_scores, keys_restricted
-from .processing import pixel_values as preprocess, vision_tokens
+from .processing import pixel_values as preprocess
+from .processing import vision_tokens
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,13 @@ def siglip_token_layout(model: nn.Module) -> TokenLayout:
     """Patch tokens only (no CLS); SiglipImageProcessor stretches to image_size x image_size."""
     vision = model.config.vision_config if hasattr(model.config, "vision_config") else model.config
     grid, patch = vision.image_size // vision.patch_size, vision.patch_size
-    return GridInResizedImage(grid=(grid, grid), patch=(patch, patch), num_prefix_tokens=0, resize="stretch",
-                              resized_to=(vision.image_size, vision.image_size))
+    return GridInResizedImage(
+        grid=(grid, grid),
+        patch=(patch, patch),
+        num_prefix_tokens=0,
+        resize="stretch",
+        resized_to=(vision.image_size, vision.image_size),
+    )
 
 
 @torch.no_grad()
@@ -87,18 +95,27 @@ def text_embeddings(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 def tokenize(model: nn.Module, processor: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded to the text tower's full length, as SigLIP was trained (it pools the last position)."""
     length = model.config.text_config.max_position_embeddings
-    tok = processor.tokenizer(list(texts), padding="max_length", truncation=True, max_length=length,
-                              return_tensors="pt")
+    tok = processor.tokenizer(
+        list(texts), padding="max_length", truncation=True, max_length=length, return_tensors="pt"
+    )
     return tok["input_ids"], tok.get("attention_mask", torch.ones_like(tok["input_ids"]))
 
 
 SIGLIP = ModelFamily(
-    name="siglip", classes=("transformers.SiglipModel", "transformers.SiglipVisionModel"), sites=siglip_sites,
+    name="siglip",
+    classes=("transformers.SiglipModel", "transformers.SiglipVisionModel"),
+    sites=siglip_sites,
     token_layout=siglip_token_layout,
     alpha_grid=POOLER_ALPHAS,  # not in the paper: a pooling head like CoCa's, so CoCa's grid
-    retrieval=RetrievalHeads(image_tokens=vision_tokens, image_embeddings=image_embeddings,
-                             text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
-                             preprocess=preprocess, roi_embeddings=roi_embeddings,
-                             vision_encoder=lambda model: _vision(model).encoder),
+    retrieval=RetrievalHeads(
+        image_tokens=vision_tokens,
+        image_embeddings=image_embeddings,
+        text_embeddings=text_embeddings,
+        itc_scores=cosine_scores,
+        tokenize=tokenize,
+        preprocess=preprocess,
+        roi_embeddings=roi_embeddings,
+        vision_encoder=lambda model: _vision(model).encoder,
+    ),
     retrieval_classes=("transformers.SiglipModel",),
 )

@@ -12,10 +12,12 @@ Retrieval: the cached tokens carry the padding mask as one extra, last channel (
 0 = padding), so that one tensor per image goes through the feature cache and the head can
 mask again; ``key_tokens`` drops it. Scores are SigLIP's cosine (see ``qpert.models.siglip``).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -38,8 +40,13 @@ class NaFlexLayout:
     def for_image(self, height: int, width: int, num_tokens: int) -> TokenLayout:
         resized_h, resized_w = get_image_size_for_max_num_patches(height, width, self.patch, num_tokens)
         rows, cols = resized_h // self.patch, resized_w // self.patch
-        return TokenLayout(grid=(rows, cols), patch=(self.patch, self.patch), num_prefix_tokens=0,
-                           num_suffix_tokens=num_tokens - rows * cols, resize="stretch")
+        return TokenLayout(
+            grid=(rows, cols),
+            patch=(self.patch, self.patch),
+            num_prefix_tokens=0,
+            num_suffix_tokens=num_tokens - rows * cols,
+            resize="stretch",
+        )
 
 
 def _vision(model: nn.Module) -> nn.Module:
@@ -58,8 +65,10 @@ def preprocess(model: nn.Module, processor: Any, images: Sequence[Image.Image]) 
     layout, num_tokens = naflex_token_layout(model), out["pixel_values"].shape[1]
     expected = [layout.for_image(im.height, im.width, num_tokens).grid for im in images]
     if out["spatial_shapes"].tolist() != [list(g) for g in expected]:
-        raise ConfigError(f"the image processor chose patch grids {out['spatial_shapes'].tolist()}, Q-Pert's box "
-                         f"mapping expects {expected}: use Siglip2ImageProcessor with do_resize=True")
+        raise ConfigError(
+            f"the image processor chose patch grids {out['spatial_shapes'].tolist()}, Q-Pert's box "
+            f"mapping expects {expected}: use Siglip2ImageProcessor with do_resize=True"
+        )
     return {k: out[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
 
 
@@ -70,8 +79,9 @@ def image_tokens(model: nn.Module, pixels: dict[str, torch.Tensor]) -> torch.Ten
     weight = vision.embeddings.patch_embedding.weight
     mask = pixels["pixel_attention_mask"].to(weight.device)
     # positional: the mask argument is ``pixel_attention_mask`` here, ``attention_mask`` in older transformers
-    tokens = vision(pixels["pixel_values"].to(weight.device, weight.dtype), mask,
-                    pixels["spatial_shapes"].to(weight.device)).last_hidden_state
+    tokens = vision(
+        pixels["pixel_values"].to(weight.device, weight.dtype), mask, pixels["spatial_shapes"].to(weight.device)
+    ).last_hidden_state
     return torch.cat([tokens, mask[..., None].to(tokens.dtype)], dim=-1)
 
 
@@ -94,11 +104,21 @@ def roi_embeddings(model: nn.Module, tokens: torch.Tensor, keep: torch.Tensor) -
 
 
 SIGLIP2_NAFLEX = ModelFamily(
-    name="siglip2-naflex", classes=("transformers.Siglip2Model", "transformers.Siglip2VisionModel"),
-    sites=siglip_sites, token_layout=naflex_token_layout, alpha_grid=POOLER_ALPHAS, key_tokens=key_tokens,
-    retrieval=RetrievalHeads(image_tokens=image_tokens, image_embeddings=image_embeddings,
-                             text_embeddings=text_embeddings, itc_scores=cosine_scores, tokenize=tokenize,
-                             preprocess=preprocess, roi_embeddings=roi_embeddings,
-                             vision_encoder=lambda model: _vision(model).encoder),
+    name="siglip2-naflex",
+    classes=("transformers.Siglip2Model", "transformers.Siglip2VisionModel"),
+    sites=siglip_sites,
+    token_layout=naflex_token_layout,
+    alpha_grid=POOLER_ALPHAS,
+    key_tokens=key_tokens,
+    retrieval=RetrievalHeads(
+        image_tokens=image_tokens,
+        image_embeddings=image_embeddings,
+        text_embeddings=text_embeddings,
+        itc_scores=cosine_scores,
+        tokenize=tokenize,
+        preprocess=preprocess,
+        roi_embeddings=roi_embeddings,
+        vision_encoder=lambda model: _vision(model).encoder,
+    ),
     retrieval_classes=("transformers.Siglip2Model",),
 )

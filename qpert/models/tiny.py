@@ -3,13 +3,20 @@
 For the offline example, the test suite and the benchmarks: no download, seconds to build.
 Their scores mean nothing; they show the mechanics and exercise the real code paths.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
-from transformers import (BertTokenizerFast, Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
-                          Blip2Processor)
+from transformers import (
+    BertTokenizerFast,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+    Blip2Processor,
+)
 
 from .processing import pil_image_processor_class
 
@@ -30,19 +37,48 @@ def randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.M
 #: Language models of the tiny captioners: decoder-only (OPT) and encoder-decoder (T5), as BLIP-2 ships.
 LANGUAGE_MODELS = {
     "opt": dict(model_type="opt", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64),
-    "t5": dict(model_type="t5", d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
-               bos_token_id=2, eos_token_id=3, pad_token_id=0, decoder_start_token_id=0),
+    "t5": dict(
+        model_type="t5",
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+    ),
 }
 
 
-def tiny_blip2_config(image_size: int = 28, patch_size: int = 7, vocab_size: int = 120, language_model: str = "opt",
-                      image_token_index: Optional[int] = None) -> Blip2Config:
+def tiny_blip2_config(
+    image_size: int = 28,
+    patch_size: int = 7,
+    vocab_size: int = 120,
+    language_model: str = "opt",
+    image_token_index: Optional[int] = None,
+) -> Blip2Config:
     return Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=patch_size),
-        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                            cross_attention_frequency=2, vocab_size=vocab_size, max_position_embeddings=64,
-                            use_qformer_text_input=True),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        qformer_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            cross_attention_frequency=2,
+            vocab_size=vocab_size,
+            max_position_embeddings=64,
+            use_qformer_text_input=True,
+        ),
         text_config=dict(LANGUAGE_MODELS[language_model], vocab_size=vocab_size),
         num_query_tokens=4,
         image_text_hidden_size=16,

@@ -7,10 +7,18 @@
 Needs the ``search`` extra (FAISS): ``pip install 'qpert[search]'``. The names below load on first
 use, so ``qpert`` and its command line start without it.
 """
+
 from importlib import import_module
 
-_EXPORTS = {"DetectorOptions": "detectors", "load_detector": "detectors", "IndexReport": "indexer",
-            "IndexSettings": "indexer", "build_index": "indexer", "Hit": "searcher", "PhotoIndex": "searcher"}
+_EXPORTS = {
+    "DetectorOptions": "detectors",
+    "load_detector": "detectors",
+    "IndexReport": "indexer",
+    "IndexSettings": "indexer",
+    "build_index": "indexer",
+    "Hit": "searcher",
+    "PhotoIndex": "searcher",
+}
 
 __all__ = sorted(_EXPORTS)
 

@@ -3,6 +3,7 @@ and most labelling tools' exports), whose ``file_name`` are paths relative to th
 
 Annotated photos take these boxes instead of the detector's; the rest go to the detector.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,9 +11,9 @@ from typing import Any
 
 import torch
 
-from ..errors import MissingFileError
 from ..data.box_sources import BoxFormatError
-from .detectors import DetectorOptions, Detections, keep
+from ..errors import MissingFileError
+from .detectors import Detections, DetectorOptions, keep
 
 
 def read_annotations(path: Path) -> dict[str, Any]:
@@ -30,8 +31,15 @@ def read_annotations(path: Path) -> dict[str, Any]:
         raise BoxFormatError(f"{path}: expected a COCO instances file with 'images' and 'annotations'")
     try:
         names = {c["id"]: str(c["name"]) for c in data.get("categories", [])}
-        photos = {im["id"]: {"path": Path(im["file_name"]).as_posix(), "size": (int(im["height"]), int(im["width"])),
-                             "boxes": [], "labels": []} for im in data["images"]}
+        photos = {
+            im["id"]: {
+                "path": Path(im["file_name"]).as_posix(),
+                "size": (int(im["height"]), int(im["width"])),
+                "boxes": [],
+                "labels": [],
+            }
+            for im in data["images"]
+        }
         for a in data["annotations"]:
             if a.get("iscrowd", 0) or a["image_id"] not in photos:
                 continue
@@ -39,8 +47,9 @@ def read_annotations(path: Path) -> dict[str, Any]:
             photos[a["image_id"]]["boxes"].append([x, y, x + w, y + h])
             photos[a["image_id"]]["labels"].append(names.get(a.get("category_id"), str(a.get("category_id", ""))))
     except (KeyError, TypeError, ValueError) as e:
-        raise BoxFormatError(f"{path}: images need id, file_name, height, width; annotations need image_id and "
-                             f"bbox [x, y, w, h] ({e!r})") from e
+        raise BoxFormatError(
+            f"{path}: images need id, file_name, height, width; annotations need image_id and bbox [x, y, w, h] ({e!r})"
+        ) from e
     return {p.pop("path"): p for p in photos.values()}
 
 

@@ -6,15 +6,17 @@ leaves the previous catalog whole; the FAISS files are derived from it and rebui
 generation does not match (``qpert.search.vectors``). The database is in WAL mode: searches
 and the search page read the last committed catalog while ``qpert index`` writes the next one.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import sqlite3
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -80,8 +82,8 @@ class PhotoRow(PhotoRecord):
 class NewPhoto(PhotoRecord):
     """What the indexer found for one photo, ready to be written."""
 
-    baseline: np.ndarray   # float32 (Q, D) ITC image embeddings without Q-Pert
-    qpert: np.ndarray      # and with Q-Pert on the detections
+    baseline: np.ndarray  # float32 (Q, D) ITC image embeddings without Q-Pert
+    qpert: np.ndarray  # and with Q-Pert on the detections
 
 
 class Catalog:
@@ -93,8 +95,9 @@ class Catalog:
             if readonly:
                 if not self.path.is_file():
                     raise MissingFileError(f"{self.path} is missing: run `qpert index` to build the index")
-                self.db = sqlite3.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True,
-                                          timeout=BUSY_SECONDS, check_same_thread=False)
+                self.db = sqlite3.connect(
+                    self.path.absolute().as_uri() + "?mode=ro", uri=True, timeout=BUSY_SECONDS, check_same_thread=False
+                )
             else:
                 self.db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, check_same_thread=False)
                 self.db.execute("PRAGMA journal_mode=WAL")
@@ -116,18 +119,21 @@ class Catalog:
             yield
         except sqlite3.OperationalError as e:
             if "locked" in str(e) or "busy" in str(e):
-                raise IndexBusyError(f"the index catalog {self.path} stayed locked by another process for "
-                                     f"{BUSY_SECONDS:g} s; try again when it has finished") from e
+                raise IndexBusyError(
+                    f"the index catalog {self.path} stayed locked by another process for "
+                    f"{BUSY_SECONDS:g} s; try again when it has finished"
+                ) from e
             raise IndexDamagedError(f"cannot use the index catalog {self.path} ({e})") from e
         except sqlite3.DatabaseError as e:
-            raise IndexDamagedError(f"the index catalog {self.path} is damaged ({e}); delete the index folder and "
-                                    "run `qpert index` again") from e
+            raise IndexDamagedError(
+                f"the index catalog {self.path} is damaged ({e}); delete the index folder and run `qpert index` again"
+            ) from e
 
     def close(self) -> None:
         self.db.close()
 
     @contextmanager
-    def snapshot(self) -> Iterator["Catalog"]:
+    def snapshot(self) -> Iterator[Catalog]:
         """Reads inside see one committed catalog, whatever ``qpert index`` commits meanwhile."""
         with self._errors():
             self.db.execute("BEGIN")
@@ -145,15 +151,21 @@ class Catalog:
     def photos(self) -> dict[str, PhotoRow]:
         stat = ", ".join(c if c in self._columns else "0" for c in ADDED_COLUMNS)
         with self._errors():
-            rows = self.db.execute(f"SELECT id, path, size, mtime_ns, {stat}, sha256, width, height, detections, "
-                                   "settings FROM photos ORDER BY id").fetchall()
-        return {_path(r[1]): PhotoRow(_path(r[1]), *r[2:9], Detections.from_json(json.loads(r[9])), r[10], id=r[0])
-                for r in rows}
+            rows = self.db.execute(
+                f"SELECT id, path, size, mtime_ns, {stat}, sha256, width, height, detections, "
+                "settings FROM photos ORDER BY id"
+            ).fetchall()
+        return {
+            _path(r[1]): PhotoRow(_path(r[1]), *r[2:9], Detections.from_json(json.loads(r[9])), r[10], id=r[0])
+            for r in rows
+        }
 
     def skipped(self) -> dict[str, tuple[int, int, str]]:
         with self._errors():
-            return {_path(p): (s, m, why)
-                    for p, s, m, why in self.db.execute("SELECT path, size, mtime_ns, reason FROM skipped")}
+            return {
+                _path(p): (s, m, why)
+                for p, s, m, why in self.db.execute("SELECT path, size, mtime_ns, reason FROM skipped")
+            }
 
     def vectors(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids (n,), vectors (n, Q, D)) of every photo, ``variant`` "baseline" or "qpert"."""
@@ -182,7 +194,7 @@ class Catalog:
         return tuple(json.loads(row[0])) if row else None
 
     @contextmanager
-    def update(self) -> Iterator["CatalogUpdate"]:
+    def update(self) -> Iterator[CatalogUpdate]:
         """One transaction: everything inside lands together, or (on any exception) nothing does."""
         with self._errors(), self.db:  # commits on success, rolls back on an exception
             update = CatalogUpdate(self.db)
@@ -204,17 +216,30 @@ class CatalogUpdate:
             "mtime_ns=excluded.mtime_ns, ctime_ns=excluded.ctime_ns, inode=excluded.inode, sha256=excluded.sha256, "
             "width=excluded.width, height=excluded.height, detections=excluded.detections, "
             "settings=excluded.settings, baseline=excluded.baseline, qpert=excluded.qpert",
-            (_stored(photo.path), photo.size, photo.mtime_ns, photo.ctime_ns, photo.inode, photo.sha256, photo.width,
-             photo.height, json.dumps(photo.detections.to_json()), photo.settings, _blob(photo.baseline),
-             _blob(photo.qpert)))
+            (
+                _stored(photo.path),
+                photo.size,
+                photo.mtime_ns,
+                photo.ctime_ns,
+                photo.inode,
+                photo.sha256,
+                photo.width,
+                photo.height,
+                json.dumps(photo.detections.to_json()),
+                photo.settings,
+                _blob(photo.baseline),
+                _blob(photo.qpert),
+            ),
+        )
 
     def set_settings(self, settings: dict) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('settings', ?)", (json.dumps(settings),))
 
     def touch(self, path: str, stat_key: tuple[int, int, int, int]) -> None:
         """Same content, new file stat (copied, touched): nothing to recompute."""
-        self.db.execute("UPDATE photos SET size=?, mtime_ns=?, ctime_ns=?, inode=? WHERE path=?",
-                        (*stat_key, _stored(path)))
+        self.db.execute(
+            "UPDATE photos SET size=?, mtime_ns=?, ctime_ns=?, inode=? WHERE path=?", (*stat_key, _stored(path))
+        )
 
     def skip(self, path: str, size: int, mtime_ns: int, reason: str) -> None:
         self.db.execute("DELETE FROM photos WHERE path=?", (_stored(path),))

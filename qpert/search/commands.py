@@ -1,4 +1,5 @@
 """``qpert index``, ``qpert search`` and ``qpert serve``: photo search on the command line."""
+
 from __future__ import annotations
 
 import json
@@ -9,42 +10,80 @@ from typing import Optional
 
 import typer
 
-from ..cli_options import (ALPHA, COMPAT, COMPILE, DTYPE, KEEP_NORM, MODEL, ORTHOGONAL, RANK, THRESHOLD,
-                           TRUST_REMOTE_CODE, WEIGHT, check_device, qpert_config)
+from ..cli_options import (
+    ALPHA,
+    COMPAT,
+    COMPILE,
+    DTYPE,
+    KEEP_NORM,
+    MODEL,
+    ORTHOGONAL,
+    RANK,
+    THRESHOLD,
+    TRUST_REMOTE_CODE,
+    WEIGHT,
+    check_device,
+    qpert_config,
+)
 from ..config import Compat, Weight
 from ..terminal import printable
 
-INDEX_DEVICE = typer.Option("auto", callback=check_device,
-                            help="auto (a GPU when there is one, per rank under torchrun), cpu, cuda, cuda:1.")
+INDEX_DEVICE = typer.Option(
+    "auto", callback=check_device, help="auto (a GPU when there is one, per rank under torchrun), cpu, cuda, cuda:1."
+)
 DETECTOR = typer.Option(
     "torchvision:fasterrcnn_resnet50_fpn_v2",
     help="Where boxes come from: torchvision:<model> (COCO weights), hf:<hub id or folder> (DETR, RT-DETR, YOLOS, "
-         "OWLv2 with --prompts, ...), "
-         "a folder with detector.json (torchvision architecture + your weights), or 'none'.")
+    "OWLv2 with --prompts, ...), "
+    "a folder with detector.json (torchvision architecture + your weights), or 'none'.",
+)
 
 
 def index(
-    photos: Path = typer.Argument(..., metavar="PHOTOS", help="Folder of photos (JPEG, PNG, WebP; subfolders included, hidden ones not)."),
+    photos: Path = typer.Argument(
+        ..., metavar="PHOTOS", help="Folder of photos (JPEG, PNG, WebP; subfolders included, hidden ones not)."
+    ),
     index_dir: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: PHOTOS/.qpert-index)."),
-    model: str = MODEL, detector: str = DETECTOR,
+    model: str = MODEL,
+    detector: str = DETECTOR,
     detector_threshold: float = typer.Option(0.5, help="Keep detections scoring at least this."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated detector labels to keep (default: all)."),
     max_boxes: int = typer.Option(10, min=1, help="Keep at most this many boxes per photo, best first."),
-    prompts: Optional[str] = typer.Option(None, help="Comma-separated things an open-vocabulary detector (OWLv2, "
-                                                     "OWL-ViT) looks for, e.g. 'a person,a dog,a red kite'."),
-    annotations: Optional[Path] = typer.Option(None, help="COCO instances JSON with boxes for some photos (file_name "
-                                                          "relative to PHOTOS): those photos skip the detector."),
-    alpha: float = ALPHA, weight: Weight = WEIGHT, threshold: float = THRESHOLD, rank: Optional[int] = RANK,
-    keep_norm: bool = KEEP_NORM, orthogonal: bool = ORTHOGONAL, compat: Compat = COMPAT,
+    prompts: Optional[str] = typer.Option(
+        None,
+        help="Comma-separated things an open-vocabulary detector (OWLv2, "
+        "OWL-ViT) looks for, e.g. 'a person,a dog,a red kite'.",
+    ),
+    annotations: Optional[Path] = typer.Option(
+        None,
+        help="COCO instances JSON with boxes for some photos (file_name "
+        "relative to PHOTOS): those photos skip the detector.",
+    ),
+    alpha: float = ALPHA,
+    weight: Weight = WEIGHT,
+    threshold: float = THRESHOLD,
+    rank: Optional[int] = RANK,
+    keep_norm: bool = KEEP_NORM,
+    orthogonal: bool = ORTHOGONAL,
+    compat: Compat = COMPAT,
     faiss: str = typer.Option("flat", help="flat (exact), hnsw or ivf (approximate, for large collections)."),
-    itm_features: bool = typer.Option(True, "--itm-features/--no-itm-features",
-                                      help="Keep each photo's vision tokens (fp16) for `search --itm` and for "
-                                           "re-indexing with other Q-Pert settings without re-encoding."),
-    device: str = INDEX_DEVICE, dtype: Optional[str] = DTYPE,
+    itm_features: bool = typer.Option(
+        True,
+        "--itm-features/--no-itm-features",
+        help="Keep each photo's vision tokens (fp16) for `search --itm` and for "
+        "re-indexing with other Q-Pert settings without re-encoding.",
+    ),
+    device: str = INDEX_DEVICE,
+    dtype: Optional[str] = DTYPE,
     batch_size: int = typer.Option(8, min=1, help="Photos per detector / vision forward."),
-    compile_vision: bool = COMPILE, trust_remote_code: bool = TRUST_REMOTE_CODE,
-    rehash: bool = typer.Option(False, "--rehash", help="Hash every photo, not only those whose size, modification "
-                                                        "time, change time or inode differ from the index's."),
+    compile_vision: bool = COMPILE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    rehash: bool = typer.Option(
+        False,
+        "--rehash",
+        help="Hash every photo, not only those whose size, modification "
+        "time, change time or inode differ from the index's.",
+    ),
 ) -> None:
     """Index a photo folder: detect objects, store baseline and Q-Pert embeddings in FAISS + SQLite.
 
@@ -61,17 +100,29 @@ def index(
     from .indexer import IndexSettings, build_index
 
     settings = IndexSettings(
-        model=model, detector=detector,
+        model=model,
+        detector=detector,
         detector_options=DetectorOptions(detector_threshold, max_boxes, _names(classes), _names(prompts)),
         qpert=qpert_config(alpha, weight, threshold, rank, keep_norm, orthogonal, compat),
-        annotations=str(annotations.resolve()) if annotations else None, faiss=faiss, itm_features=itm_features,
-        dtype=dtype, trust_remote_code=trust_remote_code)
+        annotations=str(annotations.resolve()) if annotations else None,
+        faiss=faiss,
+        itm_features=itm_features,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
     try:
-        report = build_index(photos, index_dir, settings, device=device, batch_size=batch_size,
-                             compile_vision=compile_vision, rehash=rehash)
+        report = build_index(
+            photos,
+            index_dir,
+            settings,
+            device=device,
+            batch_size=batch_size,
+            compile_vision=compile_vision,
+            rehash=rehash,
+        )
     except KeyboardInterrupt:
         typer.secho("interrupted: the previous index is intact; run the same command again to resume", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         typer.echo(report.summary())
         typer.echo(f"index: {printable(str(Path(index_dir) if index_dir else photos / '.qpert-index'))}")
@@ -83,7 +134,7 @@ def _names(text: Optional[str]) -> tuple[str, ...]:
 
 def search(
     index_dir: Path = typer.Argument(..., metavar="INDEX", help="Index folder built by `qpert index`."),
-    query: str = typer.Argument(..., help="What to look for, e.g. \"a man with rollerblades\"."),
+    query: str = typer.Argument(..., help='What to look for, e.g. "a man with rollerblades".'),
     k: int = typer.Option(10, "-k", "--k", min=1, max=10_000, help="How many photos to return."),
     itm: bool = typer.Option(False, "--itm", help="Re-rank the best candidates by ITM + ITC (with Q-Pert)."),
     candidates: int = typer.Option(32, min=1, max=10_000, help="With --itm: how many ITC candidates are re-ranked."),
@@ -100,15 +151,22 @@ def search(
     finally:
         index.close()
     if as_json:
-        typer.echo(json.dumps({"query": query, "qpert": not no_qpert, "itm": itm,
-                               "results": [h.to_json() for h in hits]}, indent=1))
+        typer.echo(
+            json.dumps(
+                {"query": query, "qpert": not no_qpert, "itm": itm, "results": [h.to_json() for h in hits]}, indent=1
+            )
+        )
         return
-    typer.echo(f"{len(hits)} of {len(index)} photos, {'Q-Pert' if not no_qpert else 'baseline'}"
-               f"{', ITM + ITC' if itm else ', ITC'}:")
+    typer.echo(
+        f"{len(hits)} of {len(index)} photos, {'Q-Pert' if not no_qpert else 'baseline'}"
+        f"{', ITM + ITC' if itm else ', ITC'}:"
+    )
     for h in hits:  # names and labels come from outside: escape what could drive the terminal
         labels = printable(", ".join(sorted({b["label"] for b in h.boxes})))
-        typer.echo(f"{h.rank:3d}. {h.score:8.4f}  {printable(str(index.photos_dir / h.path))}"
-                   + (f"   [{labels}]" if labels else ""))
+        typer.echo(
+            f"{h.rank:3d}. {h.score:8.4f}  {printable(str(index.photos_dir / h.path))}"
+            + (f"   [{labels}]" if labels else "")
+        )
 
 
 def _host_names(values: list[str]) -> list[str]:
@@ -122,12 +180,18 @@ def _host_names(values: list[str]) -> list[str]:
 
 def serve(
     index_dir: Path = typer.Argument(..., metavar="INDEX", help="Index folder built by `qpert index`."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (localhost only by default; 0.0.0.0: every "
-                                               "interface, with --allow-host)."),
+    host: str = typer.Option(
+        "127.0.0.1",
+        help="Address to listen on (localhost only by default; 0.0.0.0: every interface, with --allow-host).",
+    ),
     port: int = typer.Option(8765, min=0, max=65535, help="Port (0: any free one)."),
-    allow_host: list[str] = typer.Option([], "--allow-host", callback=_host_names,
-                                         help="A name or address browsers use to reach the page besides localhost "
-                                              "(repeat for several); requests naming other hosts are refused."),
+    allow_host: list[str] = typer.Option(
+        [],
+        "--allow-host",
+        callback=_host_names,
+        help="A name or address browsers use to reach the page besides localhost "
+        "(repeat for several); requests naming other hosts are refused.",
+    ),
     device: str = INDEX_DEVICE,
 ) -> None:
     """A search page for an index on http://HOST:PORT: results with boxes, baseline vs Q-Pert side by side."""

@@ -11,16 +11,19 @@ A detector spec names where the detector comes from:
 * a local folder holding ``detector.json`` + ``model.safetensors``: a torchvision architecture with
   weights of your own (what :func:`save_torchvision_detector` writes).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
+
 from ..errors import ConfigError
 
 TORCHVISION_CONFIG = "detector.json"
@@ -35,8 +38,8 @@ class DetectorOptions:
 
     score_threshold: float = 0.5
     max_boxes: int = 10
-    classes: tuple[str, ...] = ()   # keep only these labels (empty: all)
-    prompts: tuple[str, ...] = ()   # what an open-vocabulary detector (OWLv2, OWL-ViT) looks for
+    classes: tuple[str, ...] = ()  # keep only these labels (empty: all)
+    prompts: tuple[str, ...] = ()  # what an open-vocabulary detector (OWLv2, OWL-ViT) looks for
 
     def __post_init__(self) -> None:
         if not 0 <= self.score_threshold <= 1:
@@ -54,13 +57,18 @@ class Detections:
     labels: list[str] = field(default_factory=list)
 
     def to_json(self) -> list[dict[str, Any]]:
-        return [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": lab}
-                for b, s, lab in zip(self.boxes, self.scores, self.labels)]
+        return [
+            {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": lab}
+            for b, s, lab in zip(self.boxes, self.scores, self.labels)
+        ]
 
     @classmethod
-    def from_json(cls, rows: Sequence[dict[str, Any]]) -> "Detections":
-        return cls(np.array([r["box"] for r in rows], dtype=np.float32).reshape(-1, 4),
-                   np.array([r["score"] for r in rows], dtype=np.float32), [r["label"] for r in rows])
+    def from_json(cls, rows: Sequence[dict[str, Any]]) -> Detections:
+        return cls(
+            np.array([r["box"] for r in rows], dtype=np.float32).reshape(-1, 4),
+            np.array([r["score"] for r in rows], dtype=np.float32),
+            [r["label"] for r in rows],
+        )
 
 
 class Detector(Protocol):
@@ -69,16 +77,29 @@ class Detector(Protocol):
     def detect(self, images: Sequence[Image.Image]) -> list[Detections]: ...
 
 
-def keep(boxes: torch.Tensor, scores: torch.Tensor, labels: Sequence[str], options: DetectorOptions,
-         size: tuple[int, int]) -> Detections:
+def keep(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: Sequence[str], options: DetectorOptions, size: tuple[int, int]
+) -> Detections:
     """Clip to the image (``size`` = height, width), threshold, filter classes, keep the best
     ``max_boxes``; boxes with no area inside the image never leave the detector."""
     boxes, scores = boxes.detach().float().cpu(), scores.detach().float().cpu()
-    boxes = torch.stack([boxes[:, 0].clamp(0, size[1]), boxes[:, 1].clamp(0, size[0]),
-                         boxes[:, 2].clamp(0, size[1]), boxes[:, 3].clamp(0, size[0])], dim=1)
+    boxes = torch.stack(
+        [
+            boxes[:, 0].clamp(0, size[1]),
+            boxes[:, 1].clamp(0, size[0]),
+            boxes[:, 2].clamp(0, size[1]),
+            boxes[:, 3].clamp(0, size[0]),
+        ],
+        dim=1,
+    )
     wanted = set(options.classes)
-    ok = [i for i in range(len(scores)) if scores[i] >= options.score_threshold
-          and (not wanted or labels[i] in wanted) and bool((boxes[i, 2:] > boxes[i, :2]).all())]
+    ok = [
+        i
+        for i in range(len(scores))
+        if scores[i] >= options.score_threshold
+        and (not wanted or labels[i] in wanted)
+        and bool((boxes[i, 2:] > boxes[i, :2]).all())
+    ]
     ok = sorted(ok, key=lambda i: -float(scores[i]))[: options.max_boxes]
     return Detections(boxes[ok].numpy().reshape(-1, 4), scores[ok].numpy(), [labels[i] for i in ok])
 
@@ -86,10 +107,21 @@ def keep(boxes: torch.Tensor, scores: torch.Tensor, labels: Sequence[str], optio
 class TorchvisionDetector:
     """A ``torchvision.models.detection`` model (Faster R-CNN, RetinaNet, FCOS, SSD, ...)."""
 
-    def __init__(self, model: torch.nn.Module, categories: Sequence[str], spec: str, options: DetectorOptions,
-                 device: torch.device):
-        self.model, self.categories, self.spec, self.options, self.device = model.eval().to(device), \
-            list(categories), spec, options, device
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        categories: Sequence[str],
+        spec: str,
+        options: DetectorOptions,
+        device: torch.device,
+    ):
+        self.model, self.categories, self.spec, self.options, self.device = (
+            model.eval().to(device),
+            list(categories),
+            spec,
+            options,
+            device,
+        )
 
     @torch.no_grad()
     def detect(self, images: Sequence[Image.Image]) -> list[Detections]:
@@ -97,8 +129,12 @@ class TorchvisionDetector:
 
         batch = [pil_to_tensor(im.convert("RGB")).to(self.device, torch.float32) / 255 for im in images]
         outputs = self.model(batch)
-        return [keep(o["boxes"], o["scores"], [self._label(int(i)) for i in o["labels"]], self.options,
-                     (im.height, im.width)) for o, im in zip(outputs, images)]
+        return [
+            keep(
+                o["boxes"], o["scores"], [self._label(int(i)) for i in o["labels"]], self.options, (im.height, im.width)
+            )
+            for o, im in zip(outputs, images)
+        ]
 
     def _label(self, index: int) -> str:
         return self.categories[index] if 0 <= index < len(self.categories) else str(index)
@@ -107,10 +143,16 @@ class TorchvisionDetector:
 class TransformersDetector:
     """An ``AutoModelForObjectDetection`` with its image processor's own post-processing."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, spec: str, options: DetectorOptions,
-                 device: torch.device):
-        self.model, self.processor, self.spec, self.options, self.device = model.eval().to(device), processor, \
-            spec, options, device
+    def __init__(
+        self, model: torch.nn.Module, processor: Any, spec: str, options: DetectorOptions, device: torch.device
+    ):
+        self.model, self.processor, self.spec, self.options, self.device = (
+            model.eval().to(device),
+            processor,
+            spec,
+            options,
+            device,
+        )
 
     @torch.no_grad()
     def detect(self, images: Sequence[Image.Image]) -> list[Detections]:
@@ -121,32 +163,39 @@ class TransformersDetector:
         # threshold 0 here: ``keep`` applies the score threshold, the class filter and the cap in one place
         results = self.processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
         names = self.model.config.id2label
-        return [keep(r["boxes"], r["scores"], [names.get(int(i), str(int(i))) for i in r["labels"]], self.options, size)
-                for r, size in zip(results, sizes)]
+        return [
+            keep(r["boxes"], r["scores"], [names.get(int(i), str(int(i))) for i in r["labels"]], self.options, size)
+            for r, size in zip(results, sizes)
+        ]
 
 
-class OpenVocabularyDetector:
+class OpenVocabularyDetector(TransformersDetector):
     """OWLv2 / OWL-ViT: boxes for the free-text prompts; each box is labelled with its best prompt."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, spec: str, options: DetectorOptions,
-                 device: torch.device):
+    def __init__(
+        self, model: torch.nn.Module, processor: Any, spec: str, options: DetectorOptions, device: torch.device
+    ):
         if not options.prompts:
-            raise ConfigError(f"{spec} is an open-vocabulary detector: say what to look for with prompts "
-                             "(--prompts 'a person,a dog,a red kite')")
-        self.model, self.processor, self.spec, self.options, self.device = model.eval().to(device), processor, \
-            spec, options, device
+            raise ConfigError(
+                f"{spec} is an open-vocabulary detector: say what to look for with prompts "
+                "(--prompts 'a person,a dog,a red kite')"
+            )
+        super().__init__(model, processor, spec, options, device)
 
     @torch.no_grad()
     def detect(self, images: Sequence[Image.Image]) -> list[Detections]:
         images = [im.convert("RGB") for im in images]
         prompts = list(self.options.prompts)
-        inputs = self.processor(text=[prompts] * len(images), images=images, padding=True,
-                                return_tensors="pt").to(self.device)
+        inputs = self.processor(text=[prompts] * len(images), images=images, padding=True, return_tensors="pt").to(
+            self.device
+        )
         outputs = self.model(**inputs)
         sizes = [(im.height, im.width) for im in images]
         results = self.processor.post_process_grounded_object_detection(outputs, threshold=0.0, target_sizes=sizes)
-        return [keep(r["boxes"], r["scores"], [prompts[int(i)] for i in r["labels"]], self.options, size)
-                for r, size in zip(results, sizes)]
+        return [
+            keep(r["boxes"], r["scores"], [prompts[int(i)] for i in r["labels"]], self.options, size)
+            for r, size in zip(results, sizes)
+        ]
 
 
 def load_detector(spec: str, options: Optional[DetectorOptions] = None, device: str | torch.device = "cpu") -> Detector:
@@ -160,8 +209,10 @@ def load_detector(spec: str, options: Optional[DetectorOptions] = None, device: 
         return _torchvision_folder(path, spec, options, device)
     if spec.startswith("hf:") or path.is_dir():
         return _transformers(str(path), spec, options, device)
-    raise ConfigError(f"unknown detector {spec!r}: use torchvision:<model name>, hf:<hub id or folder>, or a folder "
-                     f"with {TORCHVISION_CONFIG}")
+    raise ConfigError(
+        f"unknown detector {spec!r}: use torchvision:<model name>, hf:<hub id or folder>, or a folder "
+        f"with {TORCHVISION_CONFIG}"
+    )
 
 
 def _torchvision_pretrained(spec: str, options: DetectorOptions, device: torch.device) -> TorchvisionDetector:
@@ -181,27 +232,39 @@ def _torchvision_folder(path: Path, spec: str, options: DetectorOptions, device:
     from torchvision.models import get_model
 
     config = json.loads((path / TORCHVISION_CONFIG).read_text())
-    model = get_model(config["architecture"], weights=None, weights_backbone=None,
-                      num_classes=len(config["categories"]), **config.get("kwargs", {}))
+    model = get_model(
+        config["architecture"],
+        weights=None,
+        weights_backbone=None,
+        num_classes=len(config["categories"]),
+        **config.get("kwargs", {}),
+    )
     model.load_state_dict(load_file(path / TORCHVISION_WEIGHTS))
     return TorchvisionDetector(model, config["categories"], spec, options, device)
 
 
-def save_torchvision_detector(model: torch.nn.Module, architecture: str, categories: Sequence[str], path: Path,
-                              **kwargs: Any) -> None:
+def save_torchvision_detector(
+    model: torch.nn.Module, architecture: str, categories: Sequence[str], path: Path, **kwargs: Any
+) -> None:
     """Save a torchvision detector (fine-tuned, or a test's random one) as a folder ``load_detector`` reads."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / TORCHVISION_WEIGHTS)
-    (path / TORCHVISION_CONFIG).write_text(json.dumps({"architecture": architecture, "categories": list(categories),
-                                                       "kwargs": kwargs}, indent=1))
+    (path / TORCHVISION_CONFIG).write_text(
+        json.dumps({"architecture": architecture, "categories": list(categories), "kwargs": kwargs}, indent=1)
+    )
 
 
 def _transformers(source: str, spec: str, options: DetectorOptions, device: torch.device) -> Detector:
-    from transformers import (AutoConfig, AutoImageProcessor, AutoModelForObjectDetection,
-                              AutoModelForZeroShotObjectDetection, AutoProcessor)
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForObjectDetection,
+        AutoModelForZeroShotObjectDetection,
+        AutoProcessor,
+    )
 
     if AutoConfig.from_pretrained(source).model_type in OPEN_VOCABULARY:
         model = AutoModelForZeroShotObjectDetection.from_pretrained(source)

@@ -11,6 +11,7 @@ Three phases keep every update atomic and resumable:
 3. merge (rank 0): one SQLite transaction applies every result, then the FAISS files are rebuilt
    and ``staging/`` is cleared. Until that commit the previous index is untouched and usable.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,16 +19,18 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..adapters import ImageObjects
 from ..atomic import atomic_write, remove_stale_temporaries
 from ..attach import attach
@@ -37,7 +40,6 @@ from ..eval.cache import FeatureStore, content_key, model_fingerprint
 from ..models.compiling import compile_vision_encoder
 from ..models.registry import LoadedModel, load_model, retrieval_heads
 from ..terminal import printable
-from .. import distributed
 from .annotations import annotated_detections, read_annotations
 from .catalog import Catalog, NewPhoto, PhotoRow
 from .detectors import Detections, Detector, DetectorOptions, load_detector
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "index.json"
 CATALOG = "catalog.sqlite"
-THUMBNAILS = "thumbnails"   # the search page's cache, one JPEG per photo content
+THUMBNAILS = "thumbnails"  # the search page's cache, one JPEG per photo content
 FORMAT = 1
 #: ``--detector none``: index without boxes (Q-Pert then leaves every photo as the baseline sees it).
 NO_DETECTOR = "none"
@@ -60,11 +62,11 @@ class IndexSettings:
 
     model: str = "blip2-coco"
     detector: str = "torchvision:fasterrcnn_resnet50_fpn_v2"
-    detector_options: DetectorOptions = DetectorOptions()
-    qpert: QPertConfig = QPertConfig()
-    annotations: Optional[str] = None   # COCO instances file: its photos take these boxes, not the detector's
+    detector_options: DetectorOptions = field(default_factory=DetectorOptions)
+    qpert: QPertConfig = field(default_factory=QPertConfig)
+    annotations: Optional[str] = None  # COCO instances file: its photos take these boxes, not the detector's
     faiss: str = "flat"
-    itm_features: bool = True   # keep the vision tokens, for ITM re-ranking at search time
+    itm_features: bool = True  # keep the vision tokens, for ITM re-ranking at search time
     dtype: Optional[str] = None
     trust_remote_code: bool = False
 
@@ -79,7 +81,7 @@ class IndexSettings:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "IndexSettings":
+    def from_json(cls, d: dict) -> IndexSettings:
         opts = {k: tuple(v) if isinstance(v, list) else v for k, v in d["detector_options"].items()}
         return cls(**{**d, "detector_options": DetectorOptions(**opts), "qpert": QPertConfig.from_dict(d["qpert"])})
 
@@ -97,8 +99,10 @@ class IndexReport:
     def summary(self) -> str:
         if not self.photos and not self.skipped:
             return f"no photos found (JPEG, PNG or WebP; {self.removed} removed from the index)"
-        text = (f"{self.photos} photos indexed: {self.added} added, {self.updated} updated, {self.removed} removed, "
-                f"{self.unchanged} unchanged, {len(self.skipped)} skipped ({self.seconds:.1f} s)")
+        text = (
+            f"{self.photos} photos indexed: {self.added} added, {self.updated} updated, {self.removed} removed, "
+            f"{self.unchanged} unchanged, {len(self.skipped)} skipped ({self.seconds:.1f} s)"
+        )
         return text + "".join(f"\n  skipped {printable(path)}: {printable(why)}" for path, why in self.skipped)
 
 
@@ -113,8 +117,10 @@ def read_manifest(index_dir: Path) -> Optional[dict]:
             raise ValueError("no photo folder")
         settings = manifest["settings"]
     except (ValueError, KeyError) as e:  # bad JSON included
-        raise IndexDamagedError(f"{path} is damaged or was not written by qpert ({type(e).__name__}: {e}); "
-                                "delete the index folder and run `qpert index` again") from e
+        raise IndexDamagedError(
+            f"{path} is damaged or was not written by qpert ({type(e).__name__}: {e}); "
+            "delete the index folder and run `qpert index` again"
+        ) from e
     settings_from_json(settings, path)
     return manifest
 
@@ -124,8 +130,10 @@ def settings_from_json(d: dict, where: Path) -> IndexSettings:
     try:
         return IndexSettings.from_json(d)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise IndexDamagedError(f"{where} is damaged or was not written by qpert ({type(e).__name__}: {e}); "
-                                "delete the index folder and run `qpert index` again") from e
+        raise IndexDamagedError(
+            f"{where} is damaged or was not written by qpert ({type(e).__name__}: {e}); "
+            "delete the index folder and run `qpert index` again"
+        ) from e
 
 
 def _check_compatible(manifest: Optional[dict], photos_dir: Path, settings: IndexSettings) -> None:
@@ -134,11 +142,14 @@ def _check_compatible(manifest: Optional[dict], photos_dir: Path, settings: Inde
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"this index has format {manifest.get('format')}, qpert {FORMAT} reads; build a new one")
     if Path(manifest["photos"]) != photos_dir:
-        raise ConfigError(f"this index belongs to the photo folder {manifest['photos']}, not {photos_dir}; "
-                         "use another --index folder")
+        raise ConfigError(
+            f"this index belongs to the photo folder {manifest['photos']}, not {photos_dir}; use another --index folder"
+        )
     if manifest["settings"]["model"] != settings.model:
-        raise ConfigError(f"this index was built with model {manifest['settings']['model']!r}; its vectors cannot be "
-                         f"mixed with {settings.model!r}'s: use another --index folder")
+        raise ConfigError(
+            f"this index was built with model {manifest['settings']['model']!r}; its vectors cannot be "
+            f"mixed with {settings.model!r}'s: use another --index folder"
+        )
 
 
 @dataclass
@@ -152,9 +163,18 @@ class _Work:
 class Indexer:
     """One update of an index (the three phases of the module docstring); under torchrun, one per rank."""
 
-    def __init__(self, photos_dir: Path, index_dir: Path, settings: IndexSettings, device: str = "auto",
-                 batch_size: int = 8, progress: bool = True, ranks: Optional[distributed.Ranks] = None,
-                 compile_vision: bool = False, rehash: bool = False):
+    def __init__(
+        self,
+        photos_dir: Path,
+        index_dir: Path,
+        settings: IndexSettings,
+        device: str = "auto",
+        batch_size: int = 8,
+        progress: bool = True,
+        ranks: Optional[distributed.Ranks] = None,
+        compile_vision: bool = False,
+        rehash: bool = False,
+    ):
         if batch_size < 1:
             raise ConfigError(f"the batch size must be at least 1, got {batch_size}")
         self.photos_dir = Path(photos_dir).resolve()
@@ -170,20 +190,29 @@ class Indexer:
         for folder in (self.index_dir, self.index_dir / THUMBNAILS):  # what killed runs and servers were writing
             remove_stale_temporaries(folder)
         self.ranks.barrier()
-        self.loaded: LoadedModel = load_model(settings.model, device=self.device, dtype=settings.dtype,
-                                              trust_remote_code=settings.trust_remote_code)
+        self.loaded: LoadedModel = load_model(
+            settings.model, device=self.device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code
+        )
         self.retriever = retrieval_heads(self.loaded.model)
         if compile_vision:
             compile_vision_encoder(self.loaded.model)
-        self.detector: Optional[Detector] = None if settings.detector == NO_DETECTOR else \
-            load_detector(settings.detector, settings.detector_options, self.device)
+        self.detector: Optional[Detector] = (
+            None
+            if settings.detector == NO_DETECTOR
+            else load_detector(settings.detector, settings.detector_options, self.device)
+        )
         self.annotations = read_annotations(Path(settings.annotations)) if settings.annotations else {}
         self.model_key = model_key(self.loaded, settings)
-        self.detector_key = content_key(settings.detector, settings.to_json()["detector_options"], self.annotations) \
-            if self.detector is not None or self.annotations else NO_DETECTOR
-        self.settings_key = f"{self.detector_key}/{content_key(self.model_key, self.detector_key, settings.qpert.to_dict())}"
-        self.features = FeatureStore(self.index_dir / "features")   # vision tokens, kept for ITM
-        self.staging = FeatureStore(self.index_dir / "staging")     # per-photo results until the merge
+        self.detector_key = (
+            content_key(settings.detector, settings.to_json()["detector_options"], self.annotations)
+            if self.detector is not None or self.annotations
+            else NO_DETECTOR
+        )
+        self.settings_key = (
+            f"{self.detector_key}/{content_key(self.model_key, self.detector_key, settings.qpert.to_dict())}"
+        )
+        self.features = FeatureStore(self.index_dir / "features")  # vision tokens, kept for ITM
+        self.staging = FeatureStore(self.index_dir / "staging")  # per-photo results until the merge
 
     # ------------------------------------------------------------------------------------ plan
     def plan(self, catalog: Catalog) -> tuple[list[_Work], list[str], int, list[tuple[str, str]]]:
@@ -202,8 +231,9 @@ class Indexer:
                 work.append(_Work(f, row))
         present = {f.path for f in scan.photos}
         unreadable = tuple(scan.unreadable_folders())
-        gone = sorted(p for p in list(rows) + list(skipped)
-                      if p not in present and not (unreadable and p.startswith(unreadable)))
+        gone = sorted(
+            p for p in list(rows) + list(skipped) if p not in present and not (unreadable and p.startswith(unreadable))
+        )
         return work, gone, unchanged, scan.unreadable
 
     # ------------------------------------------------------------------------------------ compute
@@ -215,10 +245,15 @@ class Indexer:
 
     def compute(self, work: Sequence[_Work]) -> dict[str, dict]:
         """This rank's share of ``work``: {path: outcome}, the embeddings staged on disk."""
-        mine = list(work)[self.ranks.rank::self.ranks.world]
+        mine = list(work)[self.ranks.rank :: self.ranks.world]
         outcomes: dict[str, dict] = {}
-        bar = tqdm(total=len(mine), desc="indexing", unit="photo", disable=not (self.progress and self.ranks.is_main),
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=len(mine),
+            desc="indexing",
+            unit="photo",
+            disable=not (self.progress and self.ranks.is_main),
+            dynamic_ncols=True,
+        )
         pending: list[tuple[_Work, str]] = []
         for item in mine:
             try:
@@ -230,7 +265,7 @@ class Indexer:
             if item.row and item.row.sha256 == sha and item.row.settings == self.settings_key:
                 outcomes[item.file.path] = {"status": "touched", "sha": sha}
                 bar.update()
-            elif self.staging.has("photo", self.result_key(sha)):   # done before a crash: resume
+            elif self.staging.has("photo", self.result_key(sha)):  # done before a crash: resume
                 outcomes[item.file.path] = {"status": "computed", "sha": sha}
                 bar.update()
             else:
@@ -259,9 +294,16 @@ class Indexer:
             baseline, qpert = self._embeddings(tokens, detections, images)
             for i, (item, sha) in enumerate(ready):
                 d = detections[i]
-                self.staging.save("photo", self.result_key(sha), {
-                    "baseline": baseline[i], "qpert": qpert[i], "size": torch.tensor([images[i].height, images[i].width]),
-                    "detections": _json_tensor(d.to_json())})
+                self.staging.save(
+                    "photo",
+                    self.result_key(sha),
+                    {
+                        "baseline": baseline[i],
+                        "qpert": qpert[i],
+                        "size": torch.tensor([images[i].height, images[i].width]),
+                        "detections": _json_tensor(d.to_json()),
+                    },
+                )
                 outcomes[item.file.path] = {"status": "computed", "sha": sha}
         bar.update(len(batch))
 
@@ -310,31 +352,42 @@ class Indexer:
         return torch.stack([t.to(self.device, dtype) for t in out])
 
     @torch.no_grad()
-    def _embeddings(self, tokens: torch.Tensor, detections: list[Detections],
-                    images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embeddings(
+        self, tokens: torch.Tensor, detections: list[Detections], images: list[Image.Image]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q, D) float32 ITC image embeddings without and with Q-Pert on the detections."""
         model = self.loaded.model
         with attach(model, self.settings.qpert) as handle:
             baseline = self.retriever.image_embeddings(model, tokens)
-            objects = ImageObjects.from_boxes(handle, tokens, [d.boxes for d in detections],
-                                              [(im.height, im.width) for im in images])
+            objects = ImageObjects.from_boxes(
+                handle, tokens, [d.boxes for d in detections], [(im.height, im.width) for im in images]
+            )
             with objects.perturb():
                 qpert = self.retriever.image_embeddings(model, tokens)
         if not torch.isfinite(baseline).all():
-            raise ConfigError(f"{self.settings.model} gave non-finite image embeddings (dtype {baseline.dtype}); "
-                              "try --dtype fp32")
+            raise ConfigError(
+                f"{self.settings.model} gave non-finite image embeddings (dtype {baseline.dtype}); try --dtype fp32"
+            )
         if not torch.isfinite(qpert).all():  # an overflow: never store vectors no search can rank
-            raise ConfigError(f"Q-Pert with alpha={self.settings.qpert.alpha:g} gave non-finite image embeddings "
-                              f"(an overflow in {baseline.dtype}); choose a smaller --alpha")
+            raise ConfigError(
+                f"Q-Pert with alpha={self.settings.qpert.alpha:g} gave non-finite image embeddings "
+                f"(an overflow in {baseline.dtype}); choose a smaller --alpha"
+            )
         shape = (tokens.shape[0], -1, baseline.shape[-1])
         return baseline.float().reshape(shape).cpu(), qpert.float().reshape(shape).cpu()
 
     # ------------------------------------------------------------------------------------ merge
-    def merge(self, catalog: Catalog, work: Sequence[_Work], gone: Sequence[str],
-              outcomes: dict[str, dict], report: IndexReport) -> None:
+    def merge(
+        self,
+        catalog: Catalog,
+        work: Sequence[_Work],
+        gone: Sequence[str],
+        outcomes: dict[str, dict],
+        report: IndexReport,
+    ) -> None:
         """Apply every rank's results in one transaction, then rebuild FAISS and tidy up."""
         with catalog.update() as update:
-            update.set_settings(self.settings.to_json())   # readers take the vectors' settings from here
+            update.set_settings(self.settings.to_json())  # readers take the vectors' settings from here
             for path in gone:
                 update.remove(path)
             for item in work:
@@ -356,16 +409,29 @@ class Indexer:
         for variant in ("baseline", "qpert"):
             ids, vectors = catalog.vectors(variant)
             VectorIndex.build(ids, vectors, self.settings.faiss).save(self.index_dir, variant, generation)
-        _write_json(self.index_dir / MANIFEST, {"format": FORMAT, "photos": str(self.photos_dir),
-                                                "settings": self.settings.to_json()})
+        _write_json(
+            self.index_dir / MANIFEST,
+            {"format": FORMAT, "photos": str(self.photos_dir), "settings": self.settings.to_json()},
+        )
         self._collect_garbage(catalog)
 
     def _staged(self, f: PhotoFile, sha: str) -> NewPhoto:
         staged = self.staging.load("photo", self.result_key(sha))
         height, width = (int(v) for v in staged["size"])
-        return NewPhoto(f.path, f.size, f.mtime_ns, f.ctime_ns, f.inode, sha, width, height,
-                        Detections.from_json(_from_json_tensor(staged["detections"])), self.settings_key,
-                        baseline=staged["baseline"].numpy(), qpert=staged["qpert"].numpy())
+        return NewPhoto(
+            f.path,
+            f.size,
+            f.mtime_ns,
+            f.ctime_ns,
+            f.inode,
+            sha,
+            width,
+            height,
+            Detections.from_json(_from_json_tensor(staged["detections"])),
+            self.settings_key,
+            baseline=staged["baseline"].numpy(),
+            qpert=staged["qpert"].numpy(),
+        )
 
     def _collect_garbage(self, catalog: Catalog) -> None:
         """Drop the staged results (now in SQLite), and the vision tokens and thumbnails of photos no
@@ -414,9 +480,16 @@ class Indexer:
         return merged
 
 
-def build_index(photos_dir: Path, index_dir: Optional[Path] = None, settings: Optional[IndexSettings] = None,
-                device: str = "auto", batch_size: int = 8, progress: bool = True,
-                compile_vision: bool = False, rehash: bool = False) -> IndexReport:
+def build_index(
+    photos_dir: Path,
+    index_dir: Optional[Path] = None,
+    settings: Optional[IndexSettings] = None,
+    device: str = "auto",
+    batch_size: int = 8,
+    progress: bool = True,
+    compile_vision: bool = False,
+    rehash: bool = False,
+) -> IndexReport:
     """Create or update the index of ``photos_dir`` (default location: ``photos_dir/.qpert-index``).
 
     ``compile_vision`` compiles the vision encoder (``qpert.compile_vision_encoder``), for large collections on a GPU.
@@ -429,8 +502,17 @@ def build_index(photos_dir: Path, index_dir: Optional[Path] = None, settings: Op
     ranks = distributed.start()
     try:
         with _exclusive(index_dir, ranks.is_main):
-            return Indexer(photos_dir, index_dir, settings or IndexSettings(), device, batch_size, progress, ranks,
-                           compile_vision, rehash).run()
+            return Indexer(
+                photos_dir,
+                index_dir,
+                settings or IndexSettings(),
+                device,
+                batch_size,
+                progress,
+                ranks,
+                compile_vision,
+                rehash,
+            ).run()
     finally:
         distributed.stop(ranks)
 

@@ -1,4 +1,5 @@
 """The photo folder side of an index: which files are photos, whether they changed, how to read them."""
+
 from __future__ import annotations
 
 import fcntl
@@ -6,9 +7,10 @@ import hashlib
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -35,10 +37,10 @@ class OutsideFolderError(PermissionError):
 class PhotoFile:
     """A photo as found on disk: its path relative to the folder plus what tells a change cheaply."""
 
-    path: str        # relative, with forward slashes
+    path: str  # relative, with forward slashes
     size: int
     mtime_ns: int
-    ctime_ns: int    # set by the system on every write, rename or utime: tools that keep mtime cannot keep it
+    ctime_ns: int  # set by the system on every write, rename or utime: tools that keep mtime cannot keep it
     inode: int
 
     @property
@@ -72,8 +74,11 @@ def scan_photos(root: Path, exclude: Path | None = None) -> FolderScan:
         relative = Path(entry.path).relative_to(root).as_posix()
         try:
             if entry.is_symlink() and not Path(os.path.realpath(entry.path)).is_relative_to(real_root):
-                log.warning("skipping %s: a link to %s, outside the photo folder", printable(entry.path),
-                            printable(os.path.realpath(entry.path)))
+                log.warning(
+                    "skipping %s: a link to %s, outside the photo folder",
+                    printable(entry.path),
+                    printable(os.path.realpath(entry.path)),
+                )
                 continue
             st = entry.stat()
         except FileNotFoundError:  # deleted while scanning

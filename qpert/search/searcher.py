@@ -5,6 +5,7 @@ ITM, the best ``candidates`` images are re-scored from their kept vision tokens:
 subspaces are rebuilt from the stored boxes (cheap), so ITM uses the same Q-Pert as the index.
 An open index follows ``qpert index`` runs made meanwhile (``refresh``), as the search page does.
 """
+
 from __future__ import annotations
 
 import threading
@@ -31,12 +32,12 @@ class Hit:
     rank: int
     id: int
     path: str
-    score: float               # what the ranking used: ITC, or ITM + ITC with re-ranking
+    score: float  # what the ranking used: ITC, or ITM + ITC with re-ranking
     itc: float
     itm: Optional[float]
     width: int
     height: int
-    boxes: list[dict]          # [{box: [x0, y0, x1, y1], score, label}], in the photo's pixels
+    boxes: list[dict]  # [{box: [x0, y0, x1, y1], score, label}], in the photo's pixels
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -49,10 +50,12 @@ class PhotoIndex:
         self.index_dir = Path(index_dir)
         manifest = read_manifest(self.index_dir)
         if manifest is None:
-            raise MissingFileError(f"{self.index_dir} is not a qpert index (no index.json); build one with "
-                                    "`qpert index PHOTOS_DIR`")
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
+            raise MissingFileError(
+                f"{self.index_dir} is not a qpert index (no index.json); build one with `qpert index PHOTOS_DIR`"
+            )
+        self.device = torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+        )
         self.catalog = Catalog(self.index_dir / CATALOG, readonly=True)
         self.features = FeatureStore(self.index_dir / "features", writer=False)
         self._reloading = threading.Lock()
@@ -68,9 +71,12 @@ class PhotoIndex:
         """Read the catalog, the FAISS indexes and (when they changed) the model and Q-Pert settings."""
         with self.catalog.snapshot():
             generation = self.catalog.generation
-            stored = self.catalog.settings()   # committed with the vectors (older catalogs: the manifest's)
-            settings = settings_from_json(stored, self.catalog.path) if stored else \
-                IndexSettings.from_json(manifest["settings"])
+            stored = self.catalog.settings()  # committed with the vectors (older catalogs: the manifest's)
+            settings = (
+                settings_from_json(stored, self.catalog.path)
+                if stored
+                else IndexSettings.from_json(manifest["settings"])
+            )
             rows = {r.id: r for r in self.catalog.photos().values()}
             vectors = {v: self._vectors(v, generation, settings) for v in ("baseline", "qpert")}
         same_model = self.settings is not None and _model_identity(self.settings) == _model_identity(settings)
@@ -78,8 +84,9 @@ class PhotoIndex:
             self.handle.detach()
             self.handle = None
         if not same_model:
-            self.loaded = load_model(settings.model, device=self.device, dtype=settings.dtype,
-                                     trust_remote_code=settings.trust_remote_code)
+            self.loaded = load_model(
+                settings.model, device=self.device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code
+            )
             self.retriever = retrieval_heads(self.loaded.model)
             self.model_key = model_key(self.loaded, settings)
         if self.handle is None:
@@ -102,7 +109,7 @@ class PhotoIndex:
             if self.catalog.generation == self.generation:
                 return False
             manifest = read_manifest(self.index_dir)
-            if manifest is None:   # the index folder was deleted: keep answering from memory
+            if manifest is None:  # the index folder was deleted: keep answering from memory
                 return False
             self._load(manifest)
             return True
@@ -116,8 +123,7 @@ class PhotoIndex:
         self.catalog.close()
 
     @torch.no_grad()
-    def search(self, query: str, k: int = 10, qpert: bool = True, itm: bool = False,
-               candidates: int = 32) -> list[Hit]:
+    def search(self, query: str, k: int = 10, qpert: bool = True, itm: bool = False, candidates: int = 32) -> list[Hit]:
         """The ``k`` best photos for ``query``; ``itm`` re-ranks the best ``max(k, candidates)`` by ITM + ITC."""
         if not query.strip():
             raise ConfigError("the search query is empty")
@@ -131,15 +137,28 @@ class PhotoIndex:
         rows = [self.rows[int(i)] for i in photo_ids]
         itm_scores = self._itm(rows, ids, mask, qpert) if itm and rows else None
         if itm_scores is not None and not np.isfinite(itm_scores).all():
-            raise ConfigError(f"ITM re-ranking gave non-finite scores (Q-Pert alpha={self.settings.qpert.alpha:g} "
-                              "overflows this model); search without --itm or re-index with a smaller --alpha")
+            raise ConfigError(
+                f"ITM re-ranking gave non-finite scores (Q-Pert alpha={self.settings.qpert.alpha:g} "
+                "overflows this model); search without --itm or re-index with a smaller --alpha"
+            )
         order = np.argsort(-(itm_scores + itc), kind="stable") if itm_scores is not None else np.arange(len(rows))
         hits = []
         for rank, j in enumerate(order[:k]):
             row = rows[j]
             itm_j = None if itm_scores is None else float(itm_scores[j])
-            hits.append(Hit(rank + 1, row.id, row.path, float(itc[j]) + (itm_j or 0.0), float(itc[j]), itm_j,
-                            row.width, row.height, row.detections.to_json()))
+            hits.append(
+                Hit(
+                    rank + 1,
+                    row.id,
+                    row.path,
+                    float(itc[j]) + (itm_j or 0.0),
+                    float(itc[j]),
+                    itm_j,
+                    row.width,
+                    row.height,
+                    row.detections.to_json(),
+                )
+            )
         return hits
 
     def _itm(self, rows: list[PhotoRow], ids: torch.Tensor, mask: torch.Tensor, qpert: bool) -> np.ndarray:
@@ -163,8 +182,9 @@ class PhotoIndex:
         try:
             return self.features.load("tokens", key)["tokens"]
         except (KeyError, FileNotFoundError) as e:
-            raise ConfigError(f"the vision tokens of {row.path} are missing from the index; run `qpert index` "
-                             "again to repair it") from e
+            raise ConfigError(
+                f"the vision tokens of {row.path} are missing from the index; run `qpert index` again to repair it"
+            ) from e
 
     def photo_path(self, photo_id: int) -> Path:
         """The indexed photo's file; only paths inside the indexed folder ever come out. To read it,
@@ -187,4 +207,3 @@ class PhotoIndex:
 def _model_identity(settings: IndexSettings) -> tuple:
     """What a loaded model depends on: an update changing only Q-Pert settings keeps the model."""
     return settings.model, settings.dtype, settings.trust_remote_code
-

@@ -7,6 +7,7 @@ PyTorch inference on one module from several threads is unsafe. A fixed pool of 
 the connections; when all are busy, new ones wait in the kernel's listen queue (back-pressure),
 and every read has a timeout, so idle or slow clients cannot pile up threads or hold the server.
 """
+
 from __future__ import annotations
 
 import errno
@@ -19,11 +20,12 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ConfigError, UnsupportedModelError
@@ -35,25 +37,27 @@ from .searcher import PhotoIndex
 from .thumbnails import Thumbnails
 
 #: The page's files, by URL; nothing else under ``static/`` or elsewhere is served.
-STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
-          "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
-          "/static/style.css": ("style.css", "text/css; charset=utf-8"),
-          "/static/favicon.svg": ("favicon.svg", "image/svg+xml")}
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/static/style.css": ("style.css", "text/css; charset=utf-8"),
+    "/static/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
 PHOTO_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
 PHOTO_ROUTE = re.compile(r"/(photo|thumb)/([0-9]{1,18})")
 MAX_K = 100
 MAX_QUERY = 500
-WORKERS = 8              # connections served at once
-REQUEST_TIMEOUT = 20.0   # seconds any read or write of a request may take
-IDLE_TIMEOUT = 2.0       # seconds a connection may wait for its (next) request before it is closed
-LISTEN_BACKLOG = 64      # connections the kernel holds while every worker is busy
+WORKERS = 8  # connections served at once
+REQUEST_TIMEOUT = 20.0  # seconds any read or write of a request may take
+IDLE_TIMEOUT = 2.0  # seconds a connection may wait for its (next) request before it is closed
+LISTEN_BACKLOG = 64  # connections the kernel holds while every worker is busy
 #: A Host header: a DNS name or IPv4 address, or a bracketed IPv6 address, with an optional port.
 HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::[0-9]{1,5})?")
 DNS_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Content-Security-Policy": "default-src 'self'; img-src 'self'; frame-ancestors 'none'",
-    "Cross-Origin-Resource-Policy": "same-origin",   # other sites' pages cannot embed the photos or answers
+    "Cross-Origin-Resource-Policy": "same-origin",  # other sites' pages cannot embed the photos or answers
     "Referrer-Policy": "no-referrer",
 }
 
@@ -67,18 +71,27 @@ class SearchServer(HTTPServer):
 
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, index: PhotoIndex, address: tuple[str, int], allowed_hosts: Iterable[str] = (),
-                 workers: int = WORKERS, request_timeout: float = REQUEST_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT):
+    def __init__(
+        self,
+        index: PhotoIndex,
+        address: tuple[str, int],
+        allowed_hosts: Iterable[str] = (),
+        workers: int = WORKERS,
+        request_timeout: float = REQUEST_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self._workers: list[threading.Thread] = []   # none yet: a failed bind closes the server at once
+        self._workers: list[threading.Thread] = []  # none yet: a failed bind closes the server at once
         super().__init__(address, Handler)
         self.index = index
         self.allowed_hosts = allowed_host_names(address[0], allowed_hosts)
         self.request_timeout, self.idle_timeout = request_timeout, idle_timeout
         self.model_lock = threading.Lock()
         self.thumbnails = Thumbnails(index.index_dir / THUMBNAILS)
-        self.static = {route: (resources.files(__package__).joinpath("static", name).read_bytes(), ctype)
-                       for route, (name, ctype) in STATIC.items()}
+        self.static = {
+            route: (resources.files(__package__).joinpath("static", name).read_bytes(), ctype)
+            for route, (name, ctype) in STATIC.items()
+        }
         self._free = threading.BoundedSemaphore(workers)
         self._connections: queue.SimpleQueue = queue.SimpleQueue()
         for i in range(workers):
@@ -162,7 +175,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.connection.settimeout(self.timeout)
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         if not host_allowed(self.headers.get("Host", ""), self.server.allowed_hosts):
             return self._send_json({"error": "unknown Host header"}, HTTPStatus.FORBIDDEN)
         url = urlsplit(self.path)
@@ -182,20 +195,31 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.model_lock:
             self.server.index.refresh()
             index = self.server.index
-            return {"photos": len(index), "model": index.settings.model, "detector": index.settings.detector,
-                    "itm": self.server.itm_available, "qpert": index.settings.qpert.to_dict(), "max_k": MAX_K}
+            return {
+                "photos": len(index),
+                "model": index.settings.model,
+                "detector": index.settings.detector,
+                "itm": self.server.itm_available,
+                "qpert": index.settings.qpert.to_dict(),
+                "max_k": MAX_K,
+            }
 
     def _api_search(self, params: dict[str, list[str]]) -> None:
         try:
             start = time.perf_counter()
             with self.server.model_lock:
-                self.server.index.refresh()   # a `qpert index` run finished meanwhile: answer from its index
+                self.server.index.refresh()  # a `qpert index` run finished meanwhile: answer from its index
                 query, k, itm, compare = _search_params(params, self.server.itm_available)
-                result = {"query": query, "k": k, "itm": itm,
-                          "qpert": [h.to_json() for h in self.server.index.search(query, k=k, qpert=True, itm=itm)]}
+                result = {
+                    "query": query,
+                    "k": k,
+                    "itm": itm,
+                    "qpert": [h.to_json() for h in self.server.index.search(query, k=k, qpert=True, itm=itm)],
+                }
                 if compare:
-                    result["baseline"] = [h.to_json()
-                                          for h in self.server.index.search(query, k=k, qpert=False, itm=itm)]
+                    result["baseline"] = [
+                        h.to_json() for h in self.server.index.search(query, k=k, qpert=False, itm=itm)
+                    ]
             result["seconds"] = round(time.perf_counter() - start, 4)
         except (ValueError, UnsupportedModelError) as e:  # BadRequest, or the index refusing the query
             return self._send_json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
@@ -233,10 +257,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         super().end_headers()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+    def log_message(self, format: str, *args: Any) -> None:
         """Only errors reach the terminal: one line per request would drown the URL."""
 
-    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_error(self, format: str, *args: Any) -> None:
         sys.stderr.write(f"qpert serve: {printable(format % args)}\n")
 
 
@@ -288,9 +312,11 @@ def is_wildcard(host: str) -> bool:
 def check_exposure(host: str, allowed_hosts: list[str]) -> None:
     """A server on every interface must be told which Host names to answer: it never answers all."""
     if is_wildcard(host) and not allowed_hosts:
-        raise ConfigError(f"--host {host or repr('')} listens on every network interface: add --allow-host NAME for "
-                          "each name or address browsers use to reach this machine (other Host headers are refused, "
-                          "against DNS rebinding)")
+        raise ConfigError(
+            f"--host {host or repr('')} listens on every network interface: add --allow-host NAME for "
+            "each name or address browsers use to reach this machine (other Host headers are refused, "
+            "against DNS rebinding)"
+        )
 
 
 def host_allowed(header: str, allowed: frozenset[str]) -> bool:
@@ -334,8 +360,9 @@ def _flag(params: dict[str, list[str]], name: str) -> bool:
     return value == "1"
 
 
-def make_server(index: PhotoIndex, host: str = "127.0.0.1", port: int = 0, allowed_hosts: Iterable[str] = (),
-                **options: Any) -> SearchServer:
+def make_server(
+    index: PhotoIndex, host: str = "127.0.0.1", port: int = 0, allowed_hosts: Iterable[str] = (), **options: Any
+) -> SearchServer:
     """A server for ``index`` on ``host:port`` (0: any free port; see ``.url``); call ``serve_forever``.
     Listening on every interface (0.0.0.0, ::) needs ``allowed_hosts``: the names clients use for it."""
     allowed_hosts = list(allowed_hosts)
@@ -346,8 +373,9 @@ def make_server(index: PhotoIndex, host: str = "127.0.0.1", port: int = 0, allow
         raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from e
 
 
-def serve(index_dir: Path, host: str = "127.0.0.1", port: int = 8765, device: str = "auto",
-          allowed_hosts: Iterable[str] = ()) -> None:
+def serve(
+    index_dir: Path, host: str = "127.0.0.1", port: int = 8765, device: str = "auto", allowed_hosts: Iterable[str] = ()
+) -> None:
     """Open the index and serve its search page until Ctrl-C (also during loading: no traceback)."""
     allowed_hosts = [host_name(name) for name in allowed_hosts]
     check_exposure(host, allowed_hosts)  # before the slow part: loading the index
@@ -365,10 +393,16 @@ def _serve_until_interrupted(server: SearchServer) -> None:
     index = server.index
     if not server.loopback_only:
         names = ", ".join(sorted(server.allowed_hosts | {"localhost"}))
-        print(f"warning: {server.url} is reachable from other machines: anyone who can connect can search and view "
-              f"these photos (there is no password). Answering Host names: {names}", file=sys.stderr, flush=True)
-    print(f"qpert: searching {len(index)} photos of {printable(str(index.photos_dir))} at {server.url}  "
-          "(Ctrl-C to stop)", flush=True)
+        print(
+            f"warning: {server.url} is reachable from other machines: anyone who can connect can search and view "
+            f"these photos (there is no password). Answering Host names: {names}",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"qpert: searching {len(index)} photos of {printable(str(index.photos_dir))} at {server.url}  (Ctrl-C to stop)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     finally:

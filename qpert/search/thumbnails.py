@@ -5,6 +5,7 @@ that. JPEGs are decoded directly at 1/2, 1/4 or 1/8 scale (Pillow's ``draft``), 
 reduced while loading, only a few photos are decoded at a time, and every thumbnail is kept on
 disk next to the index, named by the photo's SHA-256, so it is made once for all servers and runs.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,8 +20,8 @@ from ..atomic import atomic_write, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
-SIZE = 384            # longest side, in pixels
-CONCURRENT = 2        # photos decoded at once, whatever the number of requests
+SIZE = 384  # longest side, in pixels
+CONCURRENT = 2  # photos decoded at once, whatever the number of requests
 QUALITY = 85
 
 
@@ -56,8 +57,8 @@ class Thumbnails:
 def make_thumbnail(photo: BinaryIO, size: int = SIZE) -> bytes:
     """A JPEG of ``photo`` at most ``size`` pixels on its longest side, upright by its EXIF orientation."""
     with Image.open(photo) as im:
-        im.draft("RGB", (size, size))   # JPEG: decode at the smallest scale still >= size (no-op otherwise)
-        im.thumbnail((size, size))       # loads, reducing as it goes
+        im.draft("RGB", (size, size))  # JPEG: decode at the smallest scale still >= size (no-op otherwise)
+        im.thumbnail((size, size))  # loads, reducing as it goes
         upright = ImageOps.exif_transpose(im).convert("RGB")
     out = io.BytesIO()
     upright.save(out, format="JPEG", quality=QUALITY)

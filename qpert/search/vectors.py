@@ -5,6 +5,7 @@ ITC), so a search takes the k x Q nearest vectors and keeps each image's first (
 with the exact ``flat`` index that is exactly the top k images. ``hnsw`` and ``ivf`` trade a
 little recall for speed on large collections.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,11 @@ class VectorIndex:
     """A FAISS index over (n x Q) vectors plus the photo id that owns each vector."""
 
     index: faiss.Index
-    owners: np.ndarray      # (n * Q,) photo ids
-    per_image: int          # Q
+    owners: np.ndarray  # (n * Q,) photo ids
+    per_image: int  # Q
 
     @classmethod
-    def build(cls, ids: np.ndarray, vectors: np.ndarray, kind: str = "flat") -> "VectorIndex":
+    def build(cls, ids: np.ndarray, vectors: np.ndarray, kind: str = "flat") -> VectorIndex:
         """``vectors`` (n, Q, D) float32, L2-normalized (ITC embeddings are)."""
         if kind not in KINDS:
             raise ConfigError(f"unknown FAISS index kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -66,9 +67,9 @@ class VectorIndex:
         """``name.faiss`` + ``name.owners.npy`` + ``name.json``; each written atomically, the stamp last."""
         folder = Path(folder)
         with atomic_write(folder / f"{name}.faiss") as f:
-            writer = faiss.PyCallbackIOWriter(f.write)   # streamed: a large index is never copied in memory
+            writer = faiss.PyCallbackIOWriter(f.write)  # streamed: a large index is never copied in memory
             faiss.write_index(self.index, writer)
-            del writer                                   # flushes FAISS's buffer into f
+            del writer  # flushes FAISS's buffer into f
         with atomic_write(folder / f"{name}.owners.npy") as f:
             np.save(f, self.owners, allow_pickle=False)
         stamp = {"generation": generation, "per_image": self.per_image, "vectors": int(self.index.ntotal)}
@@ -76,7 +77,7 @@ class VectorIndex:
             f.write(json.dumps(stamp).encode())
 
     @classmethod
-    def load(cls, folder: Path, name: str, generation: int) -> "VectorIndex | None":
+    def load(cls, folder: Path, name: str, generation: int) -> VectorIndex | None:
         """The saved index, or None when it is missing or belongs to another catalog generation."""
         folder = Path(folder)
         try:

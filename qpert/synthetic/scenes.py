@@ -19,6 +19,7 @@ scenes without them.
 Scene ``index`` of stream ``seed`` is drawn from its own generator, so any scene can be
 regenerated alone, and different seeds give independent, disjoint streams.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 #: Names of the 3x3 regions of the image, row-major, by where a shape's centre falls.
 POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
-_PREPOSITIONS = {"top": ("at the",), "bottom": ("at the",), "left": ("on the",), "right": ("on the",),
-                 "centre": ("in the",)}
+_PREPOSITIONS = {
+    "top": ("at the",),
+    "bottom": ("at the",),
+    "left": ("on the",),
+    "right": ("on the",),
+    "centre": ("in the",),
+}
 _CORNER_PREPOSITIONS = ("in the", "at the")
 _CENTRE_NAMES = ("centre", "middle")
 _SIZE_WORDS = {"small": ("small", "tiny"), "large": ("big", "large")}
@@ -68,9 +74,9 @@ class SceneConfig:
     distractor_side: tuple[int, int] = (18, 34)
 
     def __post_init__(self) -> None:
-        if self.small_side[1] ** 2 >= SMALL_AREA * self.image_size ** 2:
+        if self.small_side[1] ** 2 >= SMALL_AREA * self.image_size**2:
             raise ConfigError("small shapes must stay below 10% of the image area")
-        if self.large_side[0] ** 2 < SMALL_AREA * self.image_size ** 2:
+        if self.large_side[0] ** 2 < SMALL_AREA * self.image_size**2:
             raise ConfigError("large shapes must cover at least 10% of the image area")
 
 
@@ -123,7 +129,7 @@ def shape_mask(shape: str, side: int) -> np.ndarray:
     dy, dx = c[:, None], c[None, :]
     r = side / 2
     if shape == "circle":
-        return dx ** 2 + dy ** 2 <= r ** 2
+        return dx**2 + dy**2 <= r**2
     if shape == "square":
         return np.ones((side, side), dtype=bool)
     if shape == "triangle":
@@ -149,12 +155,16 @@ def make_scene(seed: int, index: int, config: SceneConfig = SceneConfig()) -> Sc
     size = config.image_size
     kind = "small" if rng.random() < config.small_fraction else "large"
     if kind == "small":
-        sides = [int(rng.integers(*config.small_side, endpoint=True))
-                 for _ in range(rng.integers(*config.small_scene_objects, endpoint=True))]
+        sides = [
+            int(rng.integers(*config.small_side, endpoint=True))
+            for _ in range(rng.integers(*config.small_scene_objects, endpoint=True))
+        ]
     else:
         sides = [int(rng.integers(*config.large_side, endpoint=True))]
-        sides += [int(rng.integers(*config.small_side, endpoint=True))
-                  for _ in range(rng.integers(*config.large_scene_small_objects, endpoint=True))]
+        sides += [
+            int(rng.integers(*config.small_side, endpoint=True))
+            for _ in range(rng.integers(*config.large_scene_small_objects, endpoint=True))
+        ]
     colours = rng.choice(len(COLOURS), size=len(sides), replace=False)
     shapes = rng.integers(len(SHAPES), size=len(sides))
 
@@ -176,16 +186,20 @@ def make_scene(seed: int, index: int, config: SceneConfig = SceneConfig()) -> Sc
         colour, shape = list(COLOURS)[c], SHAPES[s]
         mask = shape_mask(shape, side)
         rgb = np.asarray(COLOURS[colour], dtype=np.float64) + rng.integers(-15, 16, size=3)
-        region = image[y:y + side, x:x + side]
+        region = image[y : y + side, x : x + side]
         region[mask] = rgb + rng.normal(0.0, 4.0, size=(int(mask.sum()), 3))
         rows, cols = np.nonzero(mask)
         box = (x + int(cols.min()), y + int(rows.min()), x + int(cols.max()) + 1, y + int(rows.max()) + 1)
         placed.append((x, y, x + side, y + side))
-        objects.append(SceneObject(colour, shape, "small" if side ** 2 < SMALL_AREA * size ** 2 else "large",
-                                   box, position_of(box, size)))
+        objects.append(
+            SceneObject(
+                colour, shape, "small" if side**2 < SMALL_AREA * size**2 else "large", box, position_of(box, size)
+            )
+        )
     captions = tuple(caption(objects, rng) for _ in range(config.captions_per_image))
-    return Scene(scene_id(seed, index), kind, np.clip(np.rint(image), 0, 255).astype(np.uint8), tuple(objects),
-                 captions)
+    return Scene(
+        scene_id(seed, index), kind, np.clip(np.rint(image), 0, 255).astype(np.uint8), tuple(objects), captions
+    )
 
 
 def _draw_distractor(image: np.ndarray, rng: np.random.Generator, side: int) -> None:
@@ -250,12 +264,12 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def _place(rng: np.random.Generator, side: int, size: int, placed: list[tuple[int, int, int, int]],
-           gap: int, tries: int = 200) -> Optional[tuple[int, int]]:
+def _place(
+    rng: np.random.Generator, side: int, size: int, placed: list[tuple[int, int, int, int]], gap: int, tries: int = 200
+) -> Optional[tuple[int, int]]:
     """Top-left corner of a side x side square at least ``gap`` pixels from every placed square."""
     for _ in range(tries):
         x, y = (int(v) for v in rng.integers(1, size - side, size=2))
-        if all(x + side + gap <= a or a2 + gap <= x or y + side + gap <= b or b2 + gap <= y
-               for a, b, a2, b2 in placed):
+        if all(x + side + gap <= a or a2 + gap <= x or y + side + gap <= b or b2 + gap <= y for a, b, a2, b2 in placed):
             return x, y
     return None

@@ -4,12 +4,14 @@ The files are exactly what :func:`qpert.data.datasets.load_dataset` ("flickr30k"
 :func:`qpert.data.box_sources.flickr30k_entities_boxes` read for the real datasets, so the whole
 evaluation path, loaders included, runs on the synthetic benchmark unchanged.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 from xml.etree import ElementTree as ET
 
 from PIL import Image
@@ -33,12 +35,18 @@ class SyntheticLayout:
 def layout(root: PathLike, split: str) -> SyntheticLayout:
     root = Path(root)
     flickr, entities = root / "flickr30k", root / "flickr30k_entities"
-    return SyntheticLayout(root, flickr / "annotations" / f"flickr30k_{split}.json",
-                           flickr / "images" / "flickr30k-images", entities / "Annotations", entities / "Sentences")
+    return SyntheticLayout(
+        root,
+        flickr / "annotations" / f"flickr30k_{split}.json",
+        flickr / "images" / "flickr30k-images",
+        entities / "Annotations",
+        entities / "Sentences",
+    )
 
 
-def write_flickr30k(root: PathLike, seed: int, count: int, split: str = "test",
-                    config: SceneConfig = SceneConfig()) -> SyntheticLayout:
+def write_flickr30k(
+    root: PathLike, seed: int, count: int, split: str = "test", config: SceneConfig = SceneConfig()
+) -> SyntheticLayout:
     """Generate ``count`` scenes of stream ``seed`` and write them as the Flickr30K ``split``."""
     return write_scenes(root, make_scenes(seed, count, config), split)
 

@@ -2,6 +2,7 @@
 
 Shared by the evaluation, retrieval-family, object-baseline, captioning and CUDA tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,23 +18,45 @@ from qpert.data.box_sources import flickr30k_entities_boxes
 from qpert.data.datasets import load_dataset
 from qpert.models.tiny import tiny_blip2, tiny_processor
 
-
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 210), "green": (30, 190, 40), "yellow": (230, 220, 40)}
 
 
 IDS = ["1000092795", "10002456", "1000268201", "1000344755", "1000366164", "1000523639", "1000919630"]
 
 
-WORDS = "a an the small big red blue green yellow square box in corner left right photo of with".split()
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "small",
+    "big",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "square",
+    "box",
+    "in",
+    "corner",
+    "left",
+    "right",
+    "photo",
+    "of",
+    "with",
+]
 
 
 def entities_xml(width, height, boxes):
     objects = "".join(
         f"<object><name>{i + 1}</name><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax>"
-        f"<ymax>{y1}</ymax></bndbox></object>" for i, (x0, y0, x1, y1) in enumerate(boxes))
+        f"<ymax>{y1}</ymax></bndbox></object>"
+        for i, (x0, y0, x1, y1) in enumerate(boxes)
+    )
     scene = "<object><name>99</name><scene>1</scene></object>"
-    return (f"<annotation><filename>x.jpg</filename><size><width>{width}</width><height>{height}</height>"
-            f"<depth>3</depth></size>{objects}{scene}</annotation>")
+    return (
+        f"<annotation><filename>x.jpg</filename><size><width>{width}</width><height>{height}</height>"
+        f"<depth>3</depth></size>{objects}{scene}</annotation>"
+    )
 
 
 def build_bench(root: Path) -> tuple[Path, Path]:
@@ -48,7 +71,7 @@ def build_bench(root: Path) -> tuple[Path, Path]:
         for j, colour in enumerate(rng.choice(list(COLOURS), size=2, replace=False)):
             side = int(rng.integers(6, min(w, h) // (2 - j % 2 + 1)))
             x0, y0 = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
-            pixels[y0:y0 + side, x0:x0 + side] = COLOURS[colour]
+            pixels[y0 : y0 + side, x0 : x0 + side] = COLOURS[colour]
             boxes.append((x0, y0, x0 + side, y0 + side))
             caps.append(f"a {'small' if side * side < 0.1 * w * h else 'big'} {colour} square")
         path = root / "flickr30k/images/flickr30k-images" / f"{image_id}.jpg"
@@ -59,11 +82,22 @@ def build_bench(root: Path) -> tuple[Path, Path]:
         (root / "flickr30k/Sentences").mkdir(parents=True, exist_ok=True)  # entity 2 is mentioned only in image 0
         mentioned = "[/EN#1/other a square]" + (" and [/EN#2/other another]" if n == 0 else "")
         (root / "flickr30k/Sentences" / f"{image_id}.txt").write_text(mentioned + " .\n")
-        entries.append({"image": f"flickr30k-images/{image_id}.jpg",
-                        "caption": [caps[0], caps[1], f"{caps[0]} with {caps[1]}", f"a photo of {caps[1]}",
-                                    f"{caps[1]} in the corner"]})
-        detections += [{"image_id": int(image_id), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": 0.9 - 0.1 * j,
-                        "category_id": 1} for j, (x0, y0, x1, y1) in enumerate(boxes)]
+        entries.append(
+            {
+                "image": f"flickr30k-images/{image_id}.jpg",
+                "caption": [
+                    caps[0],
+                    caps[1],
+                    f"{caps[0]} with {caps[1]}",
+                    f"a photo of {caps[1]}",
+                    f"{caps[1]} in the corner",
+                ],
+            }
+        )
+        detections += [
+            {"image_id": int(image_id), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": 0.9 - 0.1 * j, "category_id": 1}
+            for j, (x0, y0, x1, y1) in enumerate(boxes)
+        ]
     (root / "flickr30k/annotations").mkdir(parents=True, exist_ok=True)
     (root / "flickr30k/annotations/flickr30k_test.json").write_text(json.dumps(entries))
     (root / "detections.json").write_text(json.dumps(detections))
@@ -74,8 +108,9 @@ def build_bench(root: Path) -> tuple[Path, Path]:
 
 
 def qpert_cli(*args):
-    return subprocess.run([sys.executable, "-c", "from qpert.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", "from qpert.cli import main; main()", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def fixture_data(root):

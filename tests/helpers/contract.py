@@ -1,7 +1,8 @@
 """Checks every adapter must pass, shared by the per-family test files."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -35,8 +36,9 @@ def assert_detach_restores(model: torch.nn.Module, forward: Callable[[], torch.T
     assert torch.equal(forward(), base)
 
 
-def assert_inactive_is_bit_identical(model: torch.nn.Module, forward: Callable[[], torch.Tensor], alpha: float,
-                                     boxes_on_no_token=None) -> None:
+def assert_inactive_is_bit_identical(
+    model: torch.nn.Module, forward: Callable[[], torch.Tensor], alpha: float, boxes_on_no_token=None
+) -> None:
     """Outside objects(), with no boxes, for the box-less image of a batch, with boxes that cover no
     token (``boxes_on_no_token``, where a model crops or drops pixels) and with alpha = 0, outputs
     are bit-identical to the unmodified model; the other images of a mixed batch do change."""
@@ -59,9 +61,14 @@ def assert_inactive_is_bit_identical(model: torch.nn.Module, forward: Callable[[
         handle.detach()
 
 
-def assert_matches_reference(model: torch.nn.Module, forward: Callable[[], torch.Tensor],
-                             install_reference: Callable[[], object], config: dict, boxes=BOXES,
-                             sizes=SIZES) -> qpert.QPertHandle:
+def assert_matches_reference(
+    model: torch.nn.Module,
+    forward: Callable[[], torch.Tensor],
+    install_reference: Callable[[], object],
+    config: dict,
+    boxes=BOXES,
+    sizes=SIZES,
+) -> qpert.QPertHandle:
     """The adapter's outputs equal (<= 1e-5) those of a plain reference of DESIGN.md §1 hooked into the
     same modules (``install_reference()`` returns it, with ``remove()``), and the reference does change
     the outputs. Returns the (detached) handle, for checks of its layout."""

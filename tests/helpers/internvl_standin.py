@@ -8,6 +8,7 @@ attention pooling (``AttentionPoolingBlock``, ``CrossAttention``) are the real o
 self-attention and MLP are simplified (a causal mean, a linear), which the retrieval interface never
 looks into.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,15 +58,25 @@ class LlamaCrossAttention(nn.Module):
         self.v_proj = nn.Linear(vision_hidden_size, num_heads * self.head_dim, bias=False)
         self.norm2 = LlamaRMSNorm(vision_hidden_size)
 
-    def forward(self, hidden_states, vision_hidden_states, repeat_time=1, attention_mask=None, past_key_value=None,
-                output_attentions=False, use_cache=False):
+    def forward(
+        self,
+        hidden_states,
+        vision_hidden_states,
+        repeat_time=1,
+        attention_mask=None,
+        past_key_value=None,
+        output_attentions=False,
+        use_cache=False,
+    ):
         hidden_states = self.norm1(hidden_states)
         bsz, q_len, _ = hidden_states.size()
         query_states = self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
         vision_hidden_states = self.norm2(vision_hidden_states)
         bs_v, kv_len, _ = vision_hidden_states.size()
         key_states = self.k_proj(vision_hidden_states).view(bs_v, kv_len, self.num_heads, self.head_dim).transpose(1, 2)
-        value_states = self.v_proj(vision_hidden_states).view(bs_v, kv_len, self.num_heads, self.head_dim).transpose(1, 2)
+        value_states = (
+            self.v_proj(vision_hidden_states).view(bs_v, kv_len, self.num_heads, self.head_dim).transpose(1, 2)
+        )
         key_states = key_states.repeat(repeat_time, 1, 1, 1)
         value_states = value_states.repeat(repeat_time, 1, 1, 1)
         attn_weights = torch.matmul(query_states, key_states.transpose(2, 3)) / math.sqrt(self.head_dim)
@@ -84,19 +95,36 @@ class LlamaDecoderLayer(nn.Module):
         self.cross_attn = LlamaCrossAttention(HIDDEN, HEADS, VISION) if use_cross_attn else None
         self.num_query_token = QUERIES
 
-    def forward(self, hidden_states, vision_hidden_states, attention_mask=None, position_ids=None,
-                past_key_value=None, output_attentions=False, use_cache=False, repeat_time=1):
+    def forward(
+        self,
+        hidden_states,
+        vision_hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        past_key_value=None,
+        output_attentions=False,
+        use_cache=False,
+        repeat_time=1,
+    ):
         steps = torch.arange(1, hidden_states.shape[1] + 1, dtype=hidden_states.dtype)[:, None]
         hidden_states = hidden_states + self.self_attn(hidden_states.cumsum(1) / steps)
-        if self.cross_attn is not None and hidden_states.size(1) >= self.num_query_token \
-                and vision_hidden_states is not None:
-            query_feats = hidden_states[:, :self.num_query_token, :]
-            text_feats = hidden_states[:, self.num_query_token:, :]
+        if (
+            self.cross_attn is not None
+            and hidden_states.size(1) >= self.num_query_token
+            and vision_hidden_states is not None
+        ):
+            query_feats = hidden_states[:, : self.num_query_token, :]
+            text_feats = hidden_states[:, self.num_query_token :, :]
             residual = query_feats
-            query_feats, _, _ = self.cross_attn(hidden_states=query_feats, vision_hidden_states=vision_hidden_states,
-                                                attention_mask=None, past_key_value=past_key_value,
-                                                output_attentions=output_attentions, use_cache=use_cache,
-                                                repeat_time=repeat_time)
+            query_feats, _, _ = self.cross_attn(
+                hidden_states=query_feats,
+                vision_hidden_states=vision_hidden_states,
+                attention_mask=None,
+                past_key_value=past_key_value,
+                output_attentions=output_attentions,
+                use_cache=use_cache,
+                repeat_time=repeat_time,
+            )
             hidden_states = torch.cat([residual + query_feats, text_feats], dim=1)
         return (hidden_states,)
 
@@ -110,13 +138,29 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList([LlamaDecoderLayer(i % 2 == 0) for i in range(LAYERS)])
         self.norm = LlamaRMSNorm(HIDDEN)
 
-    def forward_train(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                      inputs_embeds=None, vision_hidden_states=None, repeat_time=1, use_cache=None,
-                      output_attentions=None, output_hidden_states=None, return_dict=None):
+    def forward_train(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        vision_hidden_states=None,
+        repeat_time=1,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, vision_hidden_states, attention_mask=attention_mask,
-                                  position_ids=position_ids, repeat_time=repeat_time)[0]
+            hidden_states = layer(
+                hidden_states,
+                vision_hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                repeat_time=repeat_time,
+            )[0]
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states))
 
 
@@ -148,7 +192,7 @@ class CrossAttention(nn.Module):
         self.proj_drop = nn.Dropout(0.0)
 
     def forward(self, x, k=None, v=None):
-        B, N, C = x.shape
+        B, N, _ = x.shape
         N_k, N_v = k.shape[1], v.shape[1]
         q = nn.functional.linear(input=x, weight=self.q.weight, bias=self.q_bias)
         q = q.reshape(B, N, 1, self.num_heads, -1).permute(2, 0, 3, 1, 4).squeeze(0)
@@ -157,7 +201,7 @@ class CrossAttention(nn.Module):
         v = nn.functional.linear(input=v, weight=self.v.weight, bias=self.v_bias)
         v = v.reshape(B, N_v, 1, self.num_heads, -1).permute(2, 0, 3, 1, 4).squeeze(0)
         q = q * self.scale
-        attn = (q @ k.transpose(-2, -1))
+        attn = q @ k.transpose(-2, -1)
         attn = attn.softmax(dim=-1)
         attn = self.attn_drop(attn)
         x = (attn @ v).transpose(1, 2).reshape(B, N, -1)
@@ -183,8 +227,9 @@ class InternVLModel(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.config = SimpleNamespace(vision_config=SimpleNamespace(image_size=IMAGE, patch_size=PATCH),
-                                      force_image_size=None)
+        self.config = SimpleNamespace(
+            vision_config=SimpleNamespace(image_size=IMAGE, patch_size=PATCH), force_image_size=None
+        )
         self.vision_model = InternVisionModel()
         self.qllama = nn.Module()  # LlamaForCausalLM
         self.qllama.model = LlamaModel()
@@ -197,22 +242,29 @@ class InternVLModel(nn.Module):
         """The query features of ``get_image_features`` (with the queries tiled ``repeat_time`` times)."""
         image_embeds = self.vision_model(pixel_values=pixel_values)[0]
         hidden = self.query_tokens.repeat(repeat_time * len(pixel_values), 1, 1)
-        return self.qllama.model.forward_train(inputs_embeds=hidden, vision_hidden_states=image_embeds,
-                                               repeat_time=repeat_time).last_hidden_state
+        return self.qllama.model.forward_train(
+            inputs_embeds=hidden, vision_hidden_states=image_embeds, repeat_time=repeat_time
+        ).last_hidden_state
 
     def get_image_features(self, pixel_values, output_attentions=None, output_hidden_states=None, return_dict=None):
         backbone_embeds = self.vision_model(pixel_values=pixel_values, return_dict=True)[0]
         input_embeds = self.query_tokens.repeat(backbone_embeds.shape[0], 1, 1)
         attention_mask = torch.zeros(len(input_embeds), 1, QUERIES, QUERIES)  # _expand_mask of all ones
-        outputs = self.qllama.model.forward_train(inputs_embeds=input_embeds, vision_hidden_states=backbone_embeds,
-                                                  attention_mask=attention_mask, return_dict=True).last_hidden_state
+        outputs = self.qllama.model.forward_train(
+            inputs_embeds=input_embeds,
+            vision_hidden_states=backbone_embeds,
+            attention_mask=attention_mask,
+            return_dict=True,
+        ).last_hidden_state
         return backbone_embeds, outputs
 
-    def get_text_features(self, input_ids, attention_mask, output_attentions=None, output_hidden_states=None,
-                          return_dict=None):
+    def get_text_features(
+        self, input_ids, attention_mask, output_attentions=None, output_hidden_states=None, return_dict=None
+    ):
         input_embeds = self.qllama.model.embed_tokens(input_ids)
-        return self.qllama.model.forward_train(inputs_embeds=input_embeds, vision_hidden_states=None,
-                                               attention_mask=attention_mask, return_dict=True).last_hidden_state
+        return self.qllama.model.forward_train(
+            inputs_embeds=input_embeds, vision_hidden_states=None, attention_mask=attention_mask, return_dict=True
+        ).last_hidden_state
 
     def encode_image(self, image, mode):
         assert mode == "InternVL-G"

@@ -7,6 +7,7 @@ back through the Flickr30K Entities loader (``entities_loader`` + ``ImageBoxLoad
 and metrics come from argsort ranks (``BaseTask.report_metrics`` and friends). Only what the
 tests need is ported; the changes are marked ``PORT:``.
 """
+
 from __future__ import annotations
 
 import re
@@ -48,9 +49,7 @@ def read_annotation_file(xml_path: str) -> tuple[int, int, dict[str, list[list[f
             continue
         name = ",".join(str(n.text) for n in obj.findall("name"))
         boxes.setdefault(name, [])
-        boxes[name].append(
-            [float(str(bndbox[0].find(t).text)) - 1 for t in ("xmin", "ymin", "xmax", "ymax")]
-        )
+        boxes[name].append([float(str(bndbox[0].find(t).text)) - 1 for t in ("xmin", "ymin", "xmax", "ymax")])
     return height, width, boxes
 
 
@@ -99,7 +98,7 @@ def export_captions(image_ann: dict, image_id: str, root: Path) -> dict:
     captions = []
     for caption, v in image_ann.items():
         caption = re.sub(r"\[.*?\]", "", caption)
-        for noun in v["detections"].keys():
+        for noun in v["detections"]:
             caption = re.sub(rf"\b{noun}s?\b", f"[/EN#{noun2idx[noun]}/hoge {noun}]", caption)
         captions.append(caption + " .\n")
     with open(root / f"{coco_stem(image_id)}.txt", "w") as f:
@@ -107,8 +106,7 @@ def export_captions(image_ann: dict, image_id: str, root: Path) -> dict:
     return noun2idx
 
 
-def export_annotations(image_id: str, img_shapes: dict, image_ann: dict, noun2idx: dict,
-                       root: Path) -> None:
+def export_annotations(image_id: str, img_shapes: dict, image_ann: dict, noun2idx: dict, root: Path) -> None:
     xml = ET.Element("annotation")
     ET.SubElement(xml, "filename").text = f"{coco_stem(image_id)}.jpg"
     size = ET.SubElement(xml, "size")
@@ -193,8 +191,9 @@ def report_metrics_on_size(i2t_ranks, t2i_ranks, areas, thresholds, img2txt) -> 
     return [compute_metrics(i2t_ranks[i2t], t2i_ranks[t2i]) for i2t, t2i in zip(i2t_indexes, t2i_indexes)]
 
 
-def report_metrics(scores_i2t, scores_t2i, txt2img, img2txt, areas,
-                   thresholds=np.linspace(0, 1.0, 11)) -> tuple[dict, list[dict], np.ndarray, np.ndarray]:
+def report_metrics(
+    scores_i2t, scores_t2i, txt2img, img2txt, areas, thresholds=np.linspace(0, 1.0, 11)
+) -> tuple[dict, list[dict], np.ndarray, np.ndarray]:
     """Overall metrics, per-bin metrics, then (PORT: returned for the tests) the 0-based I2T
     and T2I ranks."""
     i2t_ranks = np.zeros(scores_i2t.shape[0])
@@ -206,5 +205,9 @@ def report_metrics(scores_i2t, scores_t2i, txt2img, img2txt, areas,
         inds = np.argsort(score)[::-1]
         t2i_ranks[index] = np.where(inds == txt2img[index])[0][0]
     areas = np.array(areas, dtype=np.float32)
-    return (compute_metrics(i2t_ranks, t2i_ranks),
-            report_metrics_on_size(i2t_ranks, t2i_ranks, areas, thresholds, img2txt), i2t_ranks, t2i_ranks)
+    return (
+        compute_metrics(i2t_ranks, t2i_ranks),
+        report_metrics_on_size(i2t_ranks, t2i_ranks, areas, thresholds, img2txt),
+        i2t_ranks,
+        t2i_ranks,
+    )

@@ -8,6 +8,7 @@ canonical (entry of largest magnitude positive) after ``eigh``, the fix qpert do
 code with qpert. Where the official code patches LAVIS's attention forward, this port hooks the
 ``query`` linear of HF's cross-attention modules (the keys are the same: ``key(image tokens)``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,8 +16,13 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import Resize
 
-WEIGHT_TYPES = {"area": "NORM_AREA", "inv_area": "NORM_AREA_INV", "centered": "CENTERED_AREA",
-                "inv_centered": "CENTERED_AREA_INV", "constant": "CONSTANT"}
+WEIGHT_TYPES = {
+    "area": "NORM_AREA",
+    "inv_area": "NORM_AREA_INV",
+    "centered": "CENTERED_AREA",
+    "inv_centered": "CENTERED_AREA_INV",
+    "constant": "CONSTANT",
+}
 
 
 @dataclass
@@ -63,13 +69,13 @@ class OfficialPort:
         img_size = boxs.img_size
         for box in boxs.boxes:
             mask = torch.zeros(img_size)
-            mask[int(box[1]): int(box[3]), int(box[0]): int(box[2])] = 1
+            mask[int(box[1]) : int(box[3]), int(box[0]) : int(box[2])] = 1
             x = self.resize(mask.unsqueeze(0).unsqueeze(0))
             x[x > 0] = 1
             k_size = self.kernel.shape[2:]
             x = torch.nn.functional.conv2d(x, self.kernel, stride=self.stride)
             x = x / (k_size[0] * k_size[1])
-            cls_token_w = torch.zeros((1))
+            cls_token_w = torch.zeros(1)
             weights.append(torch.cat([cls_token_w, x.flatten(2).squeeze()], 0))
         if len(weights) > 0:
             return torch.stack(weights, 0)

@@ -1,10 +1,11 @@
 """Killing a real command line run mid-way, for the resume tests."""
+
 from __future__ import annotations
 
 import signal
 import subprocess
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 def kill_when(args: Sequence[str], ready: Callable[[], bool], timeout: float = 300) -> None:

@@ -3,6 +3,7 @@
 It shares no code with qpert: token coverage by looping over patches, one eigen-decomposition
 per object and head in float64, and the perturbation summed object by object.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,13 @@ import torch
 
 
 def weight_fn(name: str, alpha: float, a: float) -> float:
-    return {"constant": alpha, "area": alpha * a, "inv_area": alpha * (1 - a),
-            "centered": alpha * (a - 0.5), "inv_centered": alpha * (0.5 - a)}[name]
+    return {
+        "constant": alpha,
+        "area": alpha * a,
+        "inv_area": alpha * (1 - a),
+        "centered": alpha * (a - 0.5),
+        "inv_centered": alpha * (0.5 - a),
+    }[name]
 
 
 def coverage(box, image_hw, input_hw, grid, patch, prefix=1):
@@ -78,8 +84,10 @@ class ReferenceQPert:
         vc = model.config.vision_config
         self.grid, self.patch = vc.image_size // vc.patch_size, vc.patch_size
         self.cfg = cfg
-        self.objects = [[coverage(np.asarray(b, float), hw, (vc.image_size, vc.image_size), self.grid, self.patch)
-                         for b in img] for img, hw in zip(boxes, image_sizes)]
+        self.objects = [
+            [coverage(np.asarray(b, float), hw, (vc.image_size, vc.image_size), self.grid, self.patch) for b in img]
+            for img, hw in zip(boxes, image_sizes)
+        ]
         self.handles = []
         for layer in model.qformer.encoder.layer:
             if layer.has_cross_attention:

@@ -5,6 +5,7 @@ adapters. BERT-style modules get their projected queries replaced; an ``nn.Multi
 gets its whole output recomputed by a plain softmax(q̂kᵀ/√d)V, so the reference does not rely on
 the attention-mask route qpert's MHA adapter takes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,13 +29,17 @@ def coverage_shortest_edge(box, image_hw, crop, grid, patch, prefix=1):
 
 
 def stretch_objects(boxes, image_sizes, input_size, grid, patch, prefix):
-    return [[coverage(np.asarray(b, float), hw, (input_size, input_size), grid, patch, prefix) for b in img]
-            for img, hw in zip(boxes, image_sizes)]
+    return [
+        [coverage(np.asarray(b, float), hw, (input_size, input_size), grid, patch, prefix) for b in img]
+        for img, hw in zip(boxes, image_sizes)
+    ]
 
 
 def shortest_edge_objects(boxes, image_sizes, crop, grid, patch, prefix):
-    return [[coverage_shortest_edge(np.asarray(b, float), hw, crop, grid, patch, prefix) for b in img]
-            for img, hw in zip(boxes, image_sizes)]
+    return [
+        [coverage_shortest_edge(np.asarray(b, float), hw, crop, grid, patch, prefix) for b in img]
+        for img, hw in zip(boxes, image_sizes)
+    ]
 
 
 def _perturb_batch(q: torch.Tensor, keys: torch.Tensor, objects, cfg) -> torch.Tensor:
@@ -49,7 +54,7 @@ class ReferenceHooks:
     def __init__(self, objects, cfg: dict):
         self.objects, self.cfg, self.handles = objects, cfg, []
 
-    def bert(self, attn) -> "ReferenceHooks":
+    def bert(self, attn) -> ReferenceHooks:
         """A module with ``query``/``key`` linears called with ``encoder_hidden_states``."""
         seen = {}
         heads, d = attn.num_attention_heads, attn.attention_head_size
@@ -66,13 +71,13 @@ class ReferenceHooks:
         self.handles += [attn.register_forward_pre_hook(pre, with_kwargs=True), attn.query.register_forward_hook(post)]
         return self
 
-    def mha(self, mha) -> "ReferenceHooks":
+    def mha(self, mha) -> ReferenceHooks:
         """A batch-first ``nn.MultiheadAttention`` called as (query, key, value) and, optionally, a float
         (B*H, L, S) ``attn_mask`` added to the scores (SigLIP 2 NaFlex masks its padding so)."""
         heads, d, e = mha.num_heads, mha.head_dim, mha.embed_dim
 
         def post(_m, args, kwargs, _out):
-            query, key, value = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args):]])[:3]
+            query, key, value = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args) :]])[:3]
             if mha._qkv_same_embed_dim:
                 wq, wk, wv = mha.in_proj_weight.split(e)
             else:
@@ -83,7 +88,7 @@ class ReferenceHooks:
             k = F.linear(key, wk, bk).view(b, -1, heads, d)
             v = F.linear(value, wv, bv).view(b, -1, heads, d).double()
             q = _perturb_batch(q, k, self.objects, self.cfg)
-            scores = torch.einsum("blhd,bnhd->bhln", q, k.double()) / d ** 0.5
+            scores = torch.einsum("blhd,bnhd->bhln", q, k.double()) / d**0.5
             if kwargs.get("attn_mask") is not None:
                 scores = scores + kwargs["attn_mask"].double().view(b, heads, *scores.shape[-2:])
             att = torch.softmax(scores, dim=-1)
