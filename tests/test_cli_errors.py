@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers.cli import run_in_process
 
 from qpert import cli
 from qpert.models import registry
@@ -59,15 +60,11 @@ def test_user_mistakes_are_one_error_line(bench, tmp_path, monkeypatch, capsys, 
     root, model = bench
     (tmp_path / "list.json").write_text(json.dumps([1, 2]))
     (tmp_path / "broken.json").write_text("{not json")
-    argv = [a.format(model=model, root=root, tmp=tmp_path) for a in args]
-    monkeypatch.setattr(sys, "argv", ["qpert", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], err
-    assert "Traceback" not in err
+    run = run_in_process(monkeypatch, capsys, *(a.format(model=model, root=root, tmp=tmp_path) for a in args))
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_a_bug_is_not_disguised_as_a_user_error(monkeypatch):
@@ -227,11 +224,8 @@ def test_bad_inputs_end_in_one_error_line(bad_inputs, args, message, capsys, mon
     from qpert.search.server import SearchServer
 
     monkeypatch.setattr(SearchServer, "serve_forever", lambda self: pytest.fail("the server started"))
-    monkeypatch.setattr(sys, "argv", ["qpert", *(a.format(**{k: str(v) for k, v in bad_inputs.items()}) for a in args)])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    out, err = capsys.readouterr()
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert exit_info.value.code == 2, (out, err)
-    assert len(errors) == 1 and message in errors[0], err
-    assert "Traceback" not in out + err
+    run = run_in_process(monkeypatch, capsys, *(a.format(**{k: str(v) for k, v in bad_inputs.items()}) for a in args))
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2, run
+    assert len(errors) == 1 and message in errors[0], run.stderr
+    assert "Traceback" not in run.stdout + run.stderr

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.bench import qpert_cli
+from helpers.bench import eval_args, qpert_cli
 
 pytestmark = pytest.mark.slow
 #: gloo on CPUs here; bench/gpu_check.sh sets ``cuda`` on a machine with two GPUs (NCCL).
@@ -22,13 +22,7 @@ DEVICE = os.environ.get("QPERT_DISTRIBUTED_DEVICE", "cpu")
 def common(root, model) -> list[str]:
     """Small shards and ITM blocks, so that both ranks get work in every stage."""
     return [
-        "eval",
-        "--model",
-        str(model),
-        "--dataset",
-        "flickr30k",
-        "--data-root",
-        str(root),
+        *eval_args(model, root),
         "--boxes",
         "entities",
         "--itm",

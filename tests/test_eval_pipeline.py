@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers.bench import IDS, WORDS, qpert_cli
+from helpers.bench import IDS, WORDS, eval_args, qpert_cli
 from helpers.contract import needs_cpp_compiler
 from helpers.processes import kill_when
 from PIL import Image
@@ -119,13 +119,7 @@ def test_compiled_vision_encoder_scores_as_eager(bench, tmp_path):
         np.testing.assert_allclose(results[True].scores[name], results[False].scores[name], rtol=1e-4, atol=1e-5)
     assert not np.allclose(results[True].scores["qpert"], results[True].scores["baseline"])
     out = qpert_cli(
-        "eval",
-        "--model",
-        str(model_dir),
-        "--dataset",
-        "flickr30k",
-        "--data-root",
-        str(root),
+        *eval_args(model_dir, root),
         "--no-cache",
         "--no-itm",
         "--compile",
@@ -279,13 +273,7 @@ def test_cli_run_killed_by_sigkill_resumes_identically(bench, tmp_path):
         sys.executable,
         "-c",
         "from qpert.cli import main; main()",
-        "eval",
-        "--model",
-        str(model_dir),
-        "--dataset",
-        "flickr30k",
-        "--data-root",
-        str(root),
+        *eval_args(model_dir, root),
         "--boxes",
         "entities",
         "--k",
@@ -317,13 +305,7 @@ def test_bin_boxes_place_images_by_another_source(bench, tmp_path):
     whole = [{"image_id": int(i), "bbox": [0, 0, 500, 500], "score": 1.0, "category_id": 1} for i in IDS]
     (tmp_path / "whole.json").write_text(json.dumps(whole))  # one box covering every image: all in the last bin
     common = [
-        "eval",
-        "--model",
-        str(model_dir),
-        "--dataset",
-        "flickr30k",
-        "--data-root",
-        str(root),
+        *eval_args(model_dir, root),
         "--no-cache",
         "--no-itm",
         "--boxes",
@@ -366,13 +348,7 @@ def test_bin_boxes_on_a_coco_layout(tmp_path):
     tiny_blip2(seed=2).save_pretrained(model_dir)
     tiny_processor(WORDS, str(model_dir)).save_pretrained(model_dir)
     out = qpert_cli(
-        "eval",
-        "--model",
-        str(model_dir),
-        "--dataset",
-        "coco",
-        "--data-root",
-        str(tmp_path),
+        *eval_args(model_dir, tmp_path, dataset="coco"),
         "--no-cache",
         "--no-itm",
         "--boxes",
@@ -399,13 +375,7 @@ def test_official_compat_end_to_end(bench, tmp_path):
     root, model_dir = bench
     dataset = load_dataset("flickr30k", root, split="test")
     common = [
-        "eval",
-        "--model",
-        str(model_dir),
-        "--dataset",
-        "flickr30k",
-        "--data-root",
-        str(root),
+        *eval_args(model_dir, root),
         "--k",
         "3",
         "--cache-dir",

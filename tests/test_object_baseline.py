@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers.bench import WORDS, fixture_data, qpert_cli, reranked
+from helpers.bench import WORDS, eval_args, fixture_data, qpert_cli, reranked
 from helpers.internvl_standin import tiny_loaded as tiny_internvl_loaded
 from helpers.models import tiny_blip, tiny_coca_dir, tiny_siglip
 from helpers.reference_hooks import shortest_edge_objects, stretch_objects
@@ -137,13 +137,7 @@ def test_pipeline_matches_scoring(bench, tmp_path):
 def test_cli_eval_object_baseline(bench, tmp_path):
     root, model_dir = bench
     out = qpert_cli(
-        "eval",
-        "--model",
-        str(model_dir),
-        "--dataset",
-        "flickr30k",
-        "--data-root",
-        str(root),
+        *eval_args(model_dir, root),
         "--boxes",
         "entities",
         "--k",

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers.bench import WORDS, fixture_data, qpert_cli, reranked
+from helpers.bench import WORDS, eval_args, fixture_data, qpert_cli, reranked
 from helpers.internvl_standin import own_itc
 from helpers.internvl_standin import tiny_loaded as tiny_internvl_loaded
 from helpers.models import (
@@ -227,13 +227,7 @@ def test_cli_eval_coca_defaults_to_itc_and_refuses_itm(bench, tmp_path):
     root, _ = bench
     model = tiny_coca_dir(tmp_path)
     common = [
-        "eval",
-        "--model",
-        str(model),
-        "--dataset",
-        "flickr30k",
-        "--data-root",
-        str(root),
+        *eval_args(model, root),
         "--boxes",
         "entities",
         "--k",

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers.cli import run_in_process
 from helpers.contract import needs_cpp_compiler
 from helpers.processes import kill_when
 from helpers.search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
@@ -350,19 +351,22 @@ def test_torchrun_with_two_gloo_processes_builds_the_same_index(models, tmp_path
     ).stdout.replace("single", "X")
 
 
-def test_index_and_search_errors_are_one_line(models, tmp_path):
-    out = index_cli("index", str(tmp_path / "nowhere"), "--model", str(models[0]), "--detector", "none", check=False)
+def test_index_and_search_errors_are_one_line(models, tmp_path, monkeypatch, capsys):
+    def qpert(*args):
+        return run_in_process(monkeypatch, capsys, *args)
+
+    out = qpert("index", tmp_path / "nowhere", "--model", models[0], "--detector", "none")
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
-    out = index_cli("search", str(tmp_path), "a cat", check=False)
+    out = qpert("search", tmp_path, "a cat")
     assert out.returncode == 2 and "not a qpert index" in out.stderr
     photos = photo_folder(tmp_path / "photos", count=2)
-    index_cli("index", str(photos), "--model", str(models[0]), "--detector", "none", "--device", "cpu")
-    out = index_cli("index", str(photos), "--model", "blip2-coco", "--detector", "none", check=False)
+    assert qpert("index", photos, "--model", models[0], "--detector", "none", "--device", "cpu").returncode == 0
+    out = qpert("index", photos, "--model", "blip2-coco", "--detector", "none")
     assert out.returncode == 2 and "was built with model" in out.stderr
-    out = index_cli("index", str(photos), "--model", str(models[0]), "--detector", "torchvision:nonsense", check=False)
+    out = qpert("index", photos, "--model", models[0], "--detector", "torchvision:nonsense")
     assert out.returncode == 2 and "not a torchvision detection model" in out.stderr
-    out = index_cli("search", str(photos / ".qpert-index"), "a red square", "-k", "1", "--device", "cpu")
-    assert out.stdout.count("photo") >= 1 and " 1. " in out.stdout
+    out = qpert("search", photos / ".qpert-index", "a red square", "-k", "1", "--device", "cpu")
+    assert out.returncode == 0 and out.stdout.count("photo") >= 1 and " 1. " in out.stdout
 
 
 def test_flat_vector_search_is_exact_max_over_query_tokens():

@@ -107,6 +107,11 @@ def build_bench(root: Path) -> tuple[Path, Path]:
     return root, model_dir
 
 
+def eval_args(model, root, *extra: str, dataset: str = "flickr30k") -> list[str]:
+    """`qpert eval` on a model folder and data root; each test adds the options it varies."""
+    return ["eval", "--model", str(model), "--dataset", dataset, "--data-root", str(root), *extra]
+
+
 def qpert_cli(*args):
     return subprocess.run(
         [sys.executable, "-c", "from qpert.cli import main; main()", *args], capture_output=True, text=True, timeout=600
