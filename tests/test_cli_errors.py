@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers.cli import run_in_process
+from helpers.bench import run_in_process
 
 from qpert import cli
 from qpert.models import registry

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers.cli import run_in_process
+from helpers.bench import run_in_process
 from helpers.contract import needs_cpp_compiler
 from helpers.processes import kill_when
 from helpers.search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo

@@ -1,6 +1,6 @@
-"""The fixture benchmark in the real on-disk formats (Flickr30K + Entities), and the CLI runner.
+"""The fixture benchmark in the real on-disk formats (Flickr30K + Entities), and two CLI runners.
 
-Shared by the evaluation, retrieval-family, object-baseline, captioning and CUDA tests.
+Shared by the evaluation, retrieval-family, object-baseline, captioning, CLI-error and CUDA tests.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from qpert import cli
 from qpert.data.box_sources import flickr30k_entities_boxes
 from qpert.data.datasets import load_dataset
 from qpert.models.tiny import tiny_blip2, tiny_processor
@@ -116,6 +118,17 @@ def qpert_cli(*args):
     return subprocess.run(
         [sys.executable, "-c", "from qpert.cli import main; main()", *args], capture_output=True, text=True, timeout=600
     )
+
+
+def run_in_process(monkeypatch, capsys, *args) -> subprocess.CompletedProcess:
+    """``qpert ARGS`` through ``cli.main()`` in this process, without an interpreter start-up: for error
+    paths and short commands (``qpert_cli`` where logging or child processes matter)."""
+    monkeypatch.setattr(sys, "argv", ["qpert", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(sys.argv, exit_info.value.code, out, err)
 
 
 def fixture_data(root):
