@@ -280,7 +280,7 @@ DATA_ROOT = typer.Option(..., help="Folder with flickr30k/ and/or coco/ (and fg/
 BOXES = typer.Option(
     "entities",
     help="entities[:DIR] (Flickr30K Entities), coco-json:FILE (detector results, "
-    "COCO format), coco-instances:FILE or coco-entities:FILE.",
+    "COCO format), coco-instances:FILE or coco-entities[:FILE] (default: the data root's coco_entities_release.json).",
 )
 BIN_BOXES = typer.Option(
     None,

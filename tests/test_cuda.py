@@ -16,14 +16,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers.bench import WORDS
+from helpers.bench import WORDS, fixture_data
 from helpers.contract import needs_cpp_compiler
 from PIL import Image
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 import qpert
-from qpert.data.box_sources import flickr30k_entities_boxes
-from qpert.data.datasets import load_dataset
 from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.registry import LoadedModel
 from qpert.models.tiny import randomize, tiny_blip2, tiny_processor
@@ -140,8 +138,7 @@ def test_subspaces_on_the_device_match_the_cpu(tmp_path):
 
 def test_evaluation_on_the_device_ranks_as_on_the_cpu(bench):
     root, model_dir = bench
-    dataset = load_dataset("flickr30k", root, split="test")
-    boxes = flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids)
+    dataset, boxes = fixture_data(root)
     methods = {"baseline": None, "qpert": CONFIG}
     options = EvalOptions(itm=True, k=3, batch_size=4, itm_batch_size=16, shard_size=4, progress=False)
     cpu = evaluate(qpert.load_model(str(model_dir)), dataset, boxes, methods, options)

@@ -1,17 +1,7 @@
 """Image-text retrieval test/val sets loaded from the files users actually download.
 
-Data-root layout (the LAVIS cache layout, so ``~/.cache/lavis`` works as a root as is)::
-
-    ROOT/
-      flickr30k/
-        annotations/   flickr30k_{test,val}.json  (BLIP/LAVIS; LAVIS's cache names them
-                       {test,val}.json)  or  dataset_flickr30k.json  (Karpathy)
-        images/flickr30k-images/<flickr id>.jpg
-      coco/
-        annotations/   coco_karpathy_{test,val}.json  (BLIP/LAVIS)  or  dataset_coco.json
-        images/val2014/COCO_val2014_<12 digits>.jpg
-      fg/
-        Flickr30K_FG_ann.json, MSCOCO_FG_ann.json   (only for the -fg datasets)
+The data root's layout is :mod:`qpert.data.layout` (the LAVIS cache layout, so
+``~/.cache/lavis`` works as a root as is).
 
 When several annotation files are present the BLIP/LAVIS one wins (it is what BLIP-2's
 published numbers were computed on); ``captions_file`` names one explicitly. The two
@@ -33,11 +23,11 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from .captions import DEFAULT_MAX_WORDS, pre_caption
+from .layout import SPLITS, DataLayout, describe, karpathy_image_folder
 
 PathLike = Union[str, Path]
 
 DATASET_NAMES = ("flickr30k", "coco", "flickr30k-fg", "coco-fg")
-SPLITS = ("test", "val")
 
 
 class DatasetLayoutError(DataError):
@@ -73,32 +63,6 @@ class RetrievalDataset:
         return len(self.texts)
 
 
-@dataclass(frozen=True)
-class _Source:
-    folder: str
-    lavis_files: dict[str, tuple[str, ...]]
-    karpathy_file: str
-    karpathy_image_folder: Optional[str]  # None: Karpathy's own "filepath" field gives it
-    fg_file: str
-
-
-_SOURCES = {
-    "flickr30k": _Source(
-        folder="flickr30k",
-        lavis_files={s: (f"flickr30k_{s}.json", f"{s}.json") for s in SPLITS},
-        karpathy_file="dataset_flickr30k.json",
-        karpathy_image_folder="flickr30k-images",
-        fg_file="Flickr30K_FG_ann.json",
-    ),
-    "coco": _Source(
-        folder="coco",
-        lavis_files={s: (f"coco_karpathy_{s}.json",) for s in SPLITS},
-        karpathy_file="dataset_coco.json",
-        karpathy_image_folder=None,
-        fg_file="MSCOCO_FG_ann.json",
-    ),
-}
-
 _COCO_STEM = re.compile(r"^COCO_[a-z]+\d{4}_(\d+)$")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -123,10 +87,8 @@ def load_dataset(
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; retrieval evaluation uses {SPLITS}")
     base = name.removesuffix("-fg")
-    source = _SOURCES[base]
-    root = Path(root)
-    dataset_dir = root / source.folder
-    images_dir = dataset_dir / "images"
+    layout = DataLayout(root)
+    images_dir = layout.images_dir(base)
     if check_images and not images_dir.is_dir():
         raise DatasetLayoutError(_missing(images_dir, "images folder", base))
 
@@ -134,11 +96,11 @@ def load_dataset(
     if captions_file is not None and not is_fg:
         ann_path = _existing_file(Path(captions_file), "annotation file", base)
     else:
-        ann_path = _find_annotation_file(dataset_dir / "annotations", source, split, base)
-    records = _read_annotation(ann_path, split, source, images_dir)
+        ann_path = _find_annotation_file(layout.annotation_candidates(base, split), split, base)
+    records = _read_annotation(ann_path, split, base, images_dir)
 
     if is_fg:
-        fg_path = Path(captions_file) if captions_file is not None else root / "fg" / source.fg_file
+        fg_path = Path(captions_file) if captions_file is not None else layout.fg_file(base)
         records = _substitute_fg(records, _existing_file(fg_path, "FG caption file", base))
 
     return _build(name, split, records, max_words, check_images, base)
@@ -150,12 +112,12 @@ class _Record:
     captions: list[str]
 
 
-def _read_annotation(path: Path, split: str, source: _Source, images_dir: Path) -> list[_Record]:
+def _read_annotation(path: Path, split: str, base: str, images_dir: Path) -> list[_Record]:
     data = _read_json(path)
     if isinstance(data, list):
         return _lavis_records(data, path, images_dir)
     if isinstance(data, dict) and "images" in data:
-        return _karpathy_records(data, path, split, source, images_dir)
+        return _karpathy_records(data, path, split, base, images_dir)
     raise DatasetLayoutError(
         f"{path}: not a recognized annotation file; expected a BLIP/LAVIS retrieval file "
         "(a list of {'image', 'caption': [...]}) or Karpathy's dataset_*.json ({'images': [...]})"
@@ -185,7 +147,7 @@ def _record(path: Path, image: Any, captions: Any, images_dir: Path) -> _Record:
     return _Record(images_dir / image, captions)
 
 
-def _karpathy_records(data: dict[str, Any], path: Path, split: str, source: _Source, images_dir: Path) -> list[_Record]:
+def _karpathy_records(data: dict[str, Any], path: Path, split: str, base: str, images_dir: Path) -> list[_Record]:
     records = []
     if not isinstance(data["images"], list) or not all(isinstance(image, dict) for image in data["images"]):
         raise DatasetLayoutError(f"{path}: 'images' must be a list of image entries ({{'filename', 'sentences', ...}})")
@@ -193,7 +155,8 @@ def _karpathy_records(data: dict[str, Any], path: Path, split: str, source: _Sou
         if image.get("split") != split:
             continue
         try:
-            folder = source.karpathy_image_folder or image.get("filepath", "")
+            # Karpathy's Flickr30K file names images bare; COCO's gives the folder in "filepath"
+            folder = karpathy_image_folder(base) if base == "flickr30k" else image.get("filepath", "")
             captions = [sentence["raw"] for sentence in image["sentences"]]
             records.append(_record(path, image["filename"], captions, images_dir / folder))
         except (KeyError, TypeError) as error:
@@ -232,7 +195,7 @@ def _build(
         if absent:
             raise DatasetLayoutError(
                 f"{name}/{split}: {len(absent)} of {len(records)} image files are missing, "
-                f"e.g. {[str(p) for p in absent[:3]]}\n{_layout(base)}"
+                f"e.g. {[str(p) for p in absent[:3]]}\n{describe(base)}"
             )
     texts: list[str] = []
     image_to_texts: list[list[int]] = []
@@ -281,13 +244,12 @@ def _image_id(stem: str, base: str) -> str:
     return normalize_image_id(stem)
 
 
-def _find_annotation_file(ann_dir: Path, source: _Source, split: str, base: str) -> Path:
-    candidates = [ann_dir / f for f in source.lavis_files[split]] + [ann_dir / source.karpathy_file]
+def _find_annotation_file(candidates: list[Path], split: str, base: str) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise DatasetLayoutError(
-        f"no {split} annotation file for {base}: looked for {', '.join(str(c) for c in candidates)}\n{_layout(base)}"
+        f"no {split} annotation file for {base}: looked for {', '.join(str(c) for c in candidates)}\n{describe(base)}"
     )
 
 
@@ -306,18 +268,4 @@ def _read_json(path: Path) -> Any:
 
 
 def _missing(path: Path, what: str, base: str) -> str:
-    return f"missing {what}: {path}\n{_layout(base)}"
-
-
-def _layout(base: str) -> str:
-    if base == "flickr30k":
-        return (
-            "expected layout: ROOT/flickr30k/annotations/{flickr30k_<split>.json | <split>.json | "
-            "dataset_flickr30k.json}, ROOT/flickr30k/images/flickr30k-images/<id>.jpg, "
-            "and for flickr30k-fg ROOT/fg/Flickr30K_FG_ann.json"
-        )
-    return (
-        "expected layout: ROOT/coco/annotations/{coco_karpathy_<split>.json | dataset_coco.json}, "
-        "ROOT/coco/images/val2014/COCO_val2014_<12 digits>.jpg, "
-        "and for coco-fg ROOT/fg/MSCOCO_FG_ann.json"
-    )
+    return f"missing {what}: {path}\n{describe(base)}"

@@ -11,6 +11,7 @@ from typing import Optional, Union
 from ..config import COMPATS, QPertConfig, compat_dtype
 from ..data.box_sources import BoxSet, load_boxes
 from ..data.datasets import RetrievalDataset, load_dataset
+from ..data.layout import DataLayout
 from ..distributed import Ranks
 from ..errors import ConfigError, MissingFileError
 from ..models.registry import LoadedModel, family_of, load_model
@@ -33,23 +34,24 @@ def resolve_boxes(
     max_boxes: Optional[int] = None,
     rules: str = "paper",
 ) -> BoxSet:
-    """``entities`` (ROOT/flickr30k/Annotations or ROOT/flickr30k_entities/Annotations), ``entities:DIR``,
-    ``coco-json:FILE`` (detector results), ``coco-instances:FILE`` or ``coco-entities:FILE``, read by
-    ``rules`` (``qpert.data.box_sources.Rules``)."""
+    """``entities[:DIR]`` (default: the data root's Entities ``Annotations``), ``coco-json:FILE`` (detector
+    results), ``coco-instances:FILE`` or ``coco-entities[:FILE]`` (default: the data root's
+    ``coco_entities_release.json``), read by ``rules`` (``qpert.data.box_sources.Rules``)."""
     kind, _, path = spec.partition(":")
     if kind not in BOX_KINDS:
         raise ConfigError(
             f"unknown box source {spec!r}: use entities[:DIR], coco-json:FILE, "
-            "coco-instances:FILE or coco-entities:FILE"
+            "coco-instances:FILE or coco-entities[:FILE]"
         )
     if not path:
-        if kind != "entities":
+        layout = DataLayout(data_root)
+        if kind == "entities":
+            candidates = layout.entities_candidates()
+            path = str(next((c for c in candidates if c.is_dir()), candidates[0]))
+        elif kind == "coco-entities":
+            path = str(layout.coco_entities)
+        else:
             raise ConfigError(f"--boxes {kind} needs a file: {kind}:FILE")
-        candidates = [
-            Path(data_root) / "flickr30k" / "Annotations",
-            Path(data_root) / "flickr30k_entities" / "Annotations",
-        ]
-        path = str(next((c for c in candidates if c.is_dir()), candidates[0]))
     options = {"score_threshold": score_threshold, "max_boxes": max_boxes} if kind == "coco-json" else {}
     return load_boxes(BOX_KINDS[kind], path, dataset, rules, **options)
 
@@ -100,7 +102,7 @@ def evaluate_benchmark(
         dataset: ``flickr30k``, ``coco``, ``flickr30k-fg`` or ``coco-fg``, under ``data_root`` in the
             documented layout; ``split`` ``test`` or ``val``; ``captions_file`` replaces the captions.
         boxes: the box source that perturbs (``entities[:DIR]``, ``coco-json:FILE``,
-            ``coco-instances:FILE``, ``coco-entities:FILE``); ``score_threshold`` and ``max_boxes``
+            ``coco-instances:FILE``, ``coco-entities[:FILE]``); ``score_threshold`` and ``max_boxes``
             filter ``coco-json`` detections.
         configs: the Q-Pert settings to compare with the baseline.
         device, dtype, trust_remote_code: for loading the model by name.

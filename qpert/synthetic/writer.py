@@ -16,6 +16,7 @@ from xml.etree import ElementTree as ET
 
 from PIL import Image
 
+from ..data.layout import DataLayout
 from .scenes import Scene, SceneConfig, make_scenes
 
 PathLike = Union[str, Path]
@@ -33,14 +34,13 @@ class SyntheticLayout:
 
 
 def layout(root: PathLike, split: str) -> SyntheticLayout:
-    root = Path(root)
-    flickr, entities = root / "flickr30k", root / "flickr30k_entities"
+    data = DataLayout(root)
     return SyntheticLayout(
-        root,
-        flickr / "annotations" / f"flickr30k_{split}.json",
-        flickr / "images" / "flickr30k-images",
-        entities / "Annotations",
-        entities / "Sentences",
+        data.root,
+        data.annotation_file("flickr30k", split),
+        data.image_folder("flickr30k"),
+        data.entities_annotations,
+        data.entities_sentences,
     )
 
 
@@ -60,7 +60,7 @@ def write_scenes(root: PathLike, scenes: Sequence[Scene], split: str = "test") -
     for scene in scenes:
         name = f"{scene.image_id}.png"
         Image.fromarray(scene.image).save(out.images / name)
-        entries.append({"image": f"flickr30k-images/{name}", "caption": list(scene.captions)})
+        entries.append({"image": f"{out.images.name}/{name}", "caption": list(scene.captions)})
         (out.entities / f"{scene.image_id}.xml").write_bytes(entities_xml(scene))
         (out.sentences / f"{scene.image_id}.txt").write_text("".join(f"{s}\n" for s in entities_sentences(scene)))
     out.annotation_file.write_text(json.dumps(entries, indent=1))

@@ -18,6 +18,7 @@ from PIL import Image
 from qpert import cli
 from qpert.data.box_sources import flickr30k_entities_boxes
 from qpert.data.datasets import load_dataset
+from qpert.data.layout import DataLayout
 from qpert.models.tiny import tiny_blip2, tiny_processor
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 210), "green": (30, 190, 40), "yellow": (230, 220, 40)}
@@ -65,6 +66,9 @@ def build_bench(root: Path) -> tuple[Path, Path]:
     """7 Flickr-style images with coloured squares, LAVIS captions, Entities XML and Sentences, detector
     JSON, and a tiny BLIP-2 saved with its processor: (data root, model folder). ``bench`` in conftest.py."""
     rng = np.random.default_rng(0)
+    layout = DataLayout(root)
+    for folder in (layout.image_folder("flickr30k"), layout.entities_annotations, layout.entities_sentences):
+        folder.mkdir(parents=True, exist_ok=True)
     entries, detections = [], []
     for n, image_id in enumerate(IDS):
         w, h = int(rng.integers(60, 140)), int(rng.integers(60, 140))
@@ -76,17 +80,15 @@ def build_bench(root: Path) -> tuple[Path, Path]:
             pixels[y0 : y0 + side, x0 : x0 + side] = COLOURS[colour]
             boxes.append((x0, y0, x0 + side, y0 + side))
             caps.append(f"a {'small' if side * side < 0.1 * w * h else 'big'} {colour} square")
-        path = root / "flickr30k/images/flickr30k-images" / f"{image_id}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = layout.image_folder("flickr30k") / f"{image_id}.jpg"
         Image.fromarray(pixels).save(path, quality=95)
-        (root / "flickr30k/Annotations").mkdir(parents=True, exist_ok=True)
-        (root / "flickr30k/Annotations" / f"{image_id}.xml").write_text(entities_xml(w, h, boxes))
-        (root / "flickr30k/Sentences").mkdir(parents=True, exist_ok=True)  # entity 2 is mentioned only in image 0
+        (layout.entities_annotations / f"{image_id}.xml").write_text(entities_xml(w, h, boxes))
+        # entity 2 is mentioned only in image 0
         mentioned = "[/EN#1/other a square]" + (" and [/EN#2/other another]" if n == 0 else "")
-        (root / "flickr30k/Sentences" / f"{image_id}.txt").write_text(mentioned + " .\n")
+        (layout.entities_sentences / f"{image_id}.txt").write_text(mentioned + " .\n")
         entries.append(
             {
-                "image": f"flickr30k-images/{image_id}.jpg",
+                "image": str(path.relative_to(layout.images_dir("flickr30k"))),
                 "caption": [
                     caps[0],
                     caps[1],
@@ -100,8 +102,8 @@ def build_bench(root: Path) -> tuple[Path, Path]:
             {"image_id": int(image_id), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": 0.9 - 0.1 * j, "category_id": 1}
             for j, (x0, y0, x1, y1) in enumerate(boxes)
         ]
-    (root / "flickr30k/annotations").mkdir(parents=True, exist_ok=True)
-    (root / "flickr30k/annotations/flickr30k_test.json").write_text(json.dumps(entries))
+    layout.annotations_dir("flickr30k").mkdir(parents=True, exist_ok=True)
+    layout.annotation_file("flickr30k", "test").write_text(json.dumps(entries))
     (root / "detections.json").write_text(json.dumps(detections))
     model_dir = root / "model"
     tiny_blip2(seed=11).save_pretrained(model_dir)
@@ -133,7 +135,7 @@ def run_in_process(monkeypatch, capsys, *args) -> subprocess.CompletedProcess:
 
 def fixture_data(root):
     dataset = load_dataset("flickr30k", root, split="test")
-    return dataset, flickr30k_entities_boxes(root / "flickr30k/Annotations", dataset.image_ids)
+    return dataset, flickr30k_entities_boxes(DataLayout(root).entities_annotations, dataset.image_ids)
 
 
 def reranked(final: torch.Tensor, itc: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
