@@ -5,6 +5,7 @@ Entities beside Flickr30K and COCO Entities beside COCO::
 
     ROOT/
       qpert-data.json                                     what `qpert data fetch` fetched, with SHA-256
+      .downloads/                                         whole archives while `qpert data fetch` unpacks them
       flickr30k/annotations/flickr30k_{test,val}.json     BLIP/LAVIS (or dataset_flickr30k.json, Karpathy)
       flickr30k/images/flickr30k-images/<flickr id>.jpg
       flickr30k/Annotations/<flickr id>.xml               Flickr30K Entities boxes
@@ -96,6 +97,11 @@ class DataLayout:
     @property
     def manifest(self) -> Path:
         return self.root / "qpert-data.json"
+
+    @property
+    def downloads(self) -> Path:
+        """Where whole archives wait while ``qpert data fetch`` unpacks them (removed once unpacked)."""
+        return self.root / ".downloads"
 
 
 def karpathy_image_folder(benchmark: str) -> str:
