@@ -355,11 +355,22 @@ def test_the_real_fg_captions_from_a_mirror(tmp_path):
         assert fg.read_bytes() == (REAL_FG / fg.name).read_bytes()
 
 
-def test_a_bad_catalog_is_one_error_line(tmp_path, mirror, monkeypatch, capsys):
-    catalog = tmp_path / "catalog.json"
-    catalog.write_text(json.dumps({"val2015.zip": {"md5": "0"}}))
-    run = data_cli(
-        monkeypatch, capsys, "fetch", "coco", "--catalog", catalog, "--mirror", mirror, "--data-root", tmp_path
-    )
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["fetch", "coco", "--catalog", "{tmp}/catalog.json"], "unknown source file 'val2015.zip'"),
+        (["fetch", "coco", "--catalog", "{tmp}/missing.json"], "missing.json: cannot read it"),
+        (["fetch", "coco", "--mirror", "{tmp}/no-such-mirror"], "no-such-mirror: no such folder"),
+        (["fetch", "flickr30k", "--flickr30k-images", "{tmp}/none.zip"], "none.zip: no such zip or folder"),
+        (["fetch", "flickr31k"], "unknown dataset 'flickr31k'"),
+        (["verify", "coco"], "no manifest"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_user_mistakes_are_one_error_line(tmp_path, monkeypatch, capsys, args, message):
+    (tmp_path / "catalog.json").write_text(json.dumps({"val2015.zip": {"md5": "0"}}))
+    args = [a.format(tmp=tmp_path) for a in args]
+    run = data_cli(monkeypatch, capsys, *args, "--data-root", tmp_path / "data")
     [line] = error_lines(run)
-    assert run.returncode == 2 and "unknown source file 'val2015.zip'" in line
+    assert run.returncode == 2 and message in line
+    assert not (tmp_path / "data").exists()
