@@ -28,10 +28,10 @@ def test_demo_writes_report_with_figure(random_shapes_model, tmp_path):
         n_test=40,
         n_val=30,
         alphas=(0.5, 2.0),
-        k=4,
         progress=False,
     )
     assert result.alpha in (0.5, 2.0)
+    assert not result.itm and all(not res.settings["itm"] for res in result.tests.values())
     assert set(result.validation.metrics) == {"baseline", "alpha=0.5", "alpha=2"}
     for seed, res in result.tests.items():
         assert res.settings["num_images"] == 40 and res.settings["seed"] == seed
@@ -39,6 +39,7 @@ def test_demo_writes_report_with_figure(random_shapes_model, tmp_path):
     page = result.report.read_text()
     assert page.count("data:image/png;base64,") >= 2  # the bin chart and example thumbnails
     assert "R@1 per object-size bin" in page and "±" in result.summary()
+    assert "ITC only: the toy's ITM head never learned" in page  # the default protocol, and why
     assert re.search(r"R@1\s+-?\d+\.\d+ ± \d+\.\d+", result.summary())
     # each seed has its own scenes: alpha is chosen on the validation seed's, never on a test seed's
     data = tmp_path / "demo/data"
@@ -59,6 +60,7 @@ def test_demo_ablation_rows_and_rank_labels(random_shapes_model, tmp_path):
         n_test=40,
         n_val=30,
         alphas=(0.5, 2.0),
+        itm=True,
         k=4,
         progress=False,
         ablation=True,
@@ -74,5 +76,6 @@ def test_demo_ablation_rows_and_rank_labels(random_shapes_model, tmp_path):
     assert all(line.count("±") == 6 for line in table[1:])
     page = result.report.read_text()
     assert "Ablation: which part of Q-Pert helps" in page and "toy model" in page.lower()
+    assert "ITC + ITM re-ranking of the top 4" in page and "lowers R@1 against ITC alone" in page
     labels = re.findall(r"\((rank \d+|not in the top \d+)\)", page)
     assert labels and all(label == "not in the top 4" or int(label.split()[1]) <= 4 for label in labels)
