@@ -32,6 +32,7 @@ from .cli_options import (
     qpert_config,
 )
 from .config import Compat, Projector, QPertConfig, Weight, compat_dtype
+from .data.commands import register as register_data_commands
 from .errors import QPertError
 from .search.commands import register as register_search_commands
 
@@ -553,6 +554,7 @@ def tune(
 
 
 register_search_commands(app)
+register_data_commands(app)
 
 
 @app.callback(invoke_without_command=True)

@@ -69,8 +69,8 @@ def fetch(
                    images); those images from val2014.zip (6.6 GB, ~1.6 GB
                    read with range requests)
     coco-entities  coco_entities_release.json (~400 MB)
-    fg             the FG captions: no public download; from --mirror, else
-                   a message says where they go
+    fg             the MSCOCO-FG / Flickr30K-FG captions (2 MB, from the
+                   authors' repository cwj1412/MSCOCO-Flikcr30K_FG)
     all            all of the above
 
     Every file is checked (published checksums, image counts, each image

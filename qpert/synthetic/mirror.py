@@ -108,7 +108,8 @@ def _json(data: Any) -> bytes:
 
 def _write(out: Path, name: str, data: bytes, catalog: dict, **facts: int) -> None:
     (out / name).write_bytes(data)
-    catalog[name] = {"md5": hashlib.md5(data, usedforsecurity=False).hexdigest(), **facts}
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    catalog[name] = {"md5": md5, "sha256": hashlib.sha256(data).hexdigest(), **facts}
 
 
 def _write_zip(out: Path, name: str, members: dict[str, bytes], catalog: dict, compression=zipfile.ZIP_STORED) -> None:

@@ -32,14 +32,14 @@ TERMS: dict[str, str] = {
     "Flickr30K Entities": "https://github.com/BryanPlummer/flickr30k_entities",
     "COCO": "https://cocodataset.org/#termsofuse",
     "COCO Entities": "https://github.com/aimagelab/show-control-and-tell",
+    "MSCOCO-FG / Flickr30K-FG": "https://github.com/cwj1412/MSCOCO-Flikcr30K_FG",
 }
-
-#: Where the FG captions come from: they have no public download.
-FG_PAPER = "the FG paper's authors (Chen, Yao, Jin, SIGIR 2023)"
 
 Kind = Literal["annotations", "archive", "json", "captions"]
 
 _LAVIS = "https://storage.googleapis.com/sfr-vision-language-research/datasets/"
+#: The FG captions (Chen, Yao, Jin, SIGIR 2023) at the authors' repository, pinned to the commit checked.
+_FG = "https://raw.githubusercontent.com/cwj1412/MSCOCO-Flikcr30K_FG/6d98d41a40b5e3e95739b40452d1c5b16f542b16/Annotations/"
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,24 @@ for _source in (
         "https://ailb-web.ing.unimore.it/publicfiles/drive/show-control-and-tell/coco_entities_release.json",
         terms="COCO Entities",
     ),
-    Source("Flickr30K_FG_ann.json", "fg", "captions", images=1000),
-    Source("MSCOCO_FG_ann.json", "fg", "captions", images=5000),
+    Source(
+        "Flickr30K_FG_ann.json",
+        "fg",
+        "captions",
+        _FG + "Flickr30K_FG_ann.json",
+        sha256="7e77be240f3c94bf16ae2db0b59183ad86a73f7a05354e5317d05ce54d12996f",
+        images=1000,
+        terms="MSCOCO-FG / Flickr30K-FG",
+    ),
+    Source(
+        "MSCOCO_FG_ann.json",
+        "fg",
+        "captions",
+        _FG + "MSCOCO_FG_ann.json",
+        sha256="2836a1d721aa16288bf14ae4dc76af6603af900d43946e7b9c89401b72905452",
+        images=5000,
+        terms="MSCOCO-FG / Flickr30K-FG",
+    ),
 ):
     register_source(_source)
 

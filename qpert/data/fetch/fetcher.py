@@ -53,14 +53,13 @@ class Planned:
 
 @dataclass
 class FetchReport:
-    """What a fetch did: files written, files already in place, and what it could not fetch."""
+    """What a fetch did: files written and files already in place (or, for a dry run, the plan)."""
 
     root: Path
     dry_run: bool = False
     fetched: list[Path] = field(default_factory=list)
     present: list[Path] = field(default_factory=list)
     planned: list[Planned] = field(default_factory=list)
-    unavailable: list[str] = field(default_factory=list)  # no source here: where each file goes, how to get it
     bytes_written: int = 0
     bytes_received: int = 0  # over HTTP
     free: Optional[int] = None
@@ -80,7 +79,7 @@ class FetchReport:
                 f"fetched {len(self.fetched)} files ({_size(self.bytes_written)}) into {self.root}; "
                 f"{len(self.present)} already there; manifest {DataLayout(self.root).manifest}"
             ]
-        return "\n".join(lines + self.unavailable)
+        return "\n".join(lines)
 
 
 def _size(n: Optional[int]) -> str:

@@ -6,8 +6,7 @@
 * ``coco``: the BLIP/LAVIS Karpathy test and val annotations (5,000 + 5,000 images) and those images
   from ``val2014.zip``.
 * ``coco-entities``: ``coco_entities_release.json``.
-* ``fg``: the FG captions, which have no public download: from ``--mirror`` (or a ``--catalog`` URL)
-  when there, else a message that says where they go and where to get them.
+* ``fg``: the MSCOCO-FG and Flickr30K-FG captions from their authors' repository.
 """
 
 from __future__ import annotations
@@ -17,9 +16,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..layout import BENCHMARKS, SPLITS, DataLayout, PathLike
-from .catalog import DEFAULT_DATA_ROOT, FG_PAPER, dataset_names, load_catalog
+from .catalog import DEFAULT_DATA_ROOT, dataset_names, load_catalog
 from .checks import check_entities, check_image
-from .errors import FetchError, SourceMissing
+from .errors import FetchError
 from .fetcher import Fetcher, FetchReport
 from .transfer import Locator
 
@@ -54,11 +53,7 @@ def _coco_entities(fetcher: Fetcher) -> None:
 
 def _fg(fetcher: Fetcher) -> None:
     for benchmark in BENCHMARKS:
-        dest = fetcher.layout.fg_file(benchmark)
-        try:
-            fetcher.file("fg", dest)
-        except SourceMissing as error:
-            fetcher.report.unavailable.append(f"fg: {error} (the FG captions come from {FG_PAPER})")
+        fetcher.file("fg", fetcher.layout.fg_file(benchmark))
 
 
 #: Each name's recipe: how it uses the fetcher's annotation / members / file steps. Add one to fetch more.
@@ -98,8 +93,7 @@ def fetch_data(
         What was fetched, what was already in place, and (``dry_run``) the plan.
 
     Raises:
-        FetchError: a source is unreachable or missing, its bytes stay wrong, the disk is too small, or
-            ``fg`` was named and its files have no source here.
+        FetchError: a source is unreachable or missing, its bytes stay wrong, or the disk is too small.
         ConfigError: an unknown name or a bad ``catalog``.
     """
     datasets = dataset_names(names)
@@ -124,7 +118,4 @@ def fetch_data(
         report = fetcher.run()
     finally:
         fetcher.close()
-    named = [names] if isinstance(names, str) else list(names)
-    if report.unavailable and "fg" in named:
-        raise FetchError(" ".join(report.unavailable))
     return report
