@@ -6,7 +6,6 @@ import logging
 import sys
 import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn, Optional
 
@@ -15,13 +14,17 @@ import typer
 from . import __version__
 from .cli_options import (
     ALPHA,
+    BATCH,
+    CACHE_DIR,
     COMPAT,
     COMPILE,
     DEVICE,
     DTYPE,
     EXCLUDE_SITE,
+    ITM_BATCH,
     KEEP_NORM,
     MODEL,
+    NO_CACHE,
     ORTHOGONAL,
     PROJECTOR,
     RANK,
@@ -34,6 +37,7 @@ from .cli_options import (
 from .config import Compat, Projector, QPertConfig, Weight, compat_dtype
 from .data.commands import register as register_data_commands
 from .errors import QPertError
+from .reproduce.commands import register as register_reproduce_commands
 from .search.commands import register as register_search_commands
 
 app = typer.Typer(
@@ -246,9 +250,6 @@ def _read_image(path: Path):
     return img
 
 
-DEFAULT_CACHE = Path.home() / ".cache" / "qpert"
-
-
 def _eval_options(
     itm: Optional[bool],
     k: Optional[int],
@@ -309,10 +310,6 @@ TOP_K = typer.Option(
     help="Candidates re-ranked by ITM per query (default: the model's: 64 for BLIP-2 as in the paper, "
     "128 for blip-flickr and 256 for blip-coco as in BLIP's evaluation).",
 )
-BATCH = typer.Option(16, min=1, help="Images per vision / Q-Former forward.")
-ITM_BATCH = typer.Option(128, min=1, help="(image, text) pairs per ITM forward.")
-CACHE_DIR = typer.Option(DEFAULT_CACHE, help="Feature cache; a killed run resumes from it.")
-NO_CACHE = typer.Option(False, "--no-cache", help="Keep features in memory only.")
 SHARD = typer.Option(64, min=1, help="Images per cache file: the unit of work a resumed run skips (and ranks share).")
 PAIRS_PER_BLOCK = typer.Option(
     4096,
@@ -427,16 +424,11 @@ def eval_command(
         typer.echo(f"wrote {output}")
 
 
-@contextmanager
 def _ranks():
     """This process's place under torchrun (a single process otherwise), torn down when the work is done."""
-    from .distributed import start, stop
+    from .distributed import session
 
-    ranks = start()
-    try:
-        yield ranks
-    finally:
-        stop(ranks)
+    return session()
 
 
 def _pair_rates(result) -> str:
@@ -555,6 +547,7 @@ def tune(
 
 register_search_commands(app)
 register_data_commands(app)
+register_reproduce_commands(app)
 
 
 @app.callback(invoke_without_command=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -109,3 +110,9 @@ EXCLUDE_SITE = typer.Option(
     help="Leave this cross-attention unperturbed (a site name or its "
     "prefix, e.g. clip_projector for InternVL-G); repeat for several.",
 )
+
+DEFAULT_CACHE = Path.home() / ".cache" / "qpert"
+CACHE_DIR = typer.Option(DEFAULT_CACHE, help="Feature cache; a killed run resumes from it.")
+NO_CACHE = typer.Option(False, "--no-cache", help="Keep features in memory only.")
+BATCH = typer.Option(16, min=1, help="Images per vision / Q-Former forward.")
+ITM_BATCH = typer.Option(128, min=1, help="(image, text) pairs per ITM forward.")

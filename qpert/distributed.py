@@ -7,7 +7,8 @@ through the feature cache on a file system they all see, and small results throu
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -84,3 +85,13 @@ def start() -> Ranks:
 def stop(ranks: Ranks) -> None:
     if ranks.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def session() -> Iterator[Ranks]:
+    """This process's place under torchrun (a single process otherwise), torn down when the work is done."""
+    ranks = start()
+    try:
+        yield ranks
+    finally:
+        stop(ranks)

@@ -23,34 +23,39 @@ DATA_ROOT = typer.Option(
 )
 
 
+MIRROR = typer.Option(
+    None,
+    "--mirror",
+    help="A folder or http(s):// URL holding the sources under their published file names "
+    "(flickr30k_test.json, flickr30k-images.zip, val2014.zip, ...), read instead of their origins: "
+    "for institutional mirrors and machines without a network. Default: $QPERT_DATA_MIRROR.",
+    show_default=False,
+)
+CATALOG = typer.Option(
+    None,
+    "--catalog",
+    help='JSON {"<file name>": {"url", "md5", "sha256", "images", "members"}} overriding the published facts '
+    "of those files (a mirror of other versions of them, such as scripts/make_data_mirror.py's stand-ins).",
+    show_default=False,
+)
+FLICKR30K_IMAGES = typer.Option(
+    None,
+    "--flickr30k-images",
+    help="A copy of the Flickr30K images you already have (Kaggle, LAVIS): flickr30k-images.zip or a folder "
+    "holding <id>.jpg directly or under flickr30k-images/; read instead of the Hugging Face Hub.",
+    show_default=False,
+)
+
+
 @data_app.command()
 def fetch(
     names: list[str] = typer.Argument(
         ..., metavar="NAME", help="flickr30k, coco, coco-entities, fg, or all.", show_default=False
     ),
     data_root: Path = DATA_ROOT,
-    mirror: Optional[str] = typer.Option(
-        None,
-        "--mirror",
-        help="A folder or http(s):// URL holding the sources under their published file names "
-        "(flickr30k_test.json, flickr30k-images.zip, val2014.zip, ...), read instead of their origins: "
-        "for institutional mirrors and machines without a network. Default: $QPERT_DATA_MIRROR.",
-        show_default=False,
-    ),
-    catalog: Optional[Path] = typer.Option(
-        None,
-        "--catalog",
-        help='JSON {"<file name>": {"url", "md5", "sha256", "images", "members"}} overriding the published facts '
-        "of those files (a mirror of other versions of them, such as scripts/make_data_mirror.py's stand-ins).",
-        show_default=False,
-    ),
-    flickr30k_images: Optional[Path] = typer.Option(
-        None,
-        "--flickr30k-images",
-        help="A copy of the Flickr30K images you already have (Kaggle, LAVIS): flickr30k-images.zip or a folder "
-        "holding <id>.jpg directly or under flickr30k-images/; read instead of the Hugging Face Hub.",
-        show_default=False,
-    ),
+    mirror: Optional[str] = MIRROR,
+    catalog: Optional[Path] = CATALOG,
+    flickr30k_images: Optional[Path] = FLICKR30K_IMAGES,
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be fetched and its size; write nothing."),
     rehash: bool = typer.Option(
         False, "--rehash", help="Hash the files already fetched instead of trusting their size; fetch changed ones."
