@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from helpers.bench import eval_args, qpert_cli
 
+from qpert.synthetic.mirror import write_mirror
+
 pytestmark = pytest.mark.slow
 #: gloo on CPUs here; bench/gpu_check.sh sets ``cuda`` on a machine with two GPUs (NCCL).
 DEVICE = os.environ.get("QPERT_DISTRIBUTED_DEVICE", "cpu")
@@ -133,3 +135,26 @@ def test_a_killed_rank_resumes_to_the_same_json(bench, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert done and done < files(cache)
     assert comparable(tmp_path / "2.json")["data"] == comparable(tmp_path / "1.json")["data"]
+
+
+def test_reproduce_under_torchrun_fetches_once_and_equals_one_process(tmp_path):
+    mirror = tmp_path / "mirror"
+    write_mirror(mirror)
+
+    def args(name: str) -> list[str]:
+        return [
+            *("reproduce", "official-example", "--model", "blip2-shapes", "--device", DEVICE, "--no-progress"),
+            *("--mirror", str(mirror), "--catalog", str(mirror / "qpert-catalog.json")),
+            *("--data-root", str(tmp_path / f"data-{name}"), "--output-dir", str(tmp_path / name)),
+            *("--cache-dir", str(tmp_path / f"cache-{name}")),
+        ]
+
+    single = qpert_cli(*args("one"))
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run(torchrun(*args("two")), capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr
+    assert multi.stderr.count("fetched 44 files") == 1, "rank 0 alone fetches"
+    assert multi.stdout.count("wrote ") == 1
+    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert (one["settings"]["world_size"], two["settings"]["world_size"]) == (1, 2)
+    assert two["comparison"] == one["comparison"]

@@ -61,7 +61,7 @@ def reproduce(
     official-example  the official repository's example: BLIP-2 coco, Flickr30K
                       test, Entities boxes, alpha 8, constant, tau 0.99, ITM
                       top 64, in --compat official and --compat paper; ~0.3 GB
-                      of data, 4.6 GB of weights, ~10 min on one GPU
+                      of data and 4.6 GB of weights (GPU time not yet measured)
     flickr30k         the paper's BLIP-2 Flickr30K rows: the setting tuned on
                       val by T2I mR@1 (125 settings), then test; (E) Entities
                       boxes, (D) --detections
