@@ -26,6 +26,7 @@ from helpers.contract import (
     assert_inactive_is_bit_identical,
     assert_matches_reference,
 )
+from helpers.internvl_reference import Reference
 from helpers.internvl_standin import (
     HEADS,
     HIDDEN,
@@ -38,12 +39,11 @@ from helpers.internvl_standin import (
     tiny_internvl,
     tiny_loaded,
 )
-from helpers.reference_hooks import _perturb_batch, stretch_objects
 from PIL import Image
 from torch import nn
 
 import qpert
-from qpert.errors import UnsupportedModelError
+from qpert.errors import MissingDependencyError, UnsupportedModelError
 from qpert.models import internvl
 from qpert.models.registry import MODELS, family_of, retrieval_heads
 from qpert.scoring import score
@@ -71,51 +71,9 @@ def run(model, pixels, repeat_time=1):
         return model(pixels, repeat_time)
 
 
-class Reference:
-    """The plain reference (tests/reference.py) on each cross_attn: keys k_proj(norm2(tokens)), row i of
-    the queries against image i % B, as the module's ``repeat(repeat_time, 1, 1, 1)`` pairs them."""
-
-    def __init__(self, model, cfg):
-        objects = stretch_objects(BOXES, SIZES, input_size=IMAGE, grid=IMAGE // PATCH, patch=PATCH, prefix=1)
-        self.handles = []
-        for layer in model.qllama.model.layers:
-            if layer.cross_attn is not None:
-                self._hook(layer.cross_attn, objects, cfg)
-        self._hook_pooling(model.clip_projector.cross_attn, objects, cfg)
-
-    def _hook_pooling(self, attn, objects, cfg):
-        """clip_projector: the whole attention recomputed with the reference's perturbed mean-token query."""
-
-        def post(_m, args, kwargs, out):
-            x, k, v = args[0], kwargs["k"], kwargs["v"]
-            heads = attn.num_heads
-            q = nn.functional.linear(x, attn.q.weight, attn.q_bias).unflatten(-1, (heads, -1))
-            keys = nn.functional.linear(k, attn.k.weight, attn.k_bias).unflatten(-1, (heads, -1))
-            values = nn.functional.linear(v, attn.v.weight, attn.v_bias).unflatten(-1, (heads, -1))
-            q = _perturb_batch(q, keys, objects, cfg).to(keys.dtype)
-            weights = torch.einsum("bthd,bnhd->bhtn", q * attn.scale, keys).softmax(-1)
-            return attn.proj(torch.einsum("bhtn,bnhd->bthd", weights, values).flatten(-2))
-
-        self.handles.append(attn.register_forward_hook(post, with_kwargs=True))
-
-    def _hook(self, attn, objects, cfg):
-        seen = {}
-
-        def pre(_m, _args, kwargs):
-            seen.update(tokens=kwargs["vision_hidden_states"], repeat=kwargs["repeat_time"])
-
-        def post(_m, _inputs, out):
-            tokens, repeat = seen["tokens"], seen["repeat"]
-            keys = attn.k_proj(attn.norm2(tokens)).view(*tokens.shape[:2], attn.num_heads, attn.head_dim)
-            q = out.view(*out.shape[:2], attn.num_heads, attn.head_dim)
-            new = _perturb_batch(q, keys.repeat(repeat, 1, 1, 1), objects * repeat, cfg)
-            return new.reshape(out.shape).to(out.dtype)
-
-        self.handles += [attn.register_forward_pre_hook(pre, with_kwargs=True), attn.q_proj.register_forward_hook(post)]
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
+def reference(model, cfg):
+    """The plain reference in every cross-attention, at the stand-in's sizes."""
+    return Reference(model, cfg, BOXES, SIZES, input_size=IMAGE, patch=PATCH)
 
 
 @pytest.mark.parametrize("repeat_time", [1, 2])
@@ -124,7 +82,7 @@ class Reference:
 )
 def test_matches_plain_reference(model, pixels, cfg, repeat_time):
     handle = assert_matches_reference(
-        model, lambda: run(model, pixels, repeat_time), lambda: Reference(model, cfg), cfg
+        model, lambda: run(model, pixels, repeat_time), lambda: reference(model, cfg), cfg
     )
     assert handle.num_layers == LAYERS // 2 + 1 and handle.layout.num_tokens == 1 + (IMAGE // PATCH) ** 2
     handle = qpert.attach(model, qpert.QPertConfig(**cfg))
@@ -231,7 +189,7 @@ def test_scores_match_own_encoders_and_the_reference(loaded, images, cfg):
     ids, _ = retriever.tokenize(model, loaded.processor, TEXTS)
     got = score(loaded, images, BOXES, TEXTS, qpert.QPertConfig(**cfg))
     baseline = own_itc(model, pixels, ids)
-    ref = Reference(model, cfg)
+    ref = reference(model, cfg)
     try:
         expected = own_itc(model, pixels, ids)
     finally:
@@ -283,3 +241,44 @@ def test_clip_projector_is_perturbed_unless_excluded(loaded, images):
     assert (scores[()] - scores[("clip_projector",)]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="no cross-attention of this model is named"):
         qpert.attach(model, config, exclude=("clip_projectr",))
+    with qpert.attach(model, config, exclude=("qllama",)) as handle:  # sites are named by their paths
+        assert handle.site_names == ["clip_projector"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pooling_rows_without_boxes_are_bit_identical_in_half_precision(model, pixels, dtype):
+    """The pooling site recomputes perturbed attention in float32; an image without boxes keeps the module's own."""
+    tokens = internvl.image_tokens(model, pixels).to(dtype)
+    pooling = model.clip_projector.to(dtype)
+    try:
+        with torch.no_grad():
+            base = pooling(tokens)
+            with (
+                qpert.attach(model, qpert.QPertConfig(alpha=1.0)) as handle,
+                handle.objects([BOXES[0], [], BOXES[2]], SIZES),
+            ):
+                mixed = pooling(tokens)
+    finally:
+        pooling.float()
+    assert torch.equal(mixed[1], base[1]) and (mixed[0] - base[0]).abs().max() > 1e-3
+
+
+def test_missing_packages_are_one_error_line(tmp_path, monkeypatch):
+    """The code's imports (peft, einops, timm) are checked before it runs; a tokenizer that fails to load
+    for want of sentencepiece / protobuf says so, not transformers' hint at another package (tiktoken)."""
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["InternVLModel"], "auto_map": {"AutoModel": "modeling_internvl.InternVLModel"}})
+    )
+    monkeypatch.setattr(internvl, "missing_packages", lambda modules: list(modules.values())[:1])
+    with pytest.raises(MissingDependencyError, match=r"needs peft: pip install 'qpert\[internvl\]'"):
+        qpert.load_model(str(tmp_path), trust_remote_code=True)
+
+    def tiktoken_error(*args, **kwargs):
+        raise ValueError("`tiktoken` is required to read a `tiktoken` file")
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", tiktoken_error)
+    with pytest.raises(MissingDependencyError, match=r"needs sentencepiece: pip install 'qpert\[internvl\]'"):
+        internvl.load_processor(str(tmp_path))
+    monkeypatch.setattr(internvl, "missing_packages", lambda modules: [])
+    with pytest.raises(ValueError, match="tiktoken"):  # nothing missing: transformers' own error
+        internvl.load_processor(str(tmp_path))

@@ -7,7 +7,9 @@ self.q_bias)`` rather than by calling ``self.q``, so no hook sees the projected 
 attention probabilities, though, pass through ``self.attn_drop``. So a pre-hook on the module
 computes softmax(scale * q̂ kᵀ) from the module's own inputs and weights, and a pre-hook on
 ``attn_drop`` hands those probabilities to the rest of the forward (values, output projection),
-which runs unchanged.
+which runs unchanged. Only the rows of images whose queries changed take them: the others keep the
+module's own probabilities, so an image without boxes is bit-identical in every dtype (recomputing
+its attention in float32 would move a bf16 / fp16 model's output by rounding).
 """
 
 from __future__ import annotations
@@ -66,15 +68,20 @@ class AttentionPoolingSite(CrossAttentionSite):
                 return None
             x = args[0] if args else kwargs["x"]
             k = args[1] if len(args) > 1 else kwargs["k"]
-            queries = on_queries(F.linear(x, module.q.weight, module.q_bias).unflatten(-1, heads))
+            original = F.linear(x, module.q.weight, module.q_bias).unflatten(-1, heads)
+            queries = on_queries(original)
             if queries is not None:
                 keys = F.linear(k, module.k.weight, module.k_bias).unflatten(-1, heads)
                 scores = torch.einsum("bthd,bnhd->bhtn", queries.float() * module.scale, keys.float())
-                state["probabilities"] = scores.softmax(-1).to(x.dtype)
+                changed = (queries != original).flatten(1).any(1)  # (B,): the images Q-Pert perturbs
+                state["probabilities"] = (scores.softmax(-1).to(x.dtype), changed[:, None, None, None])
 
         def dropout_pre_hook(_module, args):
-            probabilities = state.pop("probabilities", None)
-            return None if probabilities is None else (probabilities,)
+            perturbed = state.pop("probabilities", None)
+            if perturbed is None:
+                return None
+            probabilities, changed = perturbed
+            return (torch.where(changed, probabilities, args[0]),)
 
         return [
             self.block.register_forward_pre_hook(block_pre_hook, with_kwargs=True),

@@ -117,7 +117,9 @@ class ModelFamily:
     alpha_grid: the alpha values ``qpert tune`` searches; key_tokens(model, tokens) -> what the
     sites' key projections read, given ``retrieval.image_tokens``'s output (the tokens themselves
     unless the family normalizes first); retrieval: its retrieval heads, carried by
-    ``retrieval_classes`` (default: all of ``classes``).
+    ``retrieval_classes`` (default: all of ``classes``); load_remote(source, dtype) -> the model of a
+    checkpoint that ships its own code, where ``AutoModel.from_pretrained(trust_remote_code=True)``
+    does not load it as is (InternVL-G's code on transformers 5).
     """
 
     name: str
@@ -128,6 +130,7 @@ class ModelFamily:
     key_tokens: KeyTokens = same_tokens
     retrieval: Optional[RetrievalHeads] = None
     retrieval_classes: tuple[str, ...] = ()
+    load_remote: Optional[Callable[[str, Optional[torch.dtype]], nn.Module]] = None
 
     def supports(self, model: nn.Module) -> bool:
         return any(is_instance(model, name) for name in self.classes)

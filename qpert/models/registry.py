@@ -164,6 +164,32 @@ MODELS: dict[str, ModelSpec] = {
             384,
             "SigLIP So400m/14 (Q-Pert in the vision pooling head)",
         ),
+        # Light checkpoints for photo search on a CPU (the ``laptop`` preset of ``qpert index``): ViT-B/16.
+        ModelSpec(
+            "siglip-base",
+            "google/siglip-base-patch16-224",
+            "SiglipModel",
+            SIGLIP,
+            224,
+            "SigLIP Base/16 (203M parameters; Q-Pert in the vision pooling head): photo search on a CPU",
+        ),
+        ModelSpec(
+            "siglip2-base",
+            "google/siglip2-base-patch16-224",
+            "SiglipModel",
+            SIGLIP,
+            224,
+            "SigLIP 2 Base/16, fixed resolution (375M parameters, 256k-token vocabulary; Q-Pert in the vision "
+            "pooling head)",
+        ),
+        ModelSpec(
+            "siglip2-base-naflex",
+            "google/siglip2-base-patch16-naflex",
+            "Siglip2Model",
+            SIGLIP2_NAFLEX,
+            256,
+            "SigLIP 2 Base/16 NaFlex, a patch grid per aspect ratio (Q-Pert in the vision pooling head)",
+        ),
         ModelSpec(
             "siglip2-so400m",
             "google/siglip2-so400m-patch14-384",
@@ -288,6 +314,11 @@ def _local_model_class(path: Path) -> str:
     )
 
 
+def _family_of_class(class_name: str) -> ModelFamily:
+    """The first registered family with a class of that name (a saved folder's ``architectures``)."""
+    return next(f for f in _FAMILIES if class_name in f.class_names)
+
+
 def _has_remote_code(path: Path) -> bool:
     """A saved folder whose config maps its classes to modeling code shipped with it."""
     config = path / "config.json"
@@ -356,7 +387,11 @@ def _load_transformers(
                 f"{source} runs modeling code downloaded with the checkpoint; read it, then opt in with "
                 "trust_remote_code=True (qpert.load_model) or --trust-remote-code (command line)"
             )
-        model = transformers.AutoModel.from_pretrained(source, dtype=dtype, trust_remote_code=True)
+        family = spec.family if spec else _family_of_class(_local_model_class(Path(source)))
+        if family.load_remote is not None:
+            model = family.load_remote(source, dtype)
+        else:
+            model = transformers.AutoModel.from_pretrained(source, dtype=dtype, trust_remote_code=True)
     else:
         class_name = spec.model_class if spec else _local_model_class(Path(source))
         model = getattr(transformers, class_name).from_pretrained(source, dtype=dtype)
