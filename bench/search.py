@@ -75,7 +75,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def indexing_throughput(photos: int, batch_size: int) -> list[dict]:
-    from search_fixtures import save_tiny_blip2, save_tiny_detr, write_photo
+    from helpers.search_fixtures import save_tiny_blip2, save_tiny_detr, write_photo
 
     import qpert
     from qpert.search.detectors import DetectorOptions

@@ -10,6 +10,7 @@ that cannot leaves it alone, so two processes sharing a folder never delete each
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import secrets
@@ -17,6 +18,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from .errors import DiskFullError
+
+#: What a write says when the disk (or the user's quota) is full.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 #: Marks temporaries: ``name.tmp<pid>-<random>`` (no longer ending as the file does, so globs skip them).
 TMP_MARK = ".tmp"
@@ -28,18 +34,33 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
     renamed over ``path``, on an exception removed."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    fd = _create_locked(tmp)
+    with naming_a_full_disk(path):
+        fd = _create_locked(tmp)
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                yield f
+                f.flush()
+                os.fsync(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def naming_a_full_disk(path: Path) -> Iterator[None]:
+    """A full disk while writing ``path`` becomes a :class:`DiskFullError` that names it (``[Errno 28]``
+    alone says neither what nor where)."""
     try:
-        with open(fd, "wb", closefd=False) as f:
-            yield f
-            f.flush()
-            os.fsync(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        yield
+    except DiskFullError:
         raise
-    finally:
-        os.close(fd)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise DiskFullError(f"no space left on the device while writing {path}") from e
 
 
 def _create_locked(tmp: Path) -> int:

@@ -56,16 +56,19 @@ _CLICK = sys.modules[typer.BadParameter.__module__]
 
 @app.command()
 def models() -> None:
-    """List the registered model names, their checkpoints, alpha grids and ITM re-ranking depth k."""
+    """List the registered models (checkpoint, image size, alpha grid, ITM re-ranking depth k or none) and the
+    photo-search presets of `qpert index --preset`."""
     from .models.registry import MODELS
+    from .search.presets import PRESETS
 
     for spec in MODELS.values():
         grid = ", ".join(f"{a:g}" for a in spec.alphas)
         source = "(bundled with qpert)" if Path(spec.source).is_absolute() else spec.source
-        typer.echo(
-            f"{spec.name:15s} {source:34s} {spec.image_size:4d}px  alpha [{grid}]  k {spec.rerank_k:3d}  "
-            f"{spec.description}"
-        )
+        rerank = f"ITM k {spec.rerank_k:3d}" if spec.family.retrieval and spec.family.retrieval.has_itm else "no ITM  "
+        typer.echo(f"{spec.name:21s} {source:36s} {spec.image_size:4d}px  alpha [{grid}]  {rerank}  {spec.description}")
+    typer.echo("\nPhoto-search presets (qpert index --preset NAME; default: quality on a GPU, laptop on a CPU):")
+    for preset in PRESETS.values():
+        typer.echo(f"{preset.name:8s} {preset.model} + {preset.detector}\n{'':8s} {preset.description}")
 
 
 def _print_scores(texts: list[str], results: dict, title: str) -> None:

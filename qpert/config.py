@@ -20,6 +20,9 @@ WEIGHT_COEFFICIENTS: dict[str, tuple[float, float]] = {
 #: The official code's ``NORM_AREA_INV`` is -alpha * a (its comment says 1 - a, its code computes -a).
 OFFICIAL_WEIGHT_COEFFICIENTS: dict[str, tuple[float, float]] = {**WEIGHT_COEFFICIENTS, "inv_area": (0.0, -1.0)}
 
+#: The largest |alpha| float32 holds: a larger one makes every perturbed query, and every score, non-finite.
+MAX_ALPHA = 3.4028234663852886e38
+
 MODES = ("enhance", "orthogonal")
 Weight = Literal["constant", "area", "inv_area", "centered", "inv_centered"]
 Compat = Literal["paper", "official"]
@@ -35,7 +38,8 @@ PROJECTORS: tuple[str, ...] = ("paper", "official", "random", "identity")
 class QPertConfig:
     """How queries are perturbed.
 
-    alpha: scale of the weight function; 0 turns Q-Pert off (the model is bit-identical).
+    alpha: scale of the weight function; 0 turns Q-Pert off (the model is bit-identical). Finite, and at
+        most ``MAX_ALPHA`` (float32's largest) in magnitude: beyond it no score could be finite.
     weight: one of ``constant``, ``area``, ``inv_area``, ``centered``, ``inv_centered``.
     threshold: the contribution-ratio threshold tau in (0, 1) that picks each subspace's rank.
     rank: a fixed rank k >= 1 for every subspace instead (None: use ``threshold``).
@@ -84,6 +88,11 @@ class QPertConfig:
             raise ConfigError(f"rank is a fixed subspace rank, an int >= 1 (or None), got {self.rank!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
             raise ConfigError(f"alpha must be a finite real number, got {self.alpha!r}")
+        if abs(self.alpha) > MAX_ALPHA:
+            raise ConfigError(
+                f"alpha={self.alpha:g} overflows: beyond {MAX_ALPHA:.3g} it is infinite in float32, so Q-Pert's scores "
+                "would not be finite; choose a smaller alpha (the paper's grids reach 10)"
+            )
 
     @property
     def enabled(self) -> bool:

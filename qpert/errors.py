@@ -26,6 +26,10 @@ class UnsupportedModelError(QPertError, TypeError):
     """The model has no cross-attention family that Q-Pert knows."""
 
 
+class UnloadableCheckpointError(QPertError, ValueError):
+    """A model or detector file qpert will not load (a pickle holding more than tensors)."""
+
+
 class UsageError(QPertError, RuntimeError):
     """An API call in the wrong state: a detached handle, nested ``objects`` blocks, a second attach."""
 
@@ -41,8 +45,16 @@ class CacheError(QPertError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class DiskFullError(QPertError, OSError):
+    """The disk filled while qpert wrote a file; what was complete before is kept, and the command can be re-run."""
+
+
 class IndexBusyError(QPertError, OSError):
     """Another process is updating the same photo index, or holds its catalog locked for too long."""
+
+
+class IndexReadOnlyError(QPertError, PermissionError):
+    """An index on read-only storage (a snapshot, another user's folder): it can be searched, not updated."""
 
 
 class IndexDamagedError(QPertError, ValueError):

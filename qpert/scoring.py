@@ -113,11 +113,14 @@ def _check_finite(results: dict[str, Scores], config: QPertConfig) -> None:
     """NaN or inf scores rank nothing: say so instead of printing or ranking them."""
     for name, scores in results.items():
         if any(t is not None and not torch.isfinite(t).all() for t in (scores.itc, scores.itm)):
-            raise ConfigError(
-                f"the {name} scores are not finite"
-                + (
-                    f" (Q-Pert with alpha={config.alpha:g} overflows this model; choose a smaller --alpha)"
-                    if name == "qpert"
-                    else ""
-                )
-            )
+            raise non_finite_scores(name, config if name == "qpert" else None)
+
+
+def non_finite_scores(name: str, config: Optional[QPertConfig]) -> ConfigError:
+    """The error for scores that are NaN or inf (an overflow; with Q-Pert on, of its alpha), wherever scored."""
+    cause = (
+        f" (Q-Pert with alpha={config.alpha:g} overflows this model; choose a smaller --alpha)"
+        if config is not None and config.enabled
+        else ""
+    )
+    return ConfigError(f"the {name} scores are not finite{cause}")

@@ -4,6 +4,7 @@ a bug still shows its traceback."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -22,6 +23,8 @@ CASES = [
     (EVAL + ["--rank", "0"], "--rank"),
     (EVAL + ["--alpha", "inf"], "finite"),
     (EVAL + ["--alpha", "nan"], "finite"),
+    (EVAL + ["--alpha", "1e308"], "overflows"),
+    (EVAL + ["--alpha", "1e38", "--itm", "--k", "3"], "qpert-a1e+38-constant-t0.99 scores are not finite"),
     (EVAL + ["--weight", "square"], "--weight"),
     (EVAL + ["--compat", "lavis"], "--compat"),
     (EVAL + ["--config", "{tmp}/list.json"], "JSON object"),
@@ -113,6 +116,18 @@ def bad_inputs(bench, tmp_path_factory):
     shutil.copytree(root / "index", root / "corrupt")
     (root / "corrupt" / "catalog.sqlite").write_bytes(b"not a database " * 100)
 
+    class Payload:  # what torch.load(weights_only=False) would call: harmless here, refused anyway
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    from helpers.search_fixtures import save_tiny_detr
+
+    for name, folder in (("picklemodel", model), ("pickledetr", save_tiny_detr(root / "detr"))):
+        shutil.copytree(folder, root / name)
+        (root / name / "model.safetensors").unlink()
+        torch.save({"weight": Payload()}, root / name / "pytorch_model.bin")
+    (root / "latin1.json").write_bytes(f'[{{"image": "{IDS[0]}.jpg", "caption": ["caf\xe9"]}}]'.encode("latin-1"))
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -143,6 +158,8 @@ def bad_inputs(bench, tmp_path_factory):
         "corrupt": root / "corrupt",
         **{name: root / name for name in damaged},
         **{name: root / f"{name}.json" for name in files},
+        **{name: root / name for name in ("picklemodel", "pickledetr")},
+        "latin1": root / "latin1.json",
     }
 
 
@@ -157,7 +174,8 @@ BAD_INPUTS = [
     ([*SCORE, "--threshold", "abc"], "--threshold"),
     ([*SCORE, "--rank", "99999999999999999999", "--box", "1,1,30,20"], "--rank"),
     ([*SCORE, "--alpha", "1e400"], "finite"),
-    ([*SCORE, "--alpha", "1e308", "--box", "1,1,30,20"], "not finite"),
+    ([*SCORE, "--alpha", "1e308", "--box", "1,1,30,20"], "overflows"),
+    ([*SCORE, "--alpha", "1e38", "--box", "1,1,30,20"], "qpert scores are not finite (Q-Pert with alpha=1e+38"),
     pytest.param([*SCORE, "--device", "cuda"], "no CUDA GPU", marks=NO_CUDA),
     ([*SCORE, "--device", "cuda:999"], "cuda:999"),
     ([*SCORE, "--device", "tpu9"], "unknown device"),
@@ -177,6 +195,11 @@ BAD_INPUTS = [
     ([*FILE_EVAL, "--captions", "{karp_none}"], "'images' must be a list"),
     ([*FILE_EVAL, "--captions", "{karp_int}"], "'images' must be a list"),
     ([*FILE_EVAL, "--captions", "{list}"], "entry without 'image'"),
+    ([*FILE_EVAL, "--captions", "{latin1}"], "not UTF-8"),
+    (["score", "{img}", "--model", "{picklemodel}", "-t", "x"], "pytorch_model.bin is not a loadable checkpoint"),
+    (["eval", "--model", "{picklemodel}", "--dataset", "flickr30k", "--data-root", "{data}"], "only safetensors"),
+    (["index", "{photos}", "--index", "{root}/i2", "--model", "{picklemodel}", "--detector", "none"], "pickles"),
+    (["index", "{photos}", "--index", "{root}/i3", "--model", "{model}", "--detector", "{pickledetr}"], "pickles"),
     ([*INDEX, "--batch-size", "0"], "--batch-size"),
     ([*INDEX, "--max-boxes", "0"], "--max-boxes"),
     ([*INDEX, "--detector-threshold", "nan"], "score threshold"),

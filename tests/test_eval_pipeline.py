@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -10,10 +13,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers.bench import IDS, WORDS, eval_args, qpert_cli
+from helpers.bench import IDS, WORDS, eval_args, fixture_data, qpert_cli, run_in_process
 from helpers.contract import needs_cpp_compiler
 from helpers.processes import kill_when
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as save_file_bytes
 
 import qpert
 from qpert.data.box_sources import flickr30k_entities_boxes
@@ -22,6 +28,9 @@ from qpert.eval import cache as cache_module
 from qpert.eval.metrics import retrieval_metrics
 from qpert.eval.pipeline import EvalOptions, evaluate
 from qpert.models.tiny import tiny_blip2, tiny_processor
+
+#: What the evaluation caches, one folder each.
+KINDS = ("tokens", "text", "subspaces", "itc", "itm")
 
 
 def reference_scores(model, processor, dataset, boxes, config, k):
@@ -180,6 +189,52 @@ def test_killed_run_resumes_without_recomputing(bench, tmp_path, monkeypatch):
         assert resumed.to_dict()[name] == clean.to_dict()[name]
     again = evaluate(loaded, dataset, boxes, methods, options)
     assert again.to_dict()["qpert"] == clean.to_dict()["qpert"]
+
+
+def flip_tensor_bytes(path, count: int = 64) -> None:
+    """What a bad sector or a partial copy does: ``count`` bytes inside the tensor data inverted, size unchanged."""
+    blob = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(blob[:8], "little")  # safetensors: header length, header, then the data
+    at = start + max(0, (len(blob) - start - count) // 2)
+    blob[at : at + count] = bytes(b ^ 0xFF for b in blob[at : at + count])
+    size = path.stat().st_size
+    path.write_bytes(bytes(blob))
+    assert path.stat().st_size == size
+
+
+def test_damaged_cache_files_are_recomputed_not_read(bench, tmp_path, caplog):
+    """Issue #23: 64 bytes flipped in a file of each kind, and a file written without a checksum (an older
+    qpert's): the next run gives the undamaged numbers, saying which file it recomputed."""
+    root, model_dir = bench
+    dataset, boxes = fixture_data(root)
+    loaded = qpert.load_model(str(model_dir))
+    methods = {"baseline": None, "qpert": qpert.QPertConfig(alpha=6.0)}
+
+    def run(cache):
+        options = EvalOptions(itm=True, k=3, batch_size=4, shard_size=4, cache_dir=cache, progress=False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qpert.eval.cache"):
+            result = evaluate(loaded, dataset, boxes, methods, options).to_dict()
+        return [result[m] for m in methods], [r.getMessage() for r in caplog.records]
+
+    clean, _ = run(None)
+    for kind in KINDS:
+        cache = tmp_path / kind
+        assert run(cache)[0] == clean
+        damaged = sorted(cache.glob(f"*/{kind}/*.safetensors"))[-1]
+        flip_tensor_bytes(damaged)
+        if kind == "subspaces":  # read only to make what is missing: ITC embeddings
+            for itc in cache.glob("*/itc/*.safetensors"):
+                itc.unlink()
+        again, warned = run(cache)
+        assert again == clean
+        assert len(warned) == 1 and str(damaged) in warned[0] and "checksum mismatch" in warned[0], warned
+
+    old = sorted((tmp_path / "text").glob("*/text/*.safetensors"))[0]  # as written before checksums
+    old.write_bytes(save_file_bytes(load_file(old)))
+    again, warned = run(tmp_path / "text")
+    assert again == clean and len(warned) == 1 and "no checksum" in warned[0], warned
+    assert cache_module.CHECKSUM in (safe_open(old, "pt").metadata() or {})  # recomputed, checksummed
 
 
 def test_corrupt_image_is_a_counted_logged_skip(bench, tmp_path, caplog):
@@ -430,4 +485,27 @@ def test_a_second_run_on_the_cache_keeps_the_first_runs_temporaries(tmp_path):
         assert writer.wait(timeout=60) == 0
     finally:
         writer.kill()
-    assert not live.exists() and torch.equal(cache_module.load_file(final)["x"], torch.arange(3.0))
+    assert not live.exists() and torch.equal(load_file(final)["x"], torch.arange(3.0))
+
+
+def test_a_full_disk_names_the_cache_file_and_a_rerun_resumes(bench, tmp_path, monkeypatch, capsys):
+    """Issue #23: ENOSPC while writing the feature cache: one line after the progress bar, naming the file."""
+    root, model_dir = bench
+    args = eval_args(model_dir, root, "--cache-dir", str(tmp_path / "cache"), "--shard-size", "4", "--device", "cpu")
+    real_fsync = os.fsync
+
+    def full_disk_for_text(fd: int) -> None:
+        if "/text/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_for_text)
+    run = run_in_process(monkeypatch, capsys, *args)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"no space left on the device while writing {tmp_path / 'cache'}" in errors[0] and "/text/" in errors[0]
+    assert "run the same command again, it resumes" in errors[0] and "Errno" not in errors[0]
+    assert "\nerror:" in "\n" + run.stderr, "the progress bar ends before the error"
+    assert list((tmp_path / "cache").rglob("tokens/*.safetensors")), "what was finished is kept"
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert run_in_process(monkeypatch, capsys, *args).returncode == 0

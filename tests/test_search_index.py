@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -693,15 +695,15 @@ def test_rehash_checks_every_photo_and_skipped_files_are_retried(models, tmp_pat
     photos = photo_folder(tmp_path / "photos", count=3)
     settings = settings_for(models, detector="none")
     hashed, unreadable = [], {"photo1.png"}
-    real_hash = photos_module.content_hash
+    real_read = photos_module.read_photo
 
-    def content_hash(path):
+    def read_photo(path):
         hashed.append(path.name)
         if path.name in unreadable:
             raise PermissionError(13, "Permission denied", str(path))
-        return real_hash(path)
+        return real_read(path)
 
-    monkeypatch.setattr(indexer, "content_hash", content_hash)
+    monkeypatch.setattr(indexer, "read_photo", read_photo)
     first = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
     assert first.photos == 2 and [p for p, _ in first.skipped] == ["album1/photo1.png"]
     unreadable.clear()  # chmod-ed back: size, mtime and all unchanged
@@ -797,6 +799,8 @@ def test_non_finite_alpha_is_refused_and_an_overflow_never_stored(models, tmp_pa
         qpert.QPertConfig(alpha=float("inf"))
     with pytest.raises(ValueError, match="finite"):
         qpert.QPertConfig(alpha=float("nan"))
+    with pytest.raises(ValueError, match="overflows"):  # infinite in float32: no score could be finite
+        qpert.QPertConfig(alpha=1e308)
     photos = photo_folder(tmp_path / "photos", count=2)
     out = index_cli(
         "index", str(photos), "--model", str(models[0]), "--detector", "none", "--alpha", "inf", check=False
@@ -806,7 +810,7 @@ def test_non_finite_alpha_is_refused_and_an_overflow_never_stored(models, tmp_pa
         build_index(
             photos,
             tmp_path / "index",
-            settings_for(models, qpert=qpert.QPertConfig(alpha=1e308)),
+            settings_for(models, qpert=qpert.QPertConfig(alpha=1e38)),
             device="cpu",
             progress=False,
         )
@@ -817,3 +821,145 @@ def test_non_finite_alpha_is_refused_and_an_overflow_never_stored(models, tmp_pa
     with pytest.raises(ValueError, match="ITM re-ranking gave non-finite scores"):
         index.search("a red square", itm=True)
     index.close()
+
+
+def flip_tensor_bytes(path, count: int = 64) -> None:
+    """64 bytes inside a safetensors file's tensor data inverted, its size unchanged (a bad sector)."""
+    blob = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(blob[:8], "little")
+    at = start + max(0, (len(blob) - start - count) // 2)
+    blob[at : at + count] = bytes(b ^ 0xFF for b in blob[at : at + count])
+    path.write_bytes(bytes(blob))
+
+
+def test_damaged_tokens_and_staged_results_are_never_read_as_data(models, tmp_path, monkeypatch, caplog):
+    """Issue #23: a stored vision-token file that fails its checksum is encoded again from the photo at search
+    time (and stored again by ``qpert index --rehash``); a damaged staged result is recomputed on resume."""
+    photos = photo_folder(tmp_path / "photos", count=3)
+    settings = settings_for(models, detector="none")
+    build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    index = PhotoIndex(tmp_path / "index", device="cpu")
+    clean = [(h.path, h.score) for h in index.search("a red square", k=3, itm=True)]
+    index.close()
+    (damaged,) = [p for p in (tmp_path / "index/features/tokens").glob("*.safetensors")][:1]
+    flip_tensor_bytes(damaged)
+    index = PhotoIndex(tmp_path / "index", device="cpu")
+    with caplog.at_level("WARNING"):
+        hits = [(h.path, h.score) for h in index.search("a red square", k=3, itm=True)]
+    index.close()
+    assert [p for p, _ in hits] == [p for p, _ in clean]
+    np.testing.assert_allclose([s for _, s in hits], [s for _, s in clean], atol=1e-4)
+    assert sum(str(damaged) in r.getMessage() and "checksum mismatch" in r.getMessage() for r in caplog.records) == 1
+    assert damaged.exists(), "a search never writes to the index"
+
+    caplog.clear()
+    report = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False, rehash=True)
+    assert report.updated == 1 and report.unchanged == 2
+    index = PhotoIndex(tmp_path / "index", device="cpu")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert [(h.path, h.score) for h in index.search("a red square", k=3, itm=True)] == hits
+    index.close()
+    assert not caplog.records, "repaired: the stored tokens pass their checksum again"
+
+    write_photo(photos / "new.png", seed=40)  # a run killed after staging its result, then a bad sector
+    monkeypatch.setattr(indexer.Indexer, "merge", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    (staged,) = (tmp_path / "index/staging/photo").glob("*.safetensors")
+    flip_tensor_bytes(staged)
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        report = build_index(photos, tmp_path / "index", settings, device="cpu", progress=False)
+    assert report.added == 1 and any(str(staged) in r.getMessage() for r in caplog.records)
+    assert build_index(photos, tmp_path / "fresh", settings, device="cpu", progress=False).photos == 4
+    resumed, fresh = (vectors_by_path(tmp_path / name, "baseline") for name in ("index", "fresh"))
+    assert resumed.keys() == fresh.keys()
+    for path in fresh:  # the same photo encoded in another batch: equal to float tolerance
+        np.testing.assert_allclose(resumed[path], fresh[path], atol=1e-4)
+
+
+def vectors_by_path(index_dir, variant: str) -> dict[str, np.ndarray]:
+    catalog = Catalog(index_dir / "catalog.sqlite", readonly=True)
+    try:
+        paths = {row.id: path for path, row in catalog.photos().items()}
+        ids, vectors = catalog.vectors(variant)
+        return {paths[int(i)]: v.copy() for i, v in zip(ids, vectors)}
+    finally:
+        catalog.close()
+
+
+def write_protected(folder: Path, protect: bool) -> None:
+    """Make ``folder`` and its files unwritable as read-only storage would, or writable again: ``chattr +i``
+    when the tests run as root (who ignores file permissions, not the immutable attribute), else chmod."""
+    if os.geteuid() != 0:
+        subprocess.run(["chmod", "-R", "u+w" if protect is False else "a-w", str(folder)], check=True)
+        return
+    try:
+        flag = subprocess.run(["chattr", "-R", "+i" if protect else "-i", str(folder)], capture_output=True, text=True)
+    except FileNotFoundError:
+        flag = None
+    if protect and (flag is None or flag.returncode != 0):
+        pytest.skip(f"running as root, and chattr +i is not available here ({flag and flag.stderr.strip()})")
+
+
+def test_a_read_only_index_is_searched_and_not_updated(models, tmp_path, monkeypatch, capsys):
+    """Issue #23: an index on read-only storage (a snapshot, another user's folder) is searched, ITM included,
+    without writing anything beside it; `qpert index` on it says it is read-only."""
+    photos = photo_folder(tmp_path / "photos", count=3)
+    index = tmp_path / "index"
+    build_index(photos, index, settings_for(models, detector="none"), device="cpu", progress=False)
+    files = sorted(p.name for p in index.iterdir())
+    assert "catalog.sqlite-wal" not in files  # the writer checkpointed on closing: nothing to follow
+    reference = PhotoIndex(index, device="cpu")
+    expected = [(h.path, h.score) for h in reference.search("a red square", k=10, itm=True)]
+    reference.close()
+    for leftover in index.glob("catalog.sqlite-*"):  # what a reader with write access leaves: SQLite's WAL files
+        leftover.unlink()
+    try:
+        write_protected(index, True)
+        out = run_in_process(monkeypatch, capsys, "search", index, "a red square", "--itm", "--json", "--device", "cpu")
+        assert out.returncode == 0, out.stderr
+        assert sorted(p.name for p in index.iterdir()) == files, "no lock, journal, WAL or shared-memory file"
+        got = [(h["path"], h["score"]) for h in json.loads(out.stdout)["results"]]
+        assert [p for p, _ in got] == [p for p, _ in expected]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-5)
+        update = run_in_process(
+            monkeypatch, capsys, "index", photos, "--index", index, "--model", models[0], "--detector", "none"
+        )
+        assert update.returncode == 2 and "Traceback" not in update.stderr, update.stderr
+        (line,) = [x for x in update.stderr.splitlines() if x.startswith("error:")]
+        assert f"the index {index} is read-only" in line and "Errno" not in line, line
+    finally:
+        write_protected(index, False)
+
+
+def test_a_full_disk_keeps_the_previous_index_and_says_so(models, tmp_path, monkeypatch, capsys):
+    """Issue #23: ENOSPC while staging results: one line after the progress bar, naming the file, saying that
+    the previous index is intact and the command can be re-run."""
+    photos = photo_folder(tmp_path / "photos", count=2)
+    args = ("index", photos, "--index", tmp_path / "index", "--model", models[0], "--detector", "none")
+    assert run_in_process(monkeypatch, capsys, *args, "--device", "cpu").returncode == 0
+    before = catalog_state(tmp_path / "index")
+    for i in range(2, 4):
+        write_photo(photos / f"more{i}.png", seed=i + 20)
+    real_fsync = os.fsync
+
+    def full_disk_for_staging(fd: int) -> None:
+        if "/staging/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_for_staging)
+    run = run_in_process(monkeypatch, capsys, *args, "--device", "cpu")
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"no space left on the device while writing {tmp_path / 'index' / 'staging'}" in errors[0]
+    assert "the previous index is intact" in errors[0] and "run the same command again" in errors[0]
+    assert "Errno" not in errors[0] and "\nerror:" in "\n" + run.stderr, "the progress bar ends before the error"
+    after = catalog_state(tmp_path / "index")
+    assert after[0] == before[0] and after[3] == before[3]
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert run_in_process(monkeypatch, capsys, *args, "--device", "cpu").returncode == 0
+    assert len(catalog_state(tmp_path / "index")[0]) == 4

@@ -58,6 +58,23 @@ class MultiheadAttentionSite(CrossAttentionSite):
         weight, bias = self._projection(which)
         return F.linear(x, weight, bias).unflatten(-1, (self.num_heads, self.head_dim))
 
+    def _score_offsets(self, dq: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """(B, H, L, N) offsets Δq·k of the scores, from Δq (B, L, H, d) and the key inputs (B, N, E).
+
+        Δq·k = (Δq W_k)·x + Δq·b_k: with few queries (SigLIP's one probe) folding Δq into W_k costs
+        L·E² + L·H·N·E instead of projecting every key (N·E² + L·N·E), e.g. 48x less for SigLIP-base;
+        with as many queries as keys (CoCa) projecting the keys stays cheaper.
+        """
+        (length, heads, dim), (tokens, embed) = dq.shape[1:], key.shape[1:]
+        if length * embed + length * heads * tokens >= tokens * embed + length * tokens:
+            return torch.einsum("blhd,bnhd->bhln", dq, self._heads(key, 1))
+        weight, bias = self._projection(1)
+        folded = torch.einsum("blhd,hde->blhe", dq, weight.view(heads, dim, embed))
+        offsets = torch.einsum("blhe,bne->bhln", folded, key)
+        if bias is not None:
+            offsets = offsets + torch.einsum("blhd,hd->bhl", dq, bias.view(heads, dim))[..., None]
+        return offsets
+
     def install(
         self,
         on_image_tokens: Callable[[torch.Tensor], bool],
@@ -81,8 +98,7 @@ class MultiheadAttentionSite(CrossAttentionSite):
             new = on_queries(q)
             if new is None:
                 return None
-            k = self._heads(key, 1)
-            delta = torch.einsum("blhd,bnhd->bhln", new - q, k) * self.head_dim**-0.5
+            delta = self._score_offsets(new - q, key) * self.head_dim**-0.5
             bound["attn_mask"] = _add_to_mask(bound.get("attn_mask"), delta.flatten(0, 1))
             kpm = bound.get("key_padding_mask")
             if kpm is not None and kpm.dtype == torch.bool:  # keep both masks float, as MHA prefers

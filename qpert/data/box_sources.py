@@ -279,8 +279,11 @@ def parse_entities_sentence(line: str) -> EntitiesSentence:
 
 def read_entities_sentences(path: PathLike) -> list[EntitiesSentence]:
     """Parse ``Sentences/<id>.txt``: one annotated caption per non-empty line."""
-    with open(path, encoding="utf-8") as f:
-        return [parse_entities_sentence(line) for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [parse_entities_sentence(line) for line in f if line.strip()]
+    except UnicodeDecodeError as error:
+        raise BoxFormatError(f"{path}: not UTF-8 text ({error})") from error
 
 
 # ---------------------------------------------------------------- COCO sources
@@ -438,8 +441,11 @@ def read_official_entities(xml_path: PathLike, sentences_path: PathLike) -> Imag
             groups.setdefault(name, []).append(box)
     except (ET.ParseError, ValueError) as error:
         raise BoxFormatError(f"{xml_path}: not a valid Flickr30K Entities XML ({error})") from error
-    with open(sentences_path, encoding="utf-8") as f:
-        phrase_ids = _official_phrase_ids(f, sentences_path)
+    try:
+        with open(sentences_path, encoding="utf-8") as f:
+            phrase_ids = _official_phrase_ids(f, sentences_path)
+    except UnicodeDecodeError as error:
+        raise BoxFormatError(f"{sentences_path}: not UTF-8 text ({error})") from error
     kept = [box for name, boxes in groups.items() if any(n in phrase_ids for n in name.split(",")) for box in boxes]
     return _official_image_boxes(kept, size)
 
@@ -625,3 +631,5 @@ def _read_json(path: PathLike) -> Any:
             return json.load(f)
     except json.JSONDecodeError as error:
         raise BoxFormatError(f"{path}: not valid JSON ({error})") from error
+    except UnicodeDecodeError as error:
+        raise BoxFormatError(f"{path}: not UTF-8 text ({error}); box files are UTF-8 JSON") from error

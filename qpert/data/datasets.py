@@ -265,6 +265,8 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as error:
         raise DatasetLayoutError(f"{path}: not valid JSON ({error})") from error
+    except UnicodeDecodeError as error:
+        raise DatasetLayoutError(f"{path}: not UTF-8 text ({error}); annotation files are UTF-8 JSON") from error
 
 
 def _missing(path: Path, what: str, base: str) -> str:

@@ -43,11 +43,11 @@ from ..core import Subspaces
 from ..data.box_sources import BoxSet
 from ..data.datasets import RetrievalDataset
 from ..distributed import Ranks
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, DiskFullError
 from ..models.compiling import compile_vision_encoder
 from ..models.registry import DEFAULT_RERANK_K, LoadedModel, retrieval_heads
 from ..object_baseline import object_masks, object_similarities
-from ..scoring import resolve_itm
+from ..scoring import non_finite_scores, resolve_itm
 from .cache import FeatureStore, content_key, model_fingerprint
 from .metrics import RetrievalMetrics, format_comparison, retrieval_metrics
 
@@ -258,7 +258,7 @@ class _Run:
                         with self._objects(config, shard, tokens, sl):
                             emb.append(self.heads.image_embeddings(self.model, tokens["tokens"][sl]).float())
                         bar.update(len(emb[-1]))
-                    self.store.save("itc", self.method_key(shard, config), {"emb": torch.cat(emb)})
+                    self.store.save("itc", self.method_key(shard, config), _finite(torch.cat(emb), config))
         self.ranks.barrier()
 
     def _objects(self, config: Optional[QPertConfig], shard: range, tokens, rows, pairs=None):
@@ -299,7 +299,7 @@ class _Run:
         started = time.perf_counter()
         with self.bar(sum(len(blocks[b]) for b in mine), desc, "pair") as bar:
             for b in mine:
-                self.store.save("itm", keys[b], {"logits": self._itm(config, blocks[b], ids, mask, bar)})
+                self.store.save("itm", keys[b], _finite(self._itm(config, blocks[b], ids, mask, bar), config, "logits"))
                 self.itm_pairs += len(blocks[b])
         self.itm_seconds += time.perf_counter() - started
         self.ranks.barrier()
@@ -366,6 +366,13 @@ class _Run:
 
     def readable(self) -> np.ndarray:
         return np.concatenate([self.store.load("tokens", self.tokens_key(s))["readable"].numpy() for s in self.shards])
+
+
+def _finite(values: torch.Tensor, config: Optional[QPertConfig], name: str = "emb") -> dict[str, torch.Tensor]:
+    """``{name: values}`` to cache, if finite: an overflow is said as ``qpert score`` says it, never cached."""
+    if not torch.isfinite(values).all():
+        raise non_finite_scores("baseline" if config is None else method_name(config), config)
+    return {name: values}
 
 
 def _by_subspaces(config: Optional[QPertConfig]) -> tuple[bool, str]:
@@ -470,6 +477,11 @@ def evaluate(
             metrics[name] = retrieval_metrics(t2i, text_to_image, max_areas, i2t_scores=i2t, convention=options.compat)
             if options.keep_scores:
                 scores[name] = t2i
+    except DiskFullError as e:
+        raise DiskFullError(
+            f"{e}; the feature cache keeps every file finished before: free some space (or give another "
+            "--cache-dir) and run the same command again, it resumes"
+        ) from e
     finally:
         run.handle.detach()
     settings = {

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import ConfigError, MissingFileError, UnsupportedModelError
 from .blip import BLIP
 from .blip2 import BLIP2
+from .checkpoints import tensor_only_pickles
 from .coca import COCA, load_open_clip
 from .family import ModelFamily, RetrievalHeads
 from .internvl import INTERNVL
@@ -369,7 +370,8 @@ def load_model(
     """
     spec, source = _resolve(name_or_path)
     library = spec.library if spec else "open_clip" if (Path(source) / OPEN_CLIP_CONFIG).is_file() else "transformers"
-    return LOADERS[library](spec, source, device, parse_dtype(dtype), trust_remote_code)
+    with tensor_only_pickles(source):
+        return LOADERS[library](spec, source, device, parse_dtype(dtype), trust_remote_code)
 
 
 def _load_transformers(

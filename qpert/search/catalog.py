@@ -5,10 +5,13 @@ SQLite is the index's source of truth. Every update is one transaction, so a cra
 leaves the previous catalog whole; the FAISS files are derived from it and rebuilt when their
 generation does not match (``qpert.search.vectors``). The database is in WAL mode: searches
 and the search page read the last committed catalog while ``qpert index`` writes the next one.
+Searching needs no write access: on read-only storage, where SQLite cannot create the WAL's
+shared-memory file, the catalog is opened as immutable (nothing can change it there).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -20,8 +23,18 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..errors import ConfigError, IndexBusyError, IndexDamagedError, MissingFileError
+from ..errors import (
+    ConfigError,
+    DiskFullError,
+    IndexBusyError,
+    IndexDamagedError,
+    IndexReadOnlyError,
+    MissingFileError,
+)
 from .detectors import Detections
+
+#: What the system says when a folder or file cannot be written (permissions, a read-only mount).
+READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 #: How long a reader or writer waits for a lock (SQLite retries meanwhile) before saying so.
 BUSY_SECONDS = 30.0
@@ -91,13 +104,12 @@ class Catalog:
 
     def __init__(self, path: Path, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
         with self._errors():
             if readonly:
                 if not self.path.is_file():
                     raise MissingFileError(f"{self.path} is missing: run `qpert index` to build the index")
-                self.db = sqlite3.connect(
-                    self.path.absolute().as_uri() + "?mode=ro", uri=True, timeout=BUSY_SECONDS, check_same_thread=False
-                )
+                self.db = self._open_readonly()
             else:
                 self.db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, check_same_thread=False)
                 self.db.execute("PRAGMA journal_mode=WAL")
@@ -105,6 +117,22 @@ class Catalog:
                 self._add_columns()
                 self.db.commit()
             self._columns = {r[1] for r in self.db.execute("PRAGMA table_info(photos)")}
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        """``mode=ro`` follows a live writer through its WAL; where SQLite cannot create the WAL's files
+        (read-only storage) and there is no WAL to follow, the file cannot change: ``immutable=1`` reads it
+        without locks or files beside it."""
+        uri = self.path.absolute().as_uri()
+        db = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=BUSY_SECONDS, check_same_thread=False)
+        try:
+            db.execute("PRAGMA schema_version").fetchone()  # opens the WAL, if it can
+            return db
+        except sqlite3.OperationalError as e:
+            db.close()
+            cannot_write = "readonly" in str(e) or "unable to open" in str(e)  # EACCES / EROFS, or EPERM
+            if not cannot_write or self.path.with_name(self.path.name + "-wal").exists():
+                raise
+        return sqlite3.connect(uri + "?immutable=1", uri=True, check_same_thread=False)
 
     def _add_columns(self) -> None:
         present = {r[1] for r in self.db.execute("PRAGMA table_info(photos)")}
@@ -118,6 +146,10 @@ class Catalog:
         try:
             yield
         except sqlite3.OperationalError as e:
+            if "disk is full" in str(e):
+                raise DiskFullError(f"no space left on the device while writing the index catalog {self.path}") from e
+            if "readonly" in str(e) and not self.readonly:
+                raise read_only_index(self.path.parent, "the catalog cannot be written") from e
             if "locked" in str(e) or "busy" in str(e):
                 raise IndexBusyError(
                     f"the index catalog {self.path} stayed locked by another process for "
@@ -248,6 +280,14 @@ class CatalogUpdate:
     def remove(self, path: str) -> None:
         self.db.execute("DELETE FROM photos WHERE path=?", (_stored(path),))
         self.db.execute("DELETE FROM skipped WHERE path=?", (_stored(path),))
+
+
+def read_only_index(index_dir: Path, reason: str) -> IndexReadOnlyError:
+    """What ``qpert index`` says on an index it may not write: searching it still works."""
+    return IndexReadOnlyError(
+        f"the index {index_dir} is read-only ({reason}): `qpert index` cannot update it; `qpert search` and "
+        "`qpert serve` read it as it is, or index into a writable folder with --index"
+    )
 
 
 def _stored(path: str) -> Union[str, bytes]:

@@ -16,7 +16,6 @@ from ..cli_options import (
     COMPILE,
     DTYPE,
     KEEP_NORM,
-    MODEL,
     ORTHOGONAL,
     RANK,
     THRESHOLD,
@@ -32,10 +31,11 @@ INDEX_DEVICE = typer.Option(
     "auto", callback=check_device, help="auto (a GPU when there is one, per rank under torchrun), cpu, cuda, cuda:1."
 )
 DETECTOR = typer.Option(
-    "torchvision:fasterrcnn_resnet50_fpn_v2",
+    None,
     help="Where boxes come from: torchvision:<model> (COCO weights), hf:<hub id or folder> (DETR, RT-DETR, YOLOS, "
-    "OWLv2 with --prompts, ...), "
-    "a folder with detector.json (torchvision architecture + your weights), or 'none'.",
+    "OWLv2 with --prompts, ...), a folder with detector.json (torchvision architecture + your weights), or 'none'. "
+    "Default: the index's, else the preset's.",
+    show_default=False,
 )
 
 
@@ -44,8 +44,19 @@ def index(
         ..., metavar="PHOTOS", help="Folder of photos (JPEG, PNG, WebP; subfolders included, hidden ones not)."
     ),
     index_dir: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: PHOTOS/.qpert-index)."),
-    model: str = MODEL,
-    detector: str = DETECTOR,
+    preset: Optional[str] = typer.Option(
+        None,
+        help="laptop (SigLIP Base + a MobileNet detector: several photos/s on a CPU) or quality (the paper's BLIP-2 "
+        "ViT-g + Faster R-CNN v2: for a GPU); see `qpert models`. Default: the index's model, else quality on a GPU "
+        "and laptop on a CPU.",
+        show_default=False,
+    ),
+    model: Optional[str] = typer.Option(
+        None,
+        help="Registered name (`qpert models`), hub id or local folder; overrides the preset's.",
+        show_default=False,
+    ),
+    detector: Optional[str] = DETECTOR,
     detector_threshold: float = typer.Option(0.5, help="Keep detections scoring at least this."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated detector labels to keep (default: all)."),
     max_boxes: int = typer.Option(10, min=1, help="Keep at most this many boxes per photo, best first."),
@@ -84,8 +95,22 @@ def index(
         help="Hash every photo, not only those whose size, modification "
         "time, change time or inode differ from the index's.",
     ),
+    query_boxes: Optional[str] = typer.Option(
+        None,
+        help="OWLv2 (hf:google/owlv2-base-patch16-ensemble or a folder) whose text-free box features are stored "
+        "per photo, for `search --query-boxes`; 'none' drops them. Default: the index's.",
+        show_default=False,
+    ),
+    query_box_count: Optional[int] = typer.Option(
+        None, min=1, help="Candidate boxes stored per photo (by objectness). Default: the index's, else 64."
+    ),
 ) -> None:
     """Index a photo folder: detect objects, store baseline and Q-Pert embeddings in FAISS + SQLite.
+
+    Models: --preset laptop (SigLIP Base + Faster R-CNN MobileNetV3 320: photos per second on a CPU) or
+    --preset quality (the paper's BLIP-2 ViT-g + Faster R-CNN v2, with ITM re-ranking: for a GPU); without
+    --model or --preset, a re-run keeps the index's models and a new index takes quality on a GPU, laptop
+    on a CPU (the line printed first says which).
 
     Re-running updates the index: new and changed photos are added, deleted ones removed, the rest skipped.
     A photo is hashed again (SHA-256) when its size, mtime, ctime or inode changed, or with --rehash.
@@ -98,10 +123,16 @@ def index(
     """
     from .detectors import DetectorOptions
     from .indexer import IndexSettings, build_index
+    from .presets import choose_models
+    from .query_boxes import resolve
 
+    boxes_spec, boxes_count = resolve(query_boxes, query_box_count, index_dir or photos / ".qpert-index")
+    chosen = choose_models(index_dir or photos / ".qpert-index", device, preset=preset, model=model, detector=detector)
+    if chosen.why and os.environ.get("RANK", "0") == "0":
+        typer.echo(chosen.why, err=True)
     settings = IndexSettings(
-        model=model,
-        detector=detector,
+        model=chosen.model,
+        detector=chosen.detector,
         detector_options=DetectorOptions(detector_threshold, max_boxes, _names(classes), _names(prompts)),
         qpert=qpert_config(alpha, weight, threshold, rank, keep_norm, orthogonal, compat),
         annotations=str(annotations.resolve()) if annotations else None,
@@ -109,6 +140,8 @@ def index(
         itm_features=itm_features,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        query_boxes=boxes_spec,
+        query_box_count=boxes_count,
     )
     try:
         report = build_index(
@@ -141,19 +174,37 @@ def search(
     no_qpert: bool = typer.Option(False, "--no-qpert", help="Rank with the baseline model (no Q-Pert)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     device: str = INDEX_DEVICE,
+    query_boxes: bool = typer.Option(
+        False,
+        "--query-boxes",
+        help="Re-score the best candidates with Q-Pert on the boxes OWLv2 finds for the query "
+        "(index built with --query-boxes).",
+    ),
+    query_box_threshold: float = typer.Option(0.1, help="With --query-boxes: OWLv2 score a box needs."),
+    max_query_boxes: int = typer.Option(3, min=1, help="With --query-boxes: at most this many boxes per photo."),
+    query_boxes_mode: str = typer.Option("add", help="With --query-boxes: add to the stored boxes, or replace them."),
 ) -> None:
     """Search an index with a text query; ranked photos with their scores."""
+    from .query_boxes import QueryBoxOptions
     from .searcher import PhotoIndex
 
+    options = QueryBoxOptions(query_box_threshold, max_query_boxes, query_boxes_mode) if query_boxes else None
     index = PhotoIndex(index_dir, device=device)
     try:
-        hits = index.search(query, k=k, qpert=not no_qpert, itm=itm, candidates=candidates)
+        hits = index.search(query, k=k, qpert=not no_qpert, itm=itm, candidates=candidates, query_boxes=options)
     finally:
         index.close()
     if as_json:
         typer.echo(
             json.dumps(
-                {"query": query, "qpert": not no_qpert, "itm": itm, "results": [h.to_json() for h in hits]}, indent=1
+                {
+                    "query": query,
+                    "qpert": not no_qpert,
+                    "itm": itm,
+                    "query_boxes": query_boxes,
+                    "results": [h.to_json() for h in hits],
+                },
+                indent=1,
             )
         )
         return
@@ -166,6 +217,7 @@ def search(
         typer.echo(
             f"{h.rank:3d}. {h.score:8.4f}  {printable(str(index.photos_dir / h.path))}"
             + (f"   [{labels}]" if labels else "")
+            + (f"   (+{len(h.query_boxes)} query boxes)" if h.query_boxes else "")
         )
 
 

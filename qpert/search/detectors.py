@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError
+from ..models.checkpoints import tensor_only_pickles
 
 TORCHVISION_CONFIG = "detector.json"
 #: transformers model types that detect what a text prompt names.
@@ -208,7 +209,8 @@ def load_detector(spec: str, options: Optional[DetectorOptions] = None, device: 
     if (path / TORCHVISION_CONFIG).is_file():
         return _torchvision_folder(path, spec, options, device)
     if spec.startswith("hf:") or path.is_dir():
-        return _transformers(str(path), spec, options, device)
+        with tensor_only_pickles(path):
+            return _transformers(str(path), spec, options, device)
     raise ConfigError(
         f"unknown detector {spec!r}: use torchvision:<model name>, hf:<hub id or folder>, or a folder "
         f"with {TORCHVISION_CONFIG}"

@@ -15,11 +15,15 @@ Three phases keep every update atomic and resumable:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,15 +39,17 @@ from ..adapters import ImageObjects
 from ..atomic import atomic_write, remove_stale_temporaries
 from ..attach import attach
 from ..config import QPertConfig, compat_dtype
-from ..errors import ConfigError, IndexBusyError, IndexDamagedError, MissingFileError
+from ..errors import ConfigError, DiskFullError, IndexBusyError, IndexDamagedError, MissingFileError
 from ..eval.cache import FeatureStore, content_key, model_fingerprint
 from ..models.compiling import compile_vision_encoder
 from ..models.registry import LoadedModel, load_model, retrieval_heads
 from ..terminal import printable
 from .annotations import annotated_detections, read_annotations
-from .catalog import Catalog, NewPhoto, PhotoRow
+from .catalog import READ_ONLY_ERRNOS, Catalog, NewPhoto, PhotoRow, read_only_index
 from .detectors import Detections, Detector, DetectorOptions, load_detector
-from .photos import PhotoFile, UnreadablePhotoError, content_hash, load_photo, scan_photos
+from .photos import PhotoFile, UnreadablePhotoError, decode_photo, read_photo, scan_photos
+from .presets import choose_models
+from .query_boxes import QueryBoxDetector, check_settings, collect_garbage, identity
 from .vectors import KINDS, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -69,8 +75,11 @@ class IndexSettings:
     itm_features: bool = True  # keep the vision tokens, for ITM re-ranking at search time
     dtype: Optional[str] = None
     trust_remote_code: bool = False
+    query_boxes: Optional[str] = None  # OWLv2 whose text-free features are kept for query-aware boxes
+    query_box_count: int = 64  # candidate boxes kept per photo, by objectness
 
     def __post_init__(self) -> None:
+        check_settings(self.query_boxes, self.query_box_count, self.itm_features)
         if self.faiss not in KINDS:
             raise ConfigError(f"unknown FAISS index kind {self.faiss!r}; choose one of {', '.join(KINDS)}")
         object.__setattr__(self, "dtype", compat_dtype(self.qpert.compat, self.dtype))  # official: float32
@@ -160,6 +169,30 @@ class _Work:
     row: Optional[PhotoRow]
 
 
+@dataclass
+class _Read:
+    """A planned photo after reading: its hash, and either its outcome (known without the models) or its pixels."""
+
+    item: _Work
+    sha: str
+    outcome: Optional[dict] = None
+    image: Optional[Image.Image] = None
+
+
+def _ordered(
+    pool: ThreadPoolExecutor, fn: Callable[[_Work], _Read], items: Sequence[_Work], ahead: int
+) -> Iterator[_Read]:
+    """``fn`` over ``items`` in the pool, in order, with at most ``ahead`` results waiting (bounded memory)."""
+    queue: deque[Future[_Read]] = deque(pool.submit(fn, item) for item in items[:ahead])
+    rest = iter(items[ahead:])
+    while queue:
+        result = queue.popleft().result()
+        following = next(rest, None)
+        if following is not None:
+            queue.append(pool.submit(fn, following))
+        yield result
+
+
 class Indexer:
     """One update of an index (the three phases of the module docstring); under torchrun, one per rank."""
 
@@ -185,6 +218,7 @@ class Indexer:
         self.rehash = rehash
         self.ranks = ranks or distributed.Ranks()
         self.device = self.ranks.device(device)
+        self.readers = _share_cores(self.device)
         _check_compatible(read_manifest(self.index_dir), self.photos_dir, settings)
         self.index_dir.mkdir(parents=True, exist_ok=True)
         for folder in (self.index_dir, self.index_dir / THUMBNAILS):  # what killed runs and servers were writing
@@ -208,11 +242,16 @@ class Indexer:
             if self.detector is not None or self.annotations
             else NO_DETECTOR
         )
-        self.settings_key = (
-            f"{self.detector_key}/{content_key(self.model_key, self.detector_key, settings.qpert.to_dict())}"
-        )
+        query_boxes = identity(settings.query_boxes, settings.query_box_count)
+        embedding_key = content_key(self.model_key, self.detector_key, settings.qpert.to_dict(), *query_boxes)
+        self.settings_key = f"{self.detector_key}/{embedding_key}"
         self.features = FeatureStore(self.index_dir / "features")  # vision tokens, kept for ITM
         self.staging = FeatureStore(self.index_dir / "staging")  # per-photo results until the merge
+        self.query_boxes: Optional[QueryBoxDetector] = (
+            QueryBoxDetector(settings.query_boxes, settings.query_box_count, self.features, self.device)
+            if settings.query_boxes
+            else None
+        )
 
     # ------------------------------------------------------------------------------------ plan
     def plan(self, catalog: Catalog) -> tuple[list[_Work], list[str], int, list[tuple[str, str]]]:
@@ -244,7 +283,10 @@ class Indexer:
         return tokens_key(sha, self.model_key)
 
     def compute(self, work: Sequence[_Work]) -> dict[str, dict]:
-        """This rank's share of ``work``: {path: outcome}, the embeddings staged on disk."""
+        """This rank's share of ``work``: {path: outcome}, the embeddings staged on disk.
+
+        Reading, hashing and decoding run in a small thread pool, ahead of the models by at most two
+        batches (so memory stays bounded for any folder), while detection and encoding use the cores."""
         mine = list(work)[self.ranks.rank :: self.ranks.world]
         outcomes: dict[str, dict] = {}
         bar = tqdm(
@@ -254,57 +296,65 @@ class Indexer:
             disable=not (self.progress and self.ranks.is_main),
             dynamic_ncols=True,
         )
-        pending: list[tuple[_Work, str]] = []
-        for item in mine:
-            try:
-                sha = content_hash(self.photos_dir / item.file.path)
-            except OSError as e:
-                outcomes[item.file.path] = {"status": "skipped", "reason": f"unreadable file ({e})"}
-                bar.update()
-                continue
-            if item.row and item.row.sha256 == sha and item.row.settings == self.settings_key:
-                outcomes[item.file.path] = {"status": "touched", "sha": sha}
-                bar.update()
-            elif self.staging.has("photo", self.result_key(sha)):  # done before a crash: resume
-                outcomes[item.file.path] = {"status": "computed", "sha": sha}
-                bar.update()
-            else:
-                pending.append((item, sha))
-            if len(pending) == self.batch_size:
+        pending: list[_Read] = []
+        with bar, ThreadPoolExecutor(self.readers, thread_name_prefix="qpert-read") as pool:  # the bar ends first
+            for read in _ordered(pool, self._read, mine, ahead=2 * self.batch_size):
+                if read.outcome is not None:
+                    outcomes[read.item.file.path] = read.outcome
+                    bar.update()
+                else:
+                    pending.append(read)
+                if len(pending) == self.batch_size:
+                    self._compute_batch(pending, outcomes, bar)
+                    pending = []
+            if pending:
                 self._compute_batch(pending, outcomes, bar)
-                pending = []
-        if pending:
-            self._compute_batch(pending, outcomes, bar)
-        bar.close()
         return outcomes
 
-    def _compute_batch(self, batch: list[tuple[_Work, str]], outcomes: dict[str, dict], bar) -> None:
-        images: list[Image.Image] = []
-        ready: list[tuple[_Work, str]] = []
-        for item, sha in batch:
-            try:
-                images.append(load_photo(self.photos_dir / item.file.path))
-                ready.append((item, sha))
-            except UnreadablePhotoError as e:
-                log.warning("skipping %s", printable(str(e)))
-                outcomes[item.file.path] = {"status": "skipped", "reason": str(e).split(": ", 1)[-1]}
-        if ready:
-            detections = self._detections(ready, images)
-            tokens = self._tokens(ready, images)
-            baseline, qpert = self._embeddings(tokens, detections, images)
-            for i, (item, sha) in enumerate(ready):
-                d = detections[i]
-                self.staging.save(
-                    "photo",
-                    self.result_key(sha),
-                    {
-                        "baseline": baseline[i],
-                        "qpert": qpert[i],
-                        "size": torch.tensor([images[i].height, images[i].width]),
-                        "detections": _json_tensor(d.to_json()),
-                    },
-                )
-                outcomes[item.file.path] = {"status": "computed", "sha": sha}
+    def _read(self, item: _Work) -> _Read:
+        """Read a photo once: hash its bytes, and decode them only if its results are not known yet."""
+        path = self.photos_dir / item.file.path
+        try:
+            data, sha = read_photo(path)
+        except OSError as e:
+            return _Read(item, "", outcome={"status": "skipped", "reason": f"unreadable file ({e})"})
+        if item.row and item.row.sha256 == sha and item.row.settings == self.settings_key and self._tokens_kept(sha):
+            return _Read(item, sha, outcome={"status": "touched", "sha": sha})
+        if self.staging.has("photo", self.result_key(sha)):  # done before a crash: resume
+            return _Read(item, sha, outcome={"status": "computed", "sha": sha})
+        try:
+            return _Read(item, sha, image=decode_photo(io.BytesIO(data), path))
+        except UnreadablePhotoError as e:
+            log.warning("skipping %s", printable(str(e)))
+            return _Read(item, sha, outcome={"status": "skipped", "reason": str(e).split(": ", 1)[-1]})
+
+    def _tokens_kept(self, sha: str) -> bool:
+        """Whether the photo's vision tokens are stored and pass their checksum (or are not kept at all):
+        a photo whose tokens were lost or damaged is encoded again, so ``--rehash`` repairs an index."""
+        if self.query_boxes is not None and not self.query_boxes.kept(sha):  # lost or damaged: detected again
+            return False
+        return not self.settings.itm_features or self.features.has("tokens", self.tokens_key(sha))
+
+    def _compute_batch(self, batch: list[_Read], outcomes: dict[str, dict], bar) -> None:
+        ready = [(read.item, read.sha) for read in batch]
+        images = [read.image for read in batch]
+        detections = self._detections(ready, images)
+        tokens = self._tokens(ready, images)
+        baseline, qpert = self._embeddings(tokens, detections, images)
+        if self.query_boxes is not None:  # before the staged result, which says the photo is done
+            self.query_boxes.store_missing([sha for _, sha in ready], images)
+        for i, (item, sha) in enumerate(ready):
+            self.staging.save(
+                "photo",
+                self.result_key(sha),
+                {
+                    "baseline": baseline[i],
+                    "qpert": qpert[i],
+                    "size": torch.tensor([images[i].height, images[i].width]),
+                    "detections": _json_tensor(detections[i].to_json()),
+                },
+            )
+            outcomes[item.file.path] = {"status": "computed", "sha": sha}
         bar.update(len(batch))
 
     def _detections(self, ready: list[tuple[_Work, str]], images: list[Image.Image]) -> list[Detections]:
@@ -343,7 +393,7 @@ class Indexer:
         todo = [i for i in range(len(ready)) if not cached[i]]
         if todo:
             pixels = self.retriever.preprocess(model, processor, [images[i] for i in todo])
-            encoded = self.retriever.image_tokens(model, pixels.to(self.device))
+            encoded = self.retriever.image_tokens(model, pixels)  # each family moves its inputs
             for i, t in zip(todo, encoded):
                 out[i] = t
                 if self.settings.itm_features:
@@ -442,6 +492,8 @@ class Indexer:
         for path in (self.index_dir / "features" / "tokens").glob("*.safetensors"):
             if path.stem not in kept:
                 path.unlink(missing_ok=True)
+        query_boxes = self.query_boxes
+        collect_garbage(self.index_dir / "features", {query_boxes.key(sha) for sha in shas} if query_boxes else set())
         for path in (self.index_dir / THUMBNAILS).glob("*.jpg"):
             if path.name.split("-", 1)[0] not in shas:
                 path.unlink(missing_ok=True)
@@ -492,6 +544,9 @@ def build_index(
 ) -> IndexReport:
     """Create or update the index of ``photos_dir`` (default location: ``photos_dir/.qpert-index``).
 
+    Without ``settings``: the index's models on a re-run, else the preset for ``device`` (``quality`` on a
+    GPU, ``laptop`` on a CPU; :mod:`qpert.search.presets`).
+
     ``compile_vision`` compiles the vision encoder (``qpert.compile_vision_encoder``), for large collections on a GPU.
 
     Under ``torchrun`` every rank takes a share of the photos and rank 0 writes the index.
@@ -499,13 +554,17 @@ def build_index(
     if not Path(photos_dir).is_dir():
         raise MissingFileError(f"photo folder {photos_dir} does not exist or is not a folder")
     index_dir = Path(index_dir) if index_dir is not None else Path(photos_dir) / ".qpert-index"
+    if settings is None:
+        chosen = choose_models(index_dir, device)
+        log.info("%s", chosen.why)
+        settings = IndexSettings(model=chosen.model, detector=chosen.detector)
     ranks = distributed.start()
     try:
-        with _exclusive(index_dir, ranks.is_main):
+        with _exclusive(index_dir, ranks.is_main), _previous_index_kept():
             return Indexer(
                 photos_dir,
                 index_dir,
-                settings or IndexSettings(),
+                settings,
                 device,
                 batch_size,
                 progress,
@@ -518,6 +577,15 @@ def build_index(
 
 
 @contextmanager
+def _previous_index_kept() -> Iterator[None]:
+    """A full disk: what to do about it (until the final commit, the previous index is untouched)."""
+    try:
+        yield
+    except DiskFullError as e:
+        raise DiskFullError(f"{e}; the previous index is intact: free some space and run the same command again") from e
+
+
+@contextmanager
 def _exclusive(index_dir: Path, take: bool) -> Iterator[None]:
     """One update of an index at a time (a second ``qpert index`` on it is refused, not interleaved)."""
     if not take:
@@ -525,13 +593,30 @@ def _exclusive(index_dir: Path, take: bool) -> Iterator[None]:
         return
     import fcntl
 
-    Path(index_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(index_dir) / ".lock", "w") as lock:
+    try:
+        Path(index_dir).mkdir(parents=True, exist_ok=True)
+        lock = open(Path(index_dir) / ".lock", "w")  # noqa: SIM115 (closed by the `with` below)
+    except OSError as e:
+        if e.errno in READ_ONLY_ERRNOS:
+            raise read_only_index(index_dir, e.strerror) from e
+        raise
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise IndexBusyError(f"another `qpert index` is updating {index_dir}; wait for it to finish") from None
         yield
+
+
+def _share_cores(device: torch.device) -> int:
+    """Threads that read and decode photos (one per four cores, 1 to 4); on a CPU with four or more cores
+    torch takes the others, so that the two never oversubscribe the machine. On fewer cores, decoding
+    is a small share of the work and torch keeps them all."""
+    cores = os.cpu_count() or 1
+    readers = min(4, max(1, cores // 4))
+    if device.type == "cpu" and cores >= 4:
+        torch.set_num_threads(cores - readers)
+    return readers
 
 
 def model_key(loaded: LoadedModel, settings: IndexSettings) -> str:

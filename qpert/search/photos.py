@@ -132,10 +132,11 @@ def _unreadable(scan: FolderScan, relative: str, error: OSError) -> None:
     scan.unreadable.append((relative, reason))
 
 
-def content_hash(path: Path) -> str:
-    """SHA-256 of the file's bytes: a modified photo is a new photo, a touched one is not."""
-    with open(path, "rb") as f:
-        return file_hash(f)
+def read_photo(path: Path) -> tuple[bytes, str]:
+    """The file's bytes and their SHA-256, in one read (the indexer decodes the same bytes): a modified
+    photo is a new photo, a touched one is not."""
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def file_hash(f: BinaryIO) -> str:
@@ -148,8 +149,13 @@ def file_hash(f: BinaryIO) -> str:
 
 def load_photo(path: Path) -> Image.Image:
     """The photo as RGB, turned upright by its EXIF orientation (boxes and display use these pixels)."""
+    return decode_photo(path, path)
+
+
+def decode_photo(source: Union[Path, BinaryIO], path: Path) -> Image.Image:
+    """:func:`load_photo` of a file or of bytes already read (``path`` names it in errors)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             return ImageOps.exif_transpose(im).convert("RGB")
     except DECODE_ERRORS as e:

@@ -8,6 +8,9 @@ An open index follows ``qpert index`` runs made meanwhile (``refresh``), as the 
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +24,22 @@ from ..attach import attach
 from ..errors import ConfigError, MissingFileError, UnsupportedModelError
 from ..eval.cache import FeatureStore
 from ..models.registry import load_model, retrieval_heads
+from ..terminal import printable
 from .catalog import Catalog, PhotoRow
-from .indexer import CATALOG, IndexSettings, model_key, read_manifest, settings_from_json, tokens_key
-from .photos import open_inside
+from .indexer import (
+    CATALOG,
+    IndexSettings,
+    _storage_dtype,
+    model_key,
+    read_manifest,
+    settings_from_json,
+    tokens_key,
+)
+from .photos import UnreadablePhotoError, load_photo, open_inside
+from .query_boxes import QueryBoxOptions, rescore
 from .vectors import VectorIndex
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +53,7 @@ class Hit:
     width: int
     height: int
     boxes: list[dict]  # [{box: [x0, y0, x1, y1], score, label}], in the photo's pixels
+    query_boxes: Optional[list[dict]] = None  # with query_boxes: the query's boxes Q-Pert used (label: the phrase)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -123,8 +139,19 @@ class PhotoIndex:
         self.catalog.close()
 
     @torch.no_grad()
-    def search(self, query: str, k: int = 10, qpert: bool = True, itm: bool = False, candidates: int = 32) -> list[Hit]:
-        """The ``k`` best photos for ``query``; ``itm`` re-ranks the best ``max(k, candidates)`` by ITM + ITC."""
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        qpert: bool = True,
+        itm: bool = False,
+        candidates: int = 32,
+        query_boxes: Optional[QueryBoxOptions] = None,
+    ) -> list[Hit]:
+        """The ``k`` best photos for ``query``; ``itm`` re-ranks the best ``max(k, candidates)`` by ITM + ITC;
+        ``query_boxes`` re-scores them with Q-Pert on the boxes the query names (``qpert.search.query_boxes``)."""
+        if query_boxes is not None and not qpert:
+            raise ConfigError("--query-boxes re-scores with Q-Pert: leave out --no-qpert")
         if not query.strip():
             raise ConfigError("the search query is empty")
         if k < 1:
@@ -132,16 +159,25 @@ class PhotoIndex:
         model, processor = self.loaded.model, self.loaded.processor
         ids, mask = self.retriever.tokenize(model, processor, [query])
         text = self.retriever.text_embeddings(model, ids, mask).float().cpu().numpy()
-        pool = max(k, candidates) if itm else k
+        pool = max(k, candidates) if itm or query_boxes else k
         photo_ids, itc = (a[0] for a in self.vectors["qpert" if qpert else "baseline"].search(text, pool))
         rows = [self.rows[int(i)] for i in photo_ids]
-        itm_scores = self._itm(rows, ids, mask, qpert) if itm and rows else None
+        found = rescore(self, rows, query, torch.from_numpy(text), itc, query_boxes) if query_boxes else None
+        if found is not None:
+            itc = found.itc
+        itm_scores = self._itm(rows, ids, mask, qpert, None if found is None else found.boxes) if itm and rows else None
         if itm_scores is not None and not np.isfinite(itm_scores).all():
             raise ConfigError(
                 f"ITM re-ranking gave non-finite scores (Q-Pert alpha={self.settings.qpert.alpha:g} "
                 "overflows this model); search without --itm or re-index with a smaller --alpha"
             )
-        order = np.argsort(-(itm_scores + itc), kind="stable") if itm_scores is not None else np.arange(len(rows))
+        order = (
+            np.argsort(-(itm_scores + itc), kind="stable")
+            if itm_scores is not None
+            else np.argsort(-itc, kind="stable")
+            if found is not None
+            else np.arange(len(rows))
+        )
         hits = []
         for rank, j in enumerate(order[:k]):
             row = rows[j]
@@ -157,11 +193,20 @@ class PhotoIndex:
                     row.width,
                     row.height,
                     row.detections.to_json(),
+                    None if found is None else (found.query_boxes[j].to_json() if found.query_boxes[j] else []),
                 )
             )
         return hits
 
-    def _itm(self, rows: list[PhotoRow], ids: torch.Tensor, mask: torch.Tensor, qpert: bool) -> np.ndarray:
+    def _itm(
+        self,
+        rows: list[PhotoRow],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        qpert: bool,
+        boxes: Optional[list[np.ndarray]] = None,
+    ) -> np.ndarray:
+        """ITM logits of the rows, Q-Pert on ``boxes`` (default: each photo's stored boxes)."""
         if not self.retriever.has_itm:
             raise UnsupportedModelError(f"{self.settings.model} has no ITM head: search without --itm")
         if not self.settings.itm_features:
@@ -172,19 +217,35 @@ class PhotoIndex:
         ids, mask = ids.expand(len(rows), -1), mask.expand(len(rows), -1)
         if not qpert:
             return self.retriever.itm_scores(model, tokens, ids, mask).cpu().numpy()
-        boxes = [r.detections.boxes for r in rows]
+        boxes = boxes if boxes is not None else [r.detections.boxes for r in rows]
         sizes = [(r.height, r.width) for r in rows]
         with ImageObjects.from_boxes(self.handle, tokens, boxes, sizes).perturb():
             return self.retriever.itm_scores(model, tokens, ids, mask).cpu().numpy()
 
     def _tokens(self, row: PhotoRow) -> torch.Tensor:
+        """The photo's kept vision tokens; when they are missing or damaged (failing their checksum), encoded
+        again from the photo, as the indexer did, without writing to the index."""
         key = tokens_key(row.sha256, self.model_key)
-        try:
+        if self.features.has("tokens", key):
             return self.features.load("tokens", key)["tokens"]
-        except (KeyError, FileNotFoundError) as e:
-            raise ConfigError(
-                f"the vision tokens of {row.path} are missing from the index; run `qpert index` again to repair it"
-            ) from e
+        log.warning(
+            "the vision tokens of %s are missing or damaged in the index: encoding them from the photo "
+            "(`qpert index --rehash` stores them again)",
+            printable(row.path),
+        )
+        repair = f"run `qpert index --rehash` to repair the index for {printable(row.path)}"
+        try:
+            with open_inside(self.photos_dir, row.path) as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() != row.sha256:
+                raise ConfigError(f"the photo changed since it was indexed: {repair}")
+            image = load_photo(io.BytesIO(data))
+        except (OSError, UnreadablePhotoError) as e:
+            raise ConfigError(f"the photo cannot be read to encode its vision tokens ({e}): {repair}") from e
+        model = self.loaded.model
+        pixels = self.retriever.preprocess(model, self.loaded.processor, [image]).to(self.device)
+        tokens = self.retriever.image_tokens(model, pixels)[0]
+        return tokens.to(_storage_dtype(tokens))
 
     def photo_path(self, photo_id: int) -> Path:
         """The indexed photo's file; only paths inside the indexed folder ever come out. To read it,

@@ -33,6 +33,7 @@ from ..terminal import printable
 from .catalog import PhotoRow
 from .indexer import THUMBNAILS
 from .photos import DECODE_ERRORS, file_hash
+from .query_boxes import QueryBoxOptions
 from .searcher import PhotoIndex
 from .thumbnails import Thumbnails
 
@@ -200,6 +201,7 @@ class Handler(BaseHTTPRequestHandler):
                 "model": index.settings.model,
                 "detector": index.settings.detector,
                 "itm": self.server.itm_available,
+                "query_boxes": index.settings.query_boxes is not None,
                 "qpert": index.settings.qpert.to_dict(),
                 "max_k": MAX_K,
             }
@@ -210,12 +212,9 @@ class Handler(BaseHTTPRequestHandler):
             with self.server.model_lock:
                 self.server.index.refresh()  # a `qpert index` run finished meanwhile: answer from its index
                 query, k, itm, compare = _search_params(params, self.server.itm_available)
-                result = {
-                    "query": query,
-                    "k": k,
-                    "itm": itm,
-                    "qpert": [h.to_json() for h in self.server.index.search(query, k=k, qpert=True, itm=itm)],
-                }
+                boxes = QueryBoxOptions() if _flag(params, "query_boxes") else None  # refused by indexes without
+                hits = self.server.index.search(query, k=k, qpert=True, itm=itm, query_boxes=boxes)
+                result = {"query": query, "k": k, "itm": itm, "qpert": [h.to_json() for h in hits]}
                 if compare:
                     result["baseline"] = [
                         h.to_json() for h in self.server.index.search(query, k=k, qpert=False, itm=itm)

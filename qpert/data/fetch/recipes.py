@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ...errors import DiskFullError
 from ..layout import BENCHMARKS, SPLITS, DataLayout, PathLike
 from .catalog import DEFAULT_DATA_ROOT, dataset_names, load_catalog
 from .checks import check_entities, check_image
@@ -113,9 +114,15 @@ def fetch_data(
         echo=echo,
     )
     try:
-        for name in datasets:
-            RECIPES[name](fetcher)
-        report = fetcher.run()
-    finally:
-        fetcher.close()
+        try:
+            for name in datasets:
+                RECIPES[name](fetcher)
+            report = fetcher.run()
+        finally:
+            fetcher.close()
+    except DiskFullError as e:  # raised by the fetch, or by saving the manifest after it
+        raise DiskFullError(
+            f"{e}; every file checked before it is kept, and the download so far too: free some space "
+            "and run the same command again, it resumes"
+        ) from e
     return report

@@ -24,6 +24,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from ...atomic import naming_a_full_disk
 from .catalog import Source
 from .errors import FetchError, SourceMissing
 
@@ -202,7 +203,7 @@ class Http:
             FetchError: another process is writing ``part``, or the transfer cannot complete.
         """
         part.parent.mkdir(parents=True, exist_ok=True)
-        with open(part, "ab") as f:
+        with naming_a_full_disk(part), open(part, "ab") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -5,6 +5,7 @@
 const $ = (selector) => document.querySelector(selector);
 const PALETTE = ["#ff5d5d", "#4fc3f7", "#ffd54f", "#81c784", "#ba68c8", "#ff8a65", "#4db6ac", "#f06292"];
 const THUMB = { width: 220, height: 180 };
+const QUERY_BOX_COLOR = "#ff00ff"; // not in PALETTE: the query's boxes stand apart from the detector's
 let searchCount = 0;        // answers to older searches are dropped
 
 async function getJSON(url) {
@@ -47,19 +48,22 @@ function photoFrame(hit, maxWidth, maxHeight, full = false) {
   img.addEventListener("error", () => frame.classList.add("missing"));
   frame.append(img);
   for (const box of hit.boxes) frame.append(boxOverlay(box, hit.width, hit.height));
+  for (const box of hit.query_boxes || []) frame.append(boxOverlay(box, hit.width, hit.height, true));
   return frame;
 }
 
-function boxOverlay({ box, score, label }, width, height) {
+// Boxes the query named (query-aware Q-Pert) are drawn dashed in one colour of their own.
+function boxOverlay({ box, score, label }, width, height, fromQuery = false) {
   const [x0, y0, x1, y1] = box;
-  const node = el("div", "box");
+  const node = el("div", fromQuery ? "box query-box" : "box");
   node.style.left = `${(100 * x0) / width}%`;
   node.style.top = `${(100 * y0) / height}%`;
   node.style.width = `${(100 * (x1 - x0)) / width}%`;
   node.style.height = `${(100 * (y1 - y0)) / height}%`;
-  node.style.borderColor = labelColor(label);
-  const tag = el("span", "box-label", `${label} ${score.toFixed(2)}`);
-  tag.style.backgroundColor = labelColor(label);
+  const color = fromQuery ? QUERY_BOX_COLOR : labelColor(label);
+  node.style.borderColor = color;
+  const tag = el("span", "box-label", `${fromQuery ? "query: " : ""}${label} ${score.toFixed(2)}`);
+  tag.style.backgroundColor = color;
   node.append(tag);
   node.title = `${label} (${score.toFixed(3)}) at ${box.map(Math.round).join(", ")}`;
   return node;
@@ -123,6 +127,7 @@ function searchParams() {
     q: $("#query").value.trim(),
     k: $("#k").value,
     itm: $("#itm").checked && !$("#itm-option").hidden ? "1" : "0",
+    query_boxes: $("#query-boxes").checked && !$("#query-boxes-option").hidden ? "1" : "0",
     compare: $("#compare").checked ? "1" : "0",
   });
 }
@@ -169,6 +174,7 @@ async function loadInfo() {
     $("#info").textContent = `${info.photos} photos · model ${info.model} · detector ${info.detector} · ` +
                              `Q-Pert α=${info.qpert.alpha} (${info.qpert.weight})`;
     $("#itm-option").hidden = !info.itm;
+    $("#query-boxes-option").hidden = !info.query_boxes;
     $("#k").max = info.max_k;
   } catch (error) {
     showStatus(`cannot read the index: ${error.message}`, true);
@@ -180,13 +186,14 @@ function restoreFromUrl() {
   if (params.has("q")) $("#query").value = params.get("q");
   if (params.has("k")) $("#k").value = params.get("k");
   $("#itm").checked = params.get("itm") === "1";
+  $("#query-boxes").checked = params.get("query_boxes") === "1";
   $("#compare").checked = params.get("compare") === "1";
   return params.has("q");
 }
 
 async function start() {
   $("#search-form").addEventListener("submit", (e) => { e.preventDefault(); runSearch(); });
-  for (const id of ["#compare", "#itm"]) {
+  for (const id of ["#compare", "#itm", "#query-boxes"]) {
     $(id).addEventListener("change", () => { if ($("#query").value.trim()) runSearch(); });
   }
   $("#lightbox").addEventListener("click", (e) => { if (e.target === $("#lightbox")) closeLightbox(); });
