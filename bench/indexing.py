@@ -84,19 +84,11 @@ def save_detector(architecture: str, path: Path) -> Path:
 
 def save_siglip_base(path: Path) -> Path:
     """google/siglip-base-patch16-224's architecture (SiglipConfig's defaults), random weights."""
-    from helpers.search_fixtures import WORDS
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
-
-    from qpert.models.tiny import tiny_processor
+    from helpers.search_fixtures import save_siglip_folder
+    from transformers import SiglipConfig, SiglipModel
 
     torch.manual_seed(0)
-    path.mkdir(parents=True, exist_ok=True)
-    SiglipModel(SiglipConfig()).save_pretrained(path)
-    SiglipProcessor(
-        image_processor=SiglipImageProcessor(size={"height": 224, "width": 224}),
-        tokenizer=tiny_processor(WORDS, str(path)).tokenizer,
-    ).save_pretrained(path)
-    return path
+    return save_siglip_folder(SiglipModel(SiglipConfig()), path, image_size=224)
 
 
 def save_blip2_coco(path: Path) -> Path:

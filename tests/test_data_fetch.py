@@ -3,10 +3,8 @@ from a folder or by a local HTTP server with the faults real servers have (helpe
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 from helpers.bench import run_in_process
 from helpers.data_server import DataServer, closed_port
+from helpers.disk import full_disk_for
 
 from qpert.data.box_sources import coco_entities_boxes, flickr30k_entities_boxes
 from qpert.data.datasets import load_dataset
@@ -371,21 +370,13 @@ def test_user_mistakes_are_one_error_line(tmp_path, monkeypatch, capsys, args, m
 
 def test_a_full_disk_is_one_line_naming_the_file_and_a_rerun_resumes(tmp_path, server, mirror, monkeypatch, capsys):
     """Issue #23: ENOSPC mid-download says what was being written and that the same command resumes."""
-    real_fsync = os.fsync
-
-    def full_disk_for_downloads(fd: int) -> None:
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".part"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", full_disk_for_downloads)
     args = ("fetch", "coco-entities", "--mirror", server.url, "--data-root", tmp_path)
-    run = data_cli(monkeypatch, capsys, *args, "--catalog", mirror / "qpert-catalog.json")
+    with full_disk_for(monkeypatch, lambda path: path.endswith(".part")):
+        run = data_cli(monkeypatch, capsys, *args, "--catalog", mirror / "qpert-catalog.json")
     [line] = error_lines(run)
     part = DataLayout(tmp_path).coco_entities.with_name("coco_entities_release.json.part")
     assert run.returncode == 2 and f"no space left on the device while writing {part}" in line, line
     assert "run the same command again" in line and "Errno" not in line
     assert "\nerror:" in "\n" + run.stderr, "the progress bars end before the error"
-    monkeypatch.setattr(os, "fsync", real_fsync)
     assert data_cli(monkeypatch, capsys, *args, "--catalog", mirror / "qpert-catalog.json").returncode == 0
     assert DataLayout(tmp_path).coco_entities.read_bytes() == (mirror / "coco_entities_release.json").read_bytes()

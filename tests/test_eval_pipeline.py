@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +13,7 @@ import pytest
 import torch
 from helpers.bench import IDS, WORDS, eval_args, fixture_data, qpert_cli, run_in_process
 from helpers.contract import needs_cpp_compiler
+from helpers.disk import full_disk_for
 from helpers.processes import kill_when
 from PIL import Image
 from safetensors import safe_open
@@ -492,20 +491,12 @@ def test_a_full_disk_names_the_cache_file_and_a_rerun_resumes(bench, tmp_path, m
     """Issue #23: ENOSPC while writing the feature cache: one line after the progress bar, naming the file."""
     root, model_dir = bench
     args = eval_args(model_dir, root, "--cache-dir", str(tmp_path / "cache"), "--shard-size", "4", "--device", "cpu")
-    real_fsync = os.fsync
-
-    def full_disk_for_text(fd: int) -> None:
-        if "/text/" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", full_disk_for_text)
-    run = run_in_process(monkeypatch, capsys, *args)
+    with full_disk_for(monkeypatch, lambda path: "/text/" in path):
+        run = run_in_process(monkeypatch, capsys, *args)
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
     assert f"no space left on the device while writing {tmp_path / 'cache'}" in errors[0] and "/text/" in errors[0]
     assert "run the same command again, it resumes" in errors[0] and "Errno" not in errors[0]
     assert "\nerror:" in "\n" + run.stderr, "the progress bar ends before the error"
     assert list((tmp_path / "cache").rglob("tokens/*.safetensors")), "what was finished is kept"
-    monkeypatch.setattr(os, "fsync", real_fsync)
     assert run_in_process(monkeypatch, capsys, *args).returncode == 0

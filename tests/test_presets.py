@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers.bench import run_in_process
 from helpers.models import tiny_siglip, tiny_siglip2, tiny_siglip2_processor
-from helpers.search_fixtures import WORDS, photo_folder, save_tiny_blip2
+from helpers.search_fixtures import photo_folder, save_siglip_folder, save_tiny_blip2
 from PIL import Image
 
 import qpert
@@ -46,17 +46,7 @@ def save_detector(architecture: str, path: Path) -> Path:
 
 
 def save_siglip(path: Path) -> Path:
-    from transformers import SiglipImageProcessor, SiglipProcessor
-
-    from qpert.models.tiny import tiny_processor
-
-    path.mkdir(parents=True)
-    tiny_siglip(seed=0).save_pretrained(path)
-    SiglipProcessor(
-        image_processor=SiglipImageProcessor(size={"height": 30, "width": 30}),
-        tokenizer=tiny_processor(WORDS, str(path)).tokenizer,
-    ).save_pretrained(path)
-    return path
+    return save_siglip_folder(tiny_siglip(seed=0), path)
 
 
 def save_siglip2_naflex(path: Path) -> Path:

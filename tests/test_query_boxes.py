@@ -192,18 +192,11 @@ def test_cli_search_with_query_boxes_says_which_boxes_were_used(built, monkeypat
 def test_siglip_pooling_head_is_rescored_from_its_stored_tokens(built, tmp_path):
     """A family with one vector per photo and no ITM head: the pooling head alone is re-run."""
     from helpers.models import tiny_siglip
-    from helpers.search_fixtures import WORDS
-    from transformers import SiglipImageProcessor, SiglipProcessor
-
-    from qpert.models.tiny import tiny_processor
+    from helpers.search_fixtures import save_siglip_folder
 
     root, _, _ = built
     model_dir = tmp_path / "siglip"
-    tiny_siglip(seed=0).save_pretrained(model_dir)
-    SiglipProcessor(
-        image_processor=SiglipImageProcessor(size={"height": 30, "width": 30}),
-        tokenizer=tiny_processor(WORDS, str(model_dir)).tokenizer,
-    ).save_pretrained(model_dir)
+    save_siglip_folder(tiny_siglip(seed=0), model_dir)
     settings = IndexSettings(
         model=str(model_dir), detector="none", qpert=qpert.QPertConfig(alpha=0.6), query_boxes=str(root / "owl")
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import pytest
 import torch
 from helpers.bench import run_in_process
 from helpers.contract import needs_cpp_compiler
+from helpers.disk import full_disk_for
 from helpers.processes import kill_when
 from helpers.search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
 from PIL import Image
@@ -451,22 +451,16 @@ def test_detections_are_clipped_filtered_and_capped():
 def test_other_families_index_and_search_by_itc(family, models, tmp_path):
     """One vector per photo (CoCa, SigLIP) instead of BLIP-2's 32; no ITM head, so --itm is refused."""
     from helpers.models import tiny_coca_dir, tiny_siglip
-    from helpers.search_fixtures import WORDS
-    from transformers import SiglipImageProcessor, SiglipProcessor
+    from helpers.search_fixtures import save_siglip_folder
 
     from qpert.errors import UnsupportedModelError
-    from qpert.models.tiny import tiny_processor
 
     model_dir = tmp_path / family
-    model_dir.mkdir()
     if family == "coca":
+        model_dir.mkdir()
         tiny_coca_dir(model_dir)
     else:
-        tiny_siglip(seed=0).save_pretrained(model_dir)
-        SiglipProcessor(
-            image_processor=SiglipImageProcessor(size={"height": 30, "width": 30}),
-            tokenizer=tiny_processor(WORDS, str(model_dir)).tokenizer,
-        ).save_pretrained(model_dir)
+        save_siglip_folder(tiny_siglip(seed=0), model_dir)
     photos = photo_folder(tmp_path / "photos", count=4)
     build_index(photos, tmp_path / "index", settings_for((model_dir, models[1])), device="cpu", progress=False)
     index = PhotoIndex(tmp_path / "index", device="cpu")
@@ -944,15 +938,8 @@ def test_a_full_disk_keeps_the_previous_index_and_says_so(models, tmp_path, monk
     before = catalog_state(tmp_path / "index")
     for i in range(2, 4):
         write_photo(photos / f"more{i}.png", seed=i + 20)
-    real_fsync = os.fsync
-
-    def full_disk_for_staging(fd: int) -> None:
-        if "/staging/" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", full_disk_for_staging)
-    run = run_in_process(monkeypatch, capsys, *args, "--device", "cpu")
+    with full_disk_for(monkeypatch, lambda path: "/staging/" in path):
+        run = run_in_process(monkeypatch, capsys, *args, "--device", "cpu")
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
     assert f"no space left on the device while writing {tmp_path / 'index' / 'staging'}" in errors[0]
@@ -960,6 +947,5 @@ def test_a_full_disk_keeps_the_previous_index_and_says_so(models, tmp_path, monk
     assert "Errno" not in errors[0] and "\nerror:" in "\n" + run.stderr, "the progress bar ends before the error"
     after = catalog_state(tmp_path / "index")
     assert after[0] == before[0] and after[3] == before[3]
-    monkeypatch.setattr(os, "fsync", real_fsync)
     assert run_in_process(monkeypatch, capsys, *args, "--device", "cpu").returncode == 0
     assert len(catalog_state(tmp_path / "index")[0]) == 4

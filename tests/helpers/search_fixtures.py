@@ -36,6 +36,20 @@ def save_tiny_blip2(path: Path) -> Path:
     return path
 
 
+def save_siglip_folder(model, path: Path, image_size: int = 30) -> Path:
+    """A SigLIP model (tiny, or a real architecture with random weights) saved with a processor whose word-level
+    tokenizer knows :data:`WORDS` and whose images are ``image_size`` pixels square."""
+    from transformers import SiglipImageProcessor, SiglipProcessor
+
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    SiglipProcessor(
+        image_processor=SiglipImageProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer=tiny_processor(WORDS, str(path)).tokenizer,
+    ).save_pretrained(path)
+    return path
+
+
 def save_tiny_detr(path: Path, seed: int = 0) -> Path:
     """A randomly initialized transformers DETR (ResNet backbone, no timm): real post-processing."""
     import torch
