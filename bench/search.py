@@ -13,6 +13,10 @@ then re-run with nothing changed, then re-run with new Q-Pert settings (re-embed
 stored boxes and tokens, no detection, no vision encoding).
 
     OMP_NUM_THREADS=1 python bench/search.py --photos 300 --json bench/out/search.json
+
+The other photo-search benchmarks: ``bench/indexing.py`` (the presets end to end on their real
+architectures: photos/s, stage shares, peak RSS, unchanged re-run, detectors, Q-Pert's breakdown) and
+``bench/query_boxes.py`` (query-aware boxes: latency added per query, index-time cost, disk per photo).
 """
 
 from __future__ import annotations
