@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import html
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -73,7 +74,7 @@ class DemoResult:
             if None in base or None in pert:
                 continue
             gain = [p - b for p, b in zip(pert, base)]
-            lines.append(f"{key:10s} " + " ".join(_mean_std(v) for v in (base, pert, gain)))
+            lines.append(f"{key:10s} " + " ".join(mean_std(v) for v in (base, pert, gain)))
         return "\n".join(lines)
 
     def ablation_table(self) -> str:
@@ -87,13 +88,13 @@ class DemoResult:
             cells = []
             for direction, key in ABLATION_COLUMNS:
                 values = [getattr(r.metrics[method], direction)[key] for r in self.tests.values()]
-                cells.append(f"{'-':>15s}" if None in values else _mean_std(values))
+                cells.append(f"{'-':>15s}" if None in values else mean_std(values))
             alpha = f"{self.alphas[method]:5g}" if method in self.alphas else f"{'-':>5s}"
             lines.append(f"{method:20s} {alpha} " + " ".join(cells))
         return "\n".join(lines)
 
 
-def _mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float]) -> str:
     """ "mean ± std" over seeds; one seed has no spread to show (not a spread of zero)."""
     if len(values) == 1:
         return f"{values[0]:15.2f}"
@@ -122,11 +123,19 @@ def run_demo(
 
     ``ablation`` adds the controls of :data:`ABLATION`, each with its own alpha chosen by the same rule.
     """
+    with toy_threads(model):
+        return _run_demo(Path(out_dir), model, seeds, n_test, n_val, alphas, itm, k, progress, ablation)
+
+
+@contextmanager
+def toy_threads(model: str) -> Iterator[None]:
+    """One torch thread for the toy model: a 1M-parameter model gains nothing from threads and loses much
+    on a busy CPU."""
     threads = torch.get_num_threads()
-    if model == DEMO_MODEL:  # a 1M-parameter model gains nothing from threads and loses much on a busy CPU
+    if model == DEMO_MODEL:
         torch.set_num_threads(1)
     try:
-        return _run_demo(Path(out_dir), model, seeds, n_test, n_val, alphas, itm, k, progress, ablation)
+        yield
     finally:
         torch.set_num_threads(threads)
 

@@ -53,6 +53,7 @@ CASES = [
         "select_by",
     ),
     (["demo", "--seeds", "9"], "--seeds"),
+    (["demo", "--query-aware", "--itm"], "--query-aware"),
     (["score", "{tmp}/missing.png", "-t", "x"], "no such image"),
     (["no-such-command"], "No such command"),
 ]

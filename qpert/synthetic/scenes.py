@@ -16,12 +16,17 @@ patches and pull attention away from the small named shapes, which is what Q-Per
 are for. They come from a stream of their own, so ``distractors=(0, 0)`` gives the same
 scenes without them.
 
+``SceneConfig(caption_names="subset")`` gives captions that name only some of the shapes while the
+boxes still hold all of them: what a detector gives a photo search, boxes of objects the query does
+not name (the query-aware measurement, ``qpert.synthetic.query_aware``).
+
 Scene ``index`` of stream ``seed`` is drawn from its own generator, so any scene can be
 regenerated alone, and different seeds give independent, disjoint streams.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,6 +60,9 @@ _PREFIXES = ("", "there is", "a picture of", "an image with")
 _JOINERS = ("and", "with")
 
 SMALL_AREA = 0.1  # the paper's small-object bin: largest object below 10% of the image
+#: What each caption names: "all" the shapes (the benchmark's default), or a random non-empty "subset"
+#: that leaves at least one boxed shape unnamed (all of a one-shape scene).
+CAPTION_NAMES = ("all", "subset")
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,11 @@ class SceneConfig:
     gap: int = 2
     distractors: tuple[int, int] = (1, 2)  # unnamed, unboxed textured blobs per scene
     distractor_side: tuple[int, int] = (18, 34)
+    caption_names: str = "all"  # one of CAPTION_NAMES
 
     def __post_init__(self) -> None:
+        if self.caption_names not in CAPTION_NAMES:
+            raise ConfigError(f"unknown caption_names {self.caption_names!r}; choose one of {CAPTION_NAMES}")
         if self.small_side[1] ** 2 >= SMALL_AREA * self.image_size**2:
             raise ConfigError("small shapes must stay below 10% of the image area")
         if self.large_side[0] ** 2 < SMALL_AREA * self.image_size**2:
@@ -95,10 +106,15 @@ class SceneObject:
         x0, y0, x1, y1 = self.box
         return (x1 - x0) * (y1 - y0)
 
+    @property
+    def name(self) -> str:
+        """The words a caption names it by; unique in a scene, whose colours are distinct."""
+        return f"{self.colour} {self.shape}"
+
 
 @dataclass(frozen=True, eq=False)
 class Scene:
-    """An (H, W, 3) uint8 image, its shapes and captions naming all of them."""
+    """An (H, W, 3) uint8 image, its shapes and captions naming them (all, or a subset: ``caption_names``)."""
 
     image_id: str
     kind: str  # "small" or "large"
@@ -196,7 +212,7 @@ def make_scene(seed: int, index: int, config: SceneConfig = SceneConfig()) -> Sc
                 colour, shape, "small" if side**2 < SMALL_AREA * size**2 else "large", box, position_of(box, size)
             )
         )
-    captions = tuple(caption(objects, rng) for _ in range(config.captions_per_image))
+    captions = tuple(caption(_named(objects, rng, config.caption_names), rng) for _ in range(config.captions_per_image))
     return Scene(
         scene_id(seed, index), kind, np.clip(np.rint(image), 0, 255).astype(np.uint8), tuple(objects), captions
     )
@@ -227,6 +243,20 @@ def _draw_distractor(image: np.ndarray, rng: np.random.Generator, side: int) -> 
 def make_scenes(seed: int, count: int, config: SceneConfig = SceneConfig(), start: int = 0) -> list[Scene]:
     """Scenes ``start .. start + count - 1`` of the stream ``seed``."""
     return [make_scene(seed, i, config) for i in range(start, start + count)]
+
+
+def _named(objects: list[SceneObject], rng: np.random.Generator, mode: str) -> list[SceneObject]:
+    """The shapes one caption names; "all" draws nothing from ``rng``, so default scenes stay as they were."""
+    if mode == "all" or len(objects) < 2:
+        return objects
+    count = int(rng.integers(1, len(objects)))  # 1 .. M-1: at least one boxed shape goes unnamed
+    return [objects[i] for i in sorted(rng.choice(len(objects), size=count, replace=False))]
+
+
+def named_objects(text: str, objects: Sequence[SceneObject]) -> tuple[int, ...]:
+    """Indexes of the ``objects`` that ``text`` names by colour and shape: the boxes a perfect
+    open-vocabulary detector returns for the caption's phrases in that scene."""
+    return tuple(i for i, o in enumerate(objects) if o.name in text)
 
 
 def caption(objects: list[SceneObject], rng: np.random.Generator) -> str:

@@ -90,7 +90,6 @@ def entities_sentences(scene: Scene) -> list[str]:
     lines = []
     for text in scene.captions:
         for chain, obj in enumerate(scene.objects, start=1):
-            words = f"{obj.colour} {obj.shape}"
-            text = text.replace(words, f"[/EN#{chain}/other {words}]", 1)
+            text = text.replace(obj.name, f"[/EN#{chain}/other {obj.name}]", 1)
         lines.append(text)
     return lines
