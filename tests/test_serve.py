@@ -17,12 +17,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from email.message import Message
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.error import HTTPError
 from urllib.parse import urlencode, urlsplit
 from urllib.request import urlopen
 
+import numpy as np
 import pytest
 from helpers.search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
 from PIL import Image
@@ -89,15 +91,16 @@ def served(index_dir):
     index.close()
 
 
-def get(url: str) -> tuple[int, dict, bytes]:
+def get(url: str) -> tuple[int, Message, bytes]:
+    """Status, headers (looked up in any case, as HTTP names them) and body."""
     try:
         with urlopen(url, timeout=60) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
-def raw_get(base: str, path: str, host: str | None = None) -> tuple[int, dict, bytes]:
+def raw_get(base: str, path: str, host: str | None = None) -> tuple[int, Message, bytes]:
     """A GET of ``path`` exactly as written (urllib would not send some of these)."""
     url = urlsplit(base)
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
@@ -107,7 +110,7 @@ def raw_get(base: str, path: str, host: str | None = None) -> tuple[int, dict, b
             connection.putheader("Host", host)
         connection.endheaders()
         response = connection.getresponse()
-        return response.status, dict(response.headers), response.read()
+        return response.status, response.headers, response.read()
     finally:
         connection.close()
 
@@ -454,7 +457,7 @@ def test_a_photo_swapped_for_a_link_never_serves_the_outside_file(fresh, tmp_pat
 
 
 def test_idle_and_half_sent_connections_are_closed_and_do_not_take_threads(fresh):
-    with serving(fresh.index_dir, request_timeout=1.0, idle_timeout=0.5) as server:
+    with serving(fresh.index_dir, header_timeout=1.0, keep_alive_timeout=0.5) as server:
         threads = threading.active_count()
         host, port = server.server_address[:2]
         idle = [socket.create_connection((host, port), timeout=20) for _ in range(30)]
@@ -469,6 +472,142 @@ def test_idle_and_half_sent_connections_are_closed_and_do_not_take_threads(fresh
         assert time.monotonic() - started < 15
         status, _, body = raw_get(server.url, "/api/info", host="localhost")
         assert status == 200 and json.loads(body)["photos"] == 3
+
+
+def closed_within(sock: socket.socket, limit: float, dribble: bytes = b"") -> float:
+    """Seconds until the server closes ``sock`` (reading what it sends meanwhile, and sending ``dribble``
+    every 0.2 s, as a slowloris does); fails when it is still open after ``limit``."""
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - start < limit:
+        try:
+            if dribble:
+                sock.sendall(dribble)
+            if sock.recv(65536) == b"":
+                return time.monotonic() - start
+        except TimeoutError:
+            pass
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - start
+    raise AssertionError(f"the server kept the connection open for {limit} s")
+
+
+def still_open(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def test_idle_connections_held_open_do_not_delay_a_search(fresh):
+    """The slowloris of #23: 100 silent or half-sent connections, held (long timeouts), and a search
+    still answers at once."""
+    with serving(fresh.index_dir, keep_alive_timeout=60, header_timeout=60) as server:
+        address = server.server_address[:2]
+        idle = [socket.create_connection(address, timeout=20) for _ in range(100)]
+        try:
+            for s in idle[::2]:
+                s.sendall(b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            search(SimpleNamespace(url=server.url), q=QUERY, k=3)  # the model's first run, not the point
+            started = time.monotonic()
+            status, data = search(SimpleNamespace(url=server.url), q=QUERY, k=3, itm=1)
+            took = time.monotonic() - started
+            assert all(still_open(s) for s in idle), "the test meant them to be held"
+        finally:
+            for s in idle:
+                s.close()
+    assert status == 200 and len(data["qpert"]) == 3
+    assert took < 2.0, f"a search took {took:.2f} s beside 100 idle connections"
+
+
+def test_idle_slow_and_finished_connections_are_closed_on_their_deadlines(fresh):
+    with serving(fresh.index_dir, keep_alive_timeout=0.5, header_timeout=1.5) as server:
+        address = server.server_address[:2]
+        silent = socket.create_connection(address, timeout=20)
+        assert closed_within(silent, 5) < 1.4  # the keep-alive timeout, before any request
+        answered = socket.create_connection(address, timeout=20)
+        answered.sendall(b"GET /api/info HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert answered.recv(12) == b"HTTP/1.1 200"
+        assert closed_within(answered, 5) < 1.4  # silent after its answer
+        trickling = socket.create_connection(address, timeout=20)
+        trickling.sendall(b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        assert 1.2 < closed_within(trickling, 8, dribble=b"a") < 4  # sending all along: the head's deadline
+        for s in (silent, answered, trickling):
+            s.close()
+        assert raw_get(server.url, "/api/info", host="localhost")[0] == 200
+
+
+def test_connections_beyond_the_limit_are_answered_503(fresh):
+    """The connections that arrive while the limit is reached are refused, not the ones before them."""
+    with serving(fresh.index_dir, max_connections=4, keep_alive_timeout=30, header_timeout=30) as server:
+        held = [socket.create_connection(server.server_address[:2], timeout=20) for _ in range(6)]
+        time.sleep(0.3)  # all accepted, in this order
+        answers = []
+        for s in held:
+            s.sendall(b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            answers.append(s.makefile("rb").read())
+            s.close()
+        assert [a[:12] for a in answers] == [b"HTTP/1.1 200"] * 4 + [b"HTTP/1.1 503"] * 2
+        assert all(b"x-content-type-options: nosniff" in a.lower() for a in answers)
+        assert raw_get(server.url, "/api/info", host="localhost")[0] == 200
+
+
+def test_a_slow_search_does_not_stall_the_page(fresh, monkeypatch):
+    with serving(fresh.index_dir) as server:
+        real_search = server.index.search
+
+        def slow_search(*args, **kwargs):
+            time.sleep(3)
+            return real_search(*args, **kwargs)
+
+        monkeypatch.setattr(server.index, "search", slow_search)
+        with ThreadPoolExecutor(1) as pool:
+            searching = pool.submit(search, SimpleNamespace(url=server.url), q=QUERY, k=3, itm=1)
+            time.sleep(0.3)
+            photo_id = next(iter(server.index.rows))
+            for path in ("", "static/app.js", f"thumb/{photo_id}", f"photo/{photo_id}"):
+                started = time.monotonic()
+                assert get(server.url + path)[0] == 200
+                assert time.monotonic() - started < 1.0, f"/{path} waited for the search"
+            assert not searching.done()
+            assert searching.result()[0] == 200
+
+
+def test_a_client_that_stops_reading_a_photo_is_dropped(fresh):
+    """The answer is sent as the client reads it; one that stops reading is cut off after the send
+    timeout instead of holding the connection (and the photo's memory) for ever."""
+    noise = np.random.default_rng(0).integers(0, 256, size=(2500, 2500, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(fresh.photos / "noise.png", compress_level=1)  # 19 MB, more than socket buffers
+    size = (fresh.photos / "noise.png").stat().st_size
+    build_index(fresh.photos, fresh.index_dir, fresh.settings, device="cpu", progress=False)
+    with serving(fresh.index_dir, send_timeout=1.0) as server:
+        photo_id = next(r.id for r in server.index.rows.values() if r.path == "noise.png")
+        reader = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(server.server_address[:2])
+        reader.sendall(f"GET /photo/{photo_id} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        time.sleep(3)  # not reading
+        received = 0
+        reader.settimeout(5)
+        try:
+            while chunk := reader.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        reader.close()
+        assert received < size / 2, f"{received} of {size} bytes arrived"
+        assert get(f"{server.url}photo/{photo_id}")[2] == (fresh.photos / "noise.png").read_bytes()
+
+
+def test_a_malformed_request_is_400_with_the_security_headers(served):
+    url = urlsplit(served.url)
+    with socket.create_connection((url.hostname, url.port), timeout=20) as s:
+        s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        head = s.recv(65536).lower()
+    assert head.startswith(b"http/1.1 400") and b"x-content-type-options: nosniff" in head
 
 
 def test_out_of_file_descriptors_does_not_spin_the_accept_loop(fresh, monkeypatch):
