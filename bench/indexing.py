@@ -115,7 +115,9 @@ def build_preset(preset: str, root: Path, detector: str) -> None:
     save_detector(detector, root / "detector")
 
 
-def measure_preset(preset: str, photos: int, batch_size: int, threads: int, root: Path) -> dict:
+def measure_preset(
+    preset: str, photos: int, batch_size: int, threads: int, root: Path, size: tuple[int, int] = (768, 1024)
+) -> dict:
     """Index ``photos`` generated JPEGs with the folders :func:`build_preset` wrote; stage times and peak RSS
     (of this process, which loads nothing else)."""
     import qpert
@@ -125,7 +127,7 @@ def measure_preset(preset: str, photos: int, batch_size: int, threads: int, root
 
     torch.set_num_threads(threads)
     model_dir, detector_dir = root / "model", root / "detector"
-    write_photos(root / "photos", photos)
+    write_photos(root / "photos", photos, size)
     stages: dict[str, float] = defaultdict(float)
     Indexer = indexer_module.Indexer
 
@@ -145,11 +147,11 @@ def measure_preset(preset: str, photos: int, batch_size: int, threads: int, root
     timed(Indexer, "_detections", "detect")
     detect = Indexer._detections
 
-    def with_objects(self, ready, images):
+    def with_objects(self, ready, images, sizes):
         """Random weights find no objects: after the detector ran (and was timed), give each photo
         ``BOXES_PER_PHOTO`` random boxes, so that Q-Pert does the work of a photo with that many objects."""
-        found = detect(self, ready, images)
-        return [d if len(d.boxes) else _random_detections(im.width, im.height) for d, im in zip(found, images)]
+        found = detect(self, ready, images, sizes)
+        return [d if len(d.boxes) else _random_detections(w, h) for d, (h, w) in zip(found, sizes)]
 
     Indexer._detections = with_objects
     timed(Indexer, "_tokens", "encode (vision tower)")
@@ -392,6 +394,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=48, help="Photos for the laptop preset.")
     parser.add_argument("--quality-photos", type=int, default=4, help="Photos for the quality preset (~20 s each).")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--photo-size", default="1024x768", help="WIDTHxHEIGHT of the generated JPEGs.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--laptop-detector", default=None, help="Another torchvision detector for laptop.")
     parser.add_argument("--no-detectors", dest="detectors", action="store_false", help="Skip the detector table.")
@@ -404,7 +407,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         count = args.quality_photos if args.one == "quality" else args.photos
-        print(json.dumps(measure_preset(args.one, count, args.batch_size, args.threads, args.root)))
+        size = tuple(int(v) for v in args.photo_size.split("x"))[::-1]  # WIDTHxHEIGHT -> (height, width)
+        print(json.dumps(measure_preset(args.one, count, args.batch_size, args.threads, args.root, size)))
         return
     from qpert.search.presets import get_preset
 
@@ -417,6 +421,7 @@ def main() -> None:
             detector = detector.split(":", 1)[-1]
             build_preset(preset, Path(tmp), detector)
             child = [sys.executable, __file__, "--one", preset, "--root", tmp, "--photos", str(args.photos)]
+            child += ["--photo-size", args.photo_size]
             child += ["--quality-photos", str(args.quality_photos), "--batch-size", str(args.batch_size)]
             out = subprocess.run([*child, "--threads", str(args.threads)], capture_output=True, text=True)
             if out.returncode:

@@ -18,7 +18,7 @@ from helpers.contract import needs_cpp_compiler
 from helpers.disk import full_disk_for
 from helpers.processes import kill_when
 from helpers.search_fixtures import photo_folder, save_tiny_blip2, save_tiny_detr, write_photo
-from PIL import Image
+from PIL import Image, ImageOps
 
 import qpert
 from qpert.scoring import score
@@ -949,3 +949,29 @@ def test_a_full_disk_keeps_the_previous_index_and_says_so(models, tmp_path, monk
     assert after[0] == before[0] and after[3] == before[3]
     assert run_in_process(monkeypatch, capsys, *args, "--device", "cpu").returncode == 0
     assert len(catalog_state(tmp_path / "index")[0]) == 4
+
+
+def test_a_large_jpeg_is_decoded_smaller_and_its_boxes_refer_to_the_photo_itself(models, tmp_path):
+    """A phone-size JPEG is decoded at half scale (the decoder's own DCT scaling); its detections, stored size and
+    Q-Pert geometry still refer to the upright photo, as if it had been decoded whole."""
+    photos = tmp_path / "photos"
+    turned = Image.open(write_photo(photos / "phone.jpg", seed=5, size=(2100, 2800)))  # stored 2800 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: 2100 wide, 2800 high
+    turned.save(photos / "phone.jpg", exif=exif, quality=90)
+    build_index(photos, tmp_path / "index", settings_for(models), device="cpu", progress=False)
+    index = PhotoIndex(tmp_path / "index", device="cpu")
+    (row,) = index.rows.values()
+    assert (row.width, row.height) == (2100, 2800)
+
+    with Image.open(photos / "phone.jpg") as im:  # half scale, asked for explicitly: 1400 x 1050 before turning
+        im.draft("RGB", (1400, 1050))
+        assert im.size == (1400, 1050)
+        half = ImageOps.exif_transpose(im).convert("RGB")
+    (found,) = load_detector(str(models[1]), DetectorOptions(score_threshold=0.0, max_boxes=3)).detect([half])
+    np.testing.assert_allclose(row.detections.boxes, found.boxes * 2, atol=0.02)
+    query = "a red square on the left"
+    reference = score(qpert.load_model(str(models[0])), [half], [found.boxes], [query], CONFIG)
+    (hit,) = index.search(query, k=1)
+    np.testing.assert_allclose(hit.itc, reference["qpert"].itc[0, 0].item(), atol=1e-5)
+    index.close()

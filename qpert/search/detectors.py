@@ -74,8 +74,17 @@ class Detections:
 
 class Detector(Protocol):
     spec: str
+    input_side: int  # the longest image side it reads: photos need not be decoded larger
 
     def detect(self, images: Sequence[Image.Image]) -> list[Detections]: ...
+
+
+def processor_side(processor: Any, default: int = 1333) -> int:
+    """The longest side an image processor resizes to (its ``size``), or ``default`` when it does not say."""
+    size = getattr(getattr(processor, "image_processor", processor), "size", None) or {}
+    keys = ("longest_edge", "height", "width", "shortest_edge", "max_height", "max_width")
+    sides = [size.get(k) for k in keys] if hasattr(size, "get") else []
+    return max((int(v) for v in sides if v), default=default)
 
 
 def keep(
@@ -124,6 +133,11 @@ class TorchvisionDetector:
             device,
         )
 
+    @property
+    def input_side(self) -> int:
+        transform = self.model.transform
+        return max(transform.max_size, *transform.min_size)
+
     @torch.no_grad()
     def detect(self, images: Sequence[Image.Image]) -> list[Detections]:
         from torchvision.transforms.functional import pil_to_tensor
@@ -154,6 +168,10 @@ class TransformersDetector:
             options,
             device,
         )
+
+    @property
+    def input_side(self) -> int:
+        return processor_side(self.processor)
 
     @torch.no_grad()
     def detect(self, images: Sequence[Image.Image]) -> list[Detections]:

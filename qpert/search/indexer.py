@@ -47,7 +47,7 @@ from ..terminal import printable
 from .annotations import annotated_detections, read_annotations
 from .catalog import READ_ONLY_ERRNOS, Catalog, NewPhoto, PhotoRow, read_only_index
 from .detectors import Detections, Detector, DetectorOptions, load_detector
-from .photos import PhotoFile, UnreadablePhotoError, decode_photo, read_photo, scan_photos
+from .photos import PhotoFile, UnreadablePhotoError, decode_photo, photo_size, read_photo, scan_photos
 from .presets import choose_models
 from .query_boxes import QueryBoxDetector, check_settings, collect_garbage, identity
 from .vectors import KINDS, VectorIndex
@@ -58,6 +58,9 @@ MANIFEST = "index.json"
 CATALOG = "catalog.sqlite"
 THUMBNAILS = "thumbnails"  # the search page's cache, one JPEG per photo content
 FORMAT = 1
+#: Larger JPEGs are decoded at a reduced scale (several times faster) whose longest side stays at least the
+#: longest side the detectors read and at least this: twice the largest input of the registered models.
+MODEL_SIDE = 768
 #: ``--detector none``: index without boxes (Q-Pert then leaves every photo as the baseline sees it).
 NO_DETECTOR = "none"
 
@@ -176,7 +179,8 @@ class _Read:
     item: _Work
     sha: str
     outcome: Optional[dict] = None
-    image: Optional[Image.Image] = None
+    image: Optional[Image.Image] = None  # decoded at most Indexer.decode_side long, when a JPEG allows it
+    size: tuple[int, int] = (0, 0)  # (height, width) of the photo itself: what boxes and Q-Pert refer to
 
 
 def _ordered(
@@ -252,6 +256,8 @@ class Indexer:
             if settings.query_boxes
             else None
         )
+        readers = [d for d in (self.detector, self.query_boxes) if d is not None]
+        self.decode_side = max([MODEL_SIDE, *(d.input_side for d in readers)])
 
     # ------------------------------------------------------------------------------------ plan
     def plan(self, catalog: Catalog) -> tuple[list[_Work], list[str], int, list[tuple[str, str]]]:
@@ -323,7 +329,8 @@ class Indexer:
         if self.staging.has("photo", self.result_key(sha)):  # done before a crash: resume
             return _Read(item, sha, outcome={"status": "computed", "sha": sha})
         try:
-            return _Read(item, sha, image=decode_photo(io.BytesIO(data), path))
+            image = decode_photo(io.BytesIO(data), path, longest_side=self.decode_side)
+            return _Read(item, sha, image=image, size=photo_size(io.BytesIO(data), path))
         except UnreadablePhotoError as e:
             log.warning("skipping %s", printable(str(e)))
             return _Read(item, sha, outcome={"status": "skipped", "reason": str(e).split(": ", 1)[-1]})
@@ -337,12 +344,12 @@ class Indexer:
 
     def _compute_batch(self, batch: list[_Read], outcomes: dict[str, dict], bar) -> None:
         ready = [(read.item, read.sha) for read in batch]
-        images = [read.image for read in batch]
-        detections = self._detections(ready, images)
+        images, sizes = [read.image for read in batch], [read.size for read in batch]
+        detections = self._detections(ready, images, sizes)
         tokens = self._tokens(ready, images)
-        baseline, qpert = self._embeddings(tokens, detections, images)
+        baseline, qpert = self._embeddings(tokens, detections, sizes)
         if self.query_boxes is not None:  # before the staged result, which says the photo is done
-            self.query_boxes.store_missing([sha for _, sha in ready], images)
+            self.query_boxes.store_missing([sha for _, sha in ready], images, sizes)
         for i, (item, sha) in enumerate(ready):
             self.staging.save(
                 "photo",
@@ -350,16 +357,18 @@ class Indexer:
                 {
                     "baseline": baseline[i],
                     "qpert": qpert[i],
-                    "size": torch.tensor([images[i].height, images[i].width]),
+                    "size": torch.tensor(sizes[i]),
                     "detections": _json_tensor(detections[i].to_json()),
                 },
             )
             outcomes[item.file.path] = {"status": "computed", "sha": sha}
         bar.update(len(batch))
 
-    def _detections(self, ready: list[tuple[_Work, str]], images: list[Image.Image]) -> list[Detections]:
+    def _detections(
+        self, ready: list[tuple[_Work, str]], images: list[Image.Image], sizes: list[tuple[int, int]]
+    ) -> list[Detections]:
         """Annotated boxes, else the detector's (reused from the catalog when photo and detector are
-        unchanged), else none."""
+        unchanged), else none; in the pixels of the photo itself (``sizes``), whatever size it was decoded at."""
         found: list[Optional[Detections]] = []
         for item, sha in ready:
             row = item.row
@@ -374,7 +383,9 @@ class Indexer:
         todo = [i for i, d in enumerate(found) if d is None]
         if todo:
             for i, d in zip(todo, self.detector.detect([images[i] for i in todo])):
-                found[i] = d
+                (height, width), image = sizes[i], images[i]
+                scale = np.array([width / image.width, height / image.height] * 2, dtype=np.float32)
+                found[i] = Detections(d.boxes * scale, d.scores, d.labels)
         return found
 
     @torch.no_grad()
@@ -403,15 +414,13 @@ class Indexer:
 
     @torch.no_grad()
     def _embeddings(
-        self, tokens: torch.Tensor, detections: list[Detections], images: list[Image.Image]
+        self, tokens: torch.Tensor, detections: list[Detections], sizes: list[tuple[int, int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q, D) float32 ITC image embeddings without and with Q-Pert on the detections."""
         model = self.loaded.model
         with attach(model, self.settings.qpert) as handle:
             baseline = self.retriever.image_embeddings(model, tokens)
-            objects = ImageObjects.from_boxes(
-                handle, tokens, [d.boxes for d in detections], [(im.height, im.width) for im in images]
-            )
+            objects = ImageObjects.from_boxes(handle, tokens, [d.boxes for d in detections], sizes)
             with objects.perturb():
                 qpert = self.retriever.image_embeddings(model, tokens)
         if not torch.isfinite(baseline).all():

@@ -10,7 +10,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Optional, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 #: What ``qpert index`` picks up (case-insensitive).
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 #: What decoding a file that is not a readable image may raise (Pillow's own kinds included).
+EXIF_ORIENTATION = 0x0112
 DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
 
 
@@ -152,14 +153,32 @@ def load_photo(path: Path) -> Image.Image:
     return decode_photo(path, path)
 
 
-def decode_photo(source: Union[Path, BinaryIO], path: Path) -> Image.Image:
-    """:func:`load_photo` of a file or of bytes already read (``path`` names it in errors)."""
+def decode_photo(source: Union[Path, BinaryIO], path: Path, longest_side: Optional[int] = None) -> Image.Image:
+    """:func:`load_photo` of a file or of bytes already read (``path`` names it in errors).
+
+    With ``longest_side``, a larger JPEG is decoded at a reduced scale (1/2, 1/4 or 1/8, done by the
+    decoder itself, several times faster) that keeps its longest side at least that long; see
+    :func:`photo_size` for the size of the photo itself."""
     try:
         with Image.open(source) as im:
+            if longest_side is not None and max(im.size) > longest_side:
+                ratio = longest_side / max(im.size)
+                im.draft("RGB", (round(im.width * ratio), round(im.height * ratio)))
             im.load()
             return ImageOps.exif_transpose(im).convert("RGB")
     except DECODE_ERRORS as e:
         raise UnreadablePhotoError(f"{path}: not a readable image ({e})") from e
+
+
+def photo_size(source: Union[Path, BinaryIO], path: Path) -> tuple[int, int]:
+    """(height, width) of the upright photo (after its EXIF orientation), from its header alone."""
+    try:
+        with Image.open(source) as im:
+            width, height = im.size
+            turned = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except DECODE_ERRORS as e:
+        raise UnreadablePhotoError(f"{path}: not a readable image ({e})") from e
+    return (width, height) if turned else (height, width)
 
 
 def open_inside(root: Path, relative: str) -> BinaryIO:

@@ -25,7 +25,7 @@ from ..adapters import ImageObjects
 from ..errors import ConfigError
 from ..eval.cache import FeatureStore, content_key
 from ..models.checkpoints import tensor_only_pickles
-from .detectors import Detections, DetectorOptions, keep
+from .detectors import Detections, DetectorOptions, keep, processor_side
 
 if TYPE_CHECKING:
     from .catalog import PhotoRow
@@ -95,21 +95,31 @@ class QueryBoxDetector:
         self.spec, self.count, self.store, self.device = spec, count, store, device
         self.model, self.processor = _load_owlv2(spec, device)
 
+    @property
+    def input_side(self) -> int:
+        return processor_side(self.processor)
+
     def key(self, sha: str) -> str:
         return feature_key(sha, self.spec, self.count)
 
     def kept(self, sha: str) -> bool:
         return self.store.has(KIND, self.key(sha))
 
-    def store_missing(self, shas: Sequence[str], images: Sequence[Image.Image]) -> None:
-        """Run the detector on the photos whose features are not stored yet, and store them (atomically)."""
+    def store_missing(
+        self, shas: Sequence[str], images: Sequence[Image.Image], sizes: Optional[Sequence[tuple[int, int]]] = None
+    ) -> None:
+        """Run the detector on the photos whose features are not stored yet, and store them (atomically);
+        ``sizes``: (height, width) of the photos themselves, when ``images`` were decoded smaller."""
         todo = [i for i, sha in enumerate(shas) if not self.kept(sha)]
         if todo:
-            for i, features in zip(todo, self.features([images[i] for i in todo])):
+            found = self.features([images[i] for i in todo], [sizes[i] for i in todo] if sizes else None)
+            for i, features in zip(todo, found):
                 self.store.save(KIND, self.key(shas[i]), features)
 
     @torch.no_grad()
-    def features(self, images: Sequence[Image.Image]) -> list[dict[str, torch.Tensor]]:
+    def features(
+        self, images: Sequence[Image.Image], sizes: Optional[Sequence[tuple[int, int]]] = None
+    ) -> list[dict[str, torch.Tensor]]:
         """Per photo: ``boxes`` (N, 4) xyxy pixels, ``objectness`` (N,), ``class_embeds`` (N, D) fp16,
         normalized as the class head normalizes them, and the head's ``logit_shift`` / ``logit_scale`` (N,)."""
         from transformers.models.owlv2.modeling_owlv2 import Owlv2ObjectDetectionOutput
@@ -129,7 +139,7 @@ class QueryBoxDetector:
         scale = head.elu(head.logit_scale(feats))[..., 0] + 1
         # the processor's own geometry (OWLv2 pads to a square): every box, whatever its (dummy) score
         dummy = Owlv2ObjectDetectionOutput(logits=torch.zeros_like(objectness)[..., None], pred_boxes=pred_boxes)
-        sizes = [(im.height, im.width) for im in images]
+        sizes = list(sizes) if sizes is not None else [(im.height, im.width) for im in images]
         boxes = self.processor.image_processor.post_process_object_detection(dummy, threshold=-1.0, target_sizes=sizes)
         out = []
         for i in range(b):
