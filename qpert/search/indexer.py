@@ -47,7 +47,7 @@ from ..terminal import printable
 from .annotations import annotated_detections, read_annotations
 from .catalog import READ_ONLY_ERRNOS, Catalog, NewPhoto, PhotoRow, read_only_index
 from .detectors import Detections, Detector, DetectorOptions, load_detector
-from .photos import PhotoFile, UnreadablePhotoError, decode_photo, photo_size, read_photo, scan_photos
+from .photos import PhotoFile, UnreadablePhotoError, decode_photo, read_photo, scan_photos
 from .presets import choose_models
 from .query_boxes import QueryBoxDetector, check_settings, collect_garbage, identity
 from .vectors import KINDS, VectorIndex
@@ -329,8 +329,8 @@ class Indexer:
         if self.staging.has("photo", self.result_key(sha)):  # done before a crash: resume
             return _Read(item, sha, outcome={"status": "computed", "sha": sha})
         try:
-            image = decode_photo(io.BytesIO(data), path, longest_side=self.decode_side)
-            return _Read(item, sha, image=image, size=photo_size(io.BytesIO(data), path))
+            image, size = decode_photo(io.BytesIO(data), path, longest_side=self.decode_side)
+            return _Read(item, sha, image=image, size=size)
         except UnreadablePhotoError as e:
             log.warning("skipping %s", printable(str(e)))
             return _Read(item, sha, outcome={"status": "skipped", "reason": str(e).split(": ", 1)[-1]})
@@ -408,7 +408,7 @@ class Indexer:
             for i, t in zip(todo, encoded):
                 out[i] = t
                 if self.settings.itm_features:
-                    self.features.save("tokens", keys[i], {"tokens": t.to(_storage_dtype(t))})
+                    self.features.save("tokens", keys[i], {"tokens": t.to(storage_dtype(t))})
         dtype = next(model.parameters()).dtype
         return torch.stack([t.to(self.device, dtype) for t in out])
 
@@ -642,7 +642,7 @@ def _plan_hash(work: Sequence[_Work], gone: Sequence[str]) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
-def _storage_dtype(tokens: torch.Tensor) -> torch.dtype:
+def storage_dtype(tokens: torch.Tensor) -> torch.dtype:
     """Half precision on disk (a ViT-g photo is 1.9 MB instead of 3.8 MB); bf16 stays bf16."""
     return torch.bfloat16 if tokens.dtype == torch.bfloat16 else torch.float16
 

@@ -150,35 +150,30 @@ def file_hash(f: BinaryIO) -> str:
 
 def load_photo(path: Path) -> Image.Image:
     """The photo as RGB, turned upright by its EXIF orientation (boxes and display use these pixels)."""
-    return decode_photo(path, path)
+    return decode_photo(path, path)[0]
 
 
-def decode_photo(source: Union[Path, BinaryIO], path: Path, longest_side: Optional[int] = None) -> Image.Image:
-    """:func:`load_photo` of a file or of bytes already read (``path`` names it in errors).
+def decode_photo(
+    source: Union[Path, BinaryIO], path: Path, longest_side: Optional[int] = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The upright RGB pixels of a file or of bytes already read (``path`` names it in errors), and the
+    (height, width) of the upright photo itself, read from the same open file.
 
     With ``longest_side``, a larger JPEG is decoded at a reduced scale (1/2, 1/4 or 1/8, done by the
-    decoder itself, several times faster) that keeps its longest side at least that long; see
-    :func:`photo_size` for the size of the photo itself."""
-    try:
-        with Image.open(source) as im:
-            if longest_side is not None and max(im.size) > longest_side:
-                ratio = longest_side / max(im.size)
-                im.draft("RGB", (round(im.width * ratio), round(im.height * ratio)))
-            im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except DECODE_ERRORS as e:
-        raise UnreadablePhotoError(f"{path}: not a readable image ({e})") from e
-
-
-def photo_size(source: Union[Path, BinaryIO], path: Path) -> tuple[int, int]:
-    """(height, width) of the upright photo (after its EXIF orientation), from its header alone."""
+    decoder itself, several times faster) that keeps its longest side at least that long; the size
+    returned is still the photo's, which boxes refer to."""
     try:
         with Image.open(source) as im:
             width, height = im.size
             turned = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            if longest_side is not None and max(im.size) > longest_side:
+                ratio = longest_side / max(im.size)
+                im.draft("RGB", (round(width * ratio), round(height * ratio)))
+            im.load()
+            image = ImageOps.exif_transpose(im).convert("RGB")
     except DECODE_ERRORS as e:
         raise UnreadablePhotoError(f"{path}: not a readable image ({e})") from e
-    return (width, height) if turned else (height, width)
+    return image, (width, height) if turned else (height, width)
 
 
 def open_inside(root: Path, relative: str) -> BinaryIO:

@@ -29,13 +29,13 @@ from .catalog import Catalog, PhotoRow
 from .indexer import (
     CATALOG,
     IndexSettings,
-    _storage_dtype,
     model_key,
     read_manifest,
     settings_from_json,
+    storage_dtype,
     tokens_key,
 )
-from .photos import UnreadablePhotoError, load_photo, open_inside
+from .photos import UnreadablePhotoError, decode_photo, open_inside
 from .query_boxes import QueryBoxOptions, rescore
 from .vectors import VectorIndex
 
@@ -171,13 +171,12 @@ class PhotoIndex:
                 f"ITM re-ranking gave non-finite scores (Q-Pert alpha={self.settings.qpert.alpha:g} "
                 "overflows this model); search without --itm or re-index with a smaller --alpha"
             )
-        order = (
-            np.argsort(-(itm_scores + itc), kind="stable")
-            if itm_scores is not None
-            else np.argsort(-itc, kind="stable")
-            if found is not None
-            else np.arange(len(rows))
-        )
+        if itm_scores is not None:
+            order = np.argsort(-(itm_scores + itc), kind="stable")
+        elif found is not None:  # re-scored: the first stage's order no longer holds
+            order = np.argsort(-itc, kind="stable")
+        else:
+            order = np.arange(len(rows))
         hits = []
         for rank, j in enumerate(order[:k]):
             row = rows[j]
@@ -239,13 +238,13 @@ class PhotoIndex:
                 data = f.read()
             if hashlib.sha256(data).hexdigest() != row.sha256:
                 raise ConfigError(f"the photo changed since it was indexed: {repair}")
-            image = load_photo(io.BytesIO(data))
+            image, _ = decode_photo(io.BytesIO(data), self.photos_dir / row.path)
         except (OSError, UnreadablePhotoError) as e:
             raise ConfigError(f"the photo cannot be read to encode its vision tokens ({e}): {repair}") from e
         model = self.loaded.model
-        pixels = self.retriever.preprocess(model, self.loaded.processor, [image]).to(self.device)
+        pixels = self.retriever.preprocess(model, self.loaded.processor, [image])  # each family moves its inputs
         tokens = self.retriever.image_tokens(model, pixels)[0]
-        return tokens.to(_storage_dtype(tokens))
+        return tokens.to(storage_dtype(tokens))
 
     def photo_path(self, photo_id: int) -> Path:
         """The indexed photo's file; only paths inside the indexed folder ever come out. To read it,
