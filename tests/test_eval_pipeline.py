@@ -500,3 +500,17 @@ def test_a_full_disk_names_the_cache_file_and_a_rerun_resumes(bench, tmp_path, m
     assert "\nerror:" in "\n" + run.stderr, "the progress bar ends before the error"
     assert list((tmp_path / "cache").rglob("tokens/*.safetensors")), "what was finished is kept"
     assert run_in_process(monkeypatch, capsys, *args).returncode == 0
+
+
+def test_get_returns_a_sound_entry_and_none_for_a_missing_or_damaged_one(tmp_path):
+    store = cache_module.FeatureStore(tmp_path)
+    assert store.get("tokens", "k") is None
+    tensor = torch.arange(4096, dtype=torch.float32)
+    store.save("tokens", "k", {"t": tensor})
+    assert torch.equal(store.get("tokens", "k")["t"], tensor)
+    path = next(tmp_path.rglob("*.safetensors"))
+    data = bytearray(path.read_bytes())
+    data[-100:-36] = bytes(64)  # inside the tensor bytes, size unchanged
+    path.write_bytes(bytes(data))
+    fresh = cache_module.FeatureStore(tmp_path)  # another process: nothing verified yet
+    assert fresh.get("tokens", "k") is None and not path.exists()

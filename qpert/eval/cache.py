@@ -96,6 +96,13 @@ class FeatureStore:
             return False
         return self._read(path) is not None
 
+    def get(self, kind: str, key: str) -> Optional[dict[str, torch.Tensor]]:
+        """The stored tensors, or None when the entry is missing or damaged: one read where ``has`` then
+        ``load`` would read an unverified file twice."""
+        if self.root is None:
+            return self._memory.get((kind, key))
+        return self._read(self._path(kind, key))
+
     def load(self, kind: str, key: str) -> dict[str, torch.Tensor]:
         """The stored tensors; ``CacheError`` (a ``KeyError``) when the entry is missing or damaged."""
         if self.root is None:

@@ -392,16 +392,10 @@ class Indexer:
     def _tokens(self, ready: list[tuple[_Work, str]], images: list[Image.Image]) -> torch.Tensor:
         """(B, N, C) vision tokens: from the feature store when kept, else encoded (and kept)."""
         keys = [self.tokens_key(sha) for _, sha in ready]
-        cached = [self.features.has("tokens", k) for k in keys]
         model, processor = self.loaded.model, self.loaded.processor
-        out: list[Optional[torch.Tensor]] = [None] * len(ready)
-        for i, k in enumerate(keys):
-            if cached[i]:
-                try:
-                    out[i] = self.features.load("tokens", k)["tokens"]
-                except KeyError:
-                    cached[i] = False
-        todo = [i for i in range(len(ready)) if not cached[i]]
+        kept = [self.features.get("tokens", k) for k in keys]
+        out: list[Optional[torch.Tensor]] = [None if k is None else k["tokens"] for k in kept]
+        todo = [i for i in range(len(ready)) if out[i] is None]
         if todo:
             pixels = self.retriever.preprocess(model, processor, [images[i] for i in todo])
             encoded = self.retriever.image_tokens(model, pixels)  # each family moves its inputs

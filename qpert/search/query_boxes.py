@@ -273,11 +273,12 @@ def rescore(
     chosen: list[Optional[Detections]] = []
     for row in rows:
         key = feature_key(row.sha256, spec, index.settings.query_box_count)
-        if not index.features.has(KIND, key):
+        features = index.features.get(KIND, key)
+        if features is None:
             log.warning("no query-box features for %s: run `qpert index` to store them", row.path)
             chosen.append(None)
             continue
-        found = scorer.choose(index.features.load(KIND, key), texts, options, (row.height, row.width))
+        found = scorer.choose(features, texts, options, (row.height, row.width))
         chosen.append(found if len(found.boxes) else None)
     boxes = [
         r.detections.boxes

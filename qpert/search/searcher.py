@@ -225,8 +225,9 @@ class PhotoIndex:
         """The photo's kept vision tokens; when they are missing or damaged (failing their checksum), encoded
         again from the photo, as the indexer did, without writing to the index."""
         key = tokens_key(row.sha256, self.model_key)
-        if self.features.has("tokens", key):
-            return self.features.load("tokens", key)["tokens"]
+        kept = self.features.get("tokens", key)
+        if kept is not None:
+            return kept["tokens"]
         log.warning(
             "the vision tokens of %s are missing or damaged in the index: encoding them from the photo "
             "(`qpert index --rehash` stores them again)",
